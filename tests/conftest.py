@@ -8,6 +8,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -20,3 +22,15 @@ if "JAXNAS_CACHE" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="jaxnas-test-cache-")
     os.environ["JAXNAS_CACHE"] = _cache
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with torch on one thread: tiny models gain nothing from a second one, and on a busy
+    machine every op waits for it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,14 +10,7 @@ from torch_gating.perplexity import PPLResult, delta_ppl, sliding_window_ppl, sl
 
 WINDOW, STRIDE = 32, 12
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Tiny models gain nothing from a second thread, and on a busy machine every op waits for it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:

@@ -20,14 +20,7 @@ from torch_gating.timing import (
 
 T_975_DF4 = 2.7764451051977987  # Student-t 97.5% quantile, 4 degrees of freedom (statistical tables)
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # Tiny models gain nothing from a second thread, and on a busy machine every op waits for it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class FakeClock:
