@@ -1,5 +1,6 @@
 """Weight-sharing supernets: an encoding becomes masks inside jit; each subnet has an exact standalone twin."""
 
+from jaxnas.supernet.conv import ConvSupernet, TwinConvNet
 from jaxnas.supernet.mlp import ACTIVATION_FNS, MLPSupernet, TwinMLP
 
-__all__ = ["ACTIVATION_FNS", "MLPSupernet", "TwinMLP"]
+__all__ = ["ACTIVATION_FNS", "ConvSupernet", "MLPSupernet", "TwinConvNet", "TwinMLP"]
