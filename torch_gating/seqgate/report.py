@@ -1,0 +1,406 @@
+"""The SeqGate run: calibrate on validation, enforce the guardrail on validation, report on test.
+
+Phases, in this order (the test split is read only in phase 3):
+
+1. calibration (:mod:`torch_gating.seqgate.calibrate`) on windows of the corpus's calibration documents;
+2. guardrail (:func:`enforce_guardrail`): the whole policy's sliding-window ΔPPL on the validation token
+   stream; while it exceeds the guardrail the policy is tightened — alternately ``Bg`` halved and
+   ``tau`` lowered so that half as many calibration windows are gated — down to never gating;
+3. report on the test token stream: ΔPPL, fraction of windows gated, kept fraction, MACs saved per
+   token, the memory on/off ablation, and (``repeats > 0``) interleaved prefill and decode timing;
+   then, for each further guardrail of ``Settings.frontier``, phases 2–3 again from the same calibration
+   (the frontier users choose a guardrail from; see :func:`plot_frontier`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from torch_gating.adapters import ModelAdapter, adapter_for, mlp_macs_per_token, model_macs_per_token
+from torch_gating.perplexity import delta_ppl, sliding_window_ppl
+from torch_gating.seqgate.calibrate import (
+    build_memory,
+    choose_sentinel,
+    choose_tau,
+    collect_experiences,
+    layer_tolerance,
+    most_tolerant,
+    static_importance,
+)
+from torch_gating.seqgate.policy import Decision, SeqGatePolicy
+from torch_gating.text import tokenize_text, token_windows
+from torch_gating.timing import (
+    MIN_REPEATS,
+    format_table,
+    greedy_decode_workload,
+    interleaved_benchmark,
+    prefill_workload,
+)
+
+
+@dataclass
+class Settings:
+    """Knobs of one run. Fractions are of blocks (``bl`` per layer, ``Bg`` over all gated layers);
+    ``align`` in neurons; token counts in tokens; ``repeats = 0`` skips timing."""
+
+    guardrail: float = 0.01
+    bl: float = 0.12
+    Bg: float = 0.06
+    align: int = 64
+    block: int = 64
+    n_gated: int | None = None  # default: a third of the layers
+    drop_fraction: float = 0.25  # of a layer's blocks, for the tolerance ranking
+    probe_tokens: int = 64
+    window: int = 512
+    stride: int | None = None  # default: window // 2
+    calibration_windows: int = 16
+    max_tokens: int = 16384  # per split: validation stream, test stream
+    wcur: float = 0.8
+    wmem: float = 0.2
+    max_tightening: int = 8
+    repeats: int = 5
+    warmup: int = 1
+    timing_windows: int = 2
+    decode_prompt: int = 128
+    decode_tokens: int = 32
+    frontier: tuple[float, ...] = ()  # further guardrails to report (same calibration), e.g. (0.02, 0.05)
+    progress: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.guardrail:
+            raise ValueError(f"guardrail is a relative ΔPPL bound and must be > 0 (0.01 = +1%), got {self.guardrail}.")
+        if self.repeats != 0 and self.repeats < MIN_REPEATS:
+            raise ValueError(
+                f"repeats={self.repeats}: timing needs at least {MIN_REPEATS} interleaved repeats (SPEC.md), or 0 "
+                "to skip timing."
+            )
+        if any(not 0 < g for g in self.frontier):
+            raise ValueError(f"frontier guardrails must be > 0 (0.02 = +2%), got {list(self.frontier)}.")
+        if self.stride is None:
+            self.stride = self.window // 2
+        if self.probe_tokens + 2 > self.window:
+            raise ValueError(
+                f"probe_tokens={self.probe_tokens} leaves no tokens to gate in a window of {self.window}; "
+                "use probe_tokens < window - 1 (e.g. window // 8)."
+            )
+        if self.decode_prompt <= self.probe_tokens:
+            raise ValueError(
+                f"decode_prompt={self.decode_prompt} must exceed probe_tokens={self.probe_tokens}: the decision "
+                "is taken on the prompt's first probe_tokens tokens."
+            )
+
+
+@dataclass
+class GateStats:
+    """Aggregate of a list of decisions: fraction of sequences gated, mean kept fraction of the gated
+    layers' neurons (1 for an ungated sequence), and MLP MACs saved per token (absolute, and as fractions
+    of the full MLPs' and the full model's MACs per token). Probe tokens run at full width, so only the
+    tokens after each probe save; only MLPs are gated, so the model saves exactly the MLP MACs saved."""
+
+    n_sequences: int
+    fraction_gated: float
+    mean_kept_fraction: float
+    mlp_macs_saved_per_token: float
+    mlp_macs_saved_fraction: float
+    model_macs_saved_fraction: float
+
+
+def gate_stats(adapter: ModelAdapter, gated_layers: list[int], decisions: list[Decision]) -> GateStats:
+    """:class:`GateStats` of ``decisions`` (MACs by :func:`mlp_macs_per_token`, counted not timed)."""
+    full = {l: None for l in range(adapter.n_layers)}
+    full_mlp, full_model = mlp_macs_per_token(adapter, full), model_macs_per_token(adapter, full)
+    saved, tokens, kept_fractions = 0.0, 0, []
+    for d in decisions:
+        tokens += d.n_tokens
+        if not d.gated:
+            kept_fractions.append(1.0)
+            continue
+        kept_mlp = mlp_macs_per_token(adapter, {**full, **d.kept})
+        saved += (full_mlp - kept_mlp) * (d.n_tokens - d.n_probe)
+        # MLP MACs are linear in the kept neuron count, so the MACs ratio is the kept-neuron ratio.
+        gated_full = len(gated_layers) * adapter.matrices_per_unit * adapter.hidden_size * adapter.mlp_width
+        kept_fractions.append(1.0 - (full_mlp - kept_mlp) / gated_full)
+    per_token = saved / tokens if tokens else 0.0
+    return GateStats(
+        n_sequences=len(decisions),
+        fraction_gated=float(np.mean([d.gated for d in decisions])) if decisions else 0.0,
+        mean_kept_fraction=float(np.mean(kept_fractions)) if kept_fractions else 1.0,
+        mlp_macs_saved_per_token=per_token,
+        mlp_macs_saved_fraction=per_token / full_mlp,
+        model_macs_saved_fraction=per_token / full_model,
+    )
+
+
+def policy_ppl(policy: SeqGatePolicy, ids: torch.Tensor, settings: Settings):
+    """Sliding-window perplexity of the policy on ``ids`` ``[N]`` and the decisions it took, one per window."""
+    policy.decisions = []
+    policy.log_decisions = True
+    try:
+        result = sliding_window_ppl(
+            None, ids, window=settings.window, stride=settings.stride, forward=policy.forward, progress=settings.progress
+        )
+    finally:
+        policy.log_decisions = False
+    return result, list(policy.decisions)
+
+
+def full_ppl(model, ids: torch.Tensor, settings: Settings):
+    """Sliding-window perplexity of the unmodified model (nothing gated) on ``ids``."""
+    return sliding_window_ppl(model, ids, window=settings.window, stride=settings.stride, progress=settings.progress)
+
+
+def enforce_guardrail(
+    policy: SeqGatePolicy, ids: torch.Tensor, settings: Settings, calibration_ratios: list[float]
+) -> list[dict]:
+    """Tighten ``policy`` in place until its validation ΔPPL on ``ids`` is ≤ ``settings.guardrail``.
+
+    Returns every step tried: ``{"tau", "Bg", "ppl", "delta_ppl", "fraction_gated", "holds"}``; the last
+    one is the final policy. Steps alternate ``Bg`` halved and ``tau`` lowered to gate half as many
+    calibration windows; after ``max_tightening`` steps (or when nothing is gated any more) the policy
+    never gates, which holds by construction.
+    """
+    base = full_ppl(policy.model, ids, settings)
+    ratios = np.sort(np.asarray(calibration_ratios, dtype=float))
+    steps = []
+    for step in range(settings.max_tightening + 1):
+        if step == settings.max_tightening:
+            policy.tau = -math.inf
+        result, decisions = policy_ppl(policy, ids, settings)
+        dppl = delta_ppl(base, result)
+        fraction = float(np.mean([d.gated for d in decisions]))
+        steps.append(
+            dict(tau=policy.tau, Bg=policy.Bg, ppl_full=base.ppl, ppl=result.ppl, delta_ppl=dppl,
+                 fraction_gated=fraction, holds=dppl <= settings.guardrail)
+        )
+        if dppl <= settings.guardrail or policy.tau == -math.inf:
+            break
+        if step % 2 == 0:
+            policy.Bg = policy.Bg / 2
+        else:
+            n_gated = int(np.sum(ratios <= policy.tau)) // 2
+            policy.tau = -math.inf if n_gated == 0 else float((ratios[n_gated - 1] + ratios[n_gated]) / 2)
+    return steps
+
+
+def kept_sets_differ(a: Decision, b: Decision) -> bool:
+    """Whether two decisions on the same sequence gate differently (gated vs not, or other kept blocks)."""
+    return a.kept != b.kept
+
+
+def time_arms(policy: SeqGatePolicy, test_ids: torch.Tensor, settings: Settings) -> dict:
+    """Interleaved prefill and decode benchmarks, full model vs SeqGate (probe and decision timed)."""
+    model = policy.model
+    windows = token_windows(test_ids, settings.window)[: settings.timing_windows]
+    prompt = test_ids[: settings.decode_prompt]
+    n_new = settings.decode_tokens
+
+    def full_prefill():
+        policy.adapter.reset()
+        return prefill_workload(model, windows)
+
+    def full_decode():
+        policy.adapter.reset()
+        return greedy_decode_workload(model, prompt, n_new)
+
+    kw = dict(repeats=settings.repeats, warmup=settings.warmup, progress=settings.progress)
+    prefill = interleaved_benchmark({"full": full_prefill, "seqgate": lambda: policy.prefill(windows)}, **kw)
+    decode = interleaved_benchmark(
+        {"full": full_decode, "seqgate": lambda: policy.generate(prompt, n_new).numel()}, **kw
+    )
+    return {"prefill": prefill, "decode": decode}
+
+
+def frontier_point(guardrail: float, steps: list[dict], test_delta_ppl: float, stats: GateStats, timing) -> dict:
+    """One point of the frontier: a guardrail, the policy it left (``tau``, ``Bg``), its validation and test
+    ΔPPL, MACs saved and (if timed) prefill / decode gains with their 95% CIs."""
+    point = {
+        "guardrail": guardrail, "tau": steps[-1]["tau"], "Bg": steps[-1]["Bg"],
+        "delta_ppl_validation": steps[-1]["delta_ppl"], "delta_ppl_test": test_delta_ppl,
+        "fraction_gated": stats.fraction_gated, "model_macs_saved_fraction": stats.model_macs_saved_fraction,
+    }
+    for name, result in (timing or {}).items():
+        gain = result.gains["seqgate"]
+        point[f"{name}_gain"], point[f"{name}_gain_ci95"] = gain.gain, list(gain.gain_ci95)
+    return point
+
+
+def plot_frontier(points: list[dict], path) -> None:
+    """Tokens/s gain (prefill and decode, 95% CI bars) against test ΔPPL, one point per guardrail; PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, marker in (("prefill", "o"), ("decode", "s")):
+        timed = [p for p in points if f"{name}_gain" in p]
+        if not timed:
+            continue
+        x = [100 * p["delta_ppl_test"] for p in timed]
+        y = [100 * p[f"{name}_gain"] for p in timed]
+        err = [[100 * (p[f"{name}_gain"] - p[f"{name}_gain_ci95"][0]) for p in timed],
+               [100 * (p[f"{name}_gain_ci95"][1] - p[f"{name}_gain"]) for p in timed]]
+        ax.errorbar(x, y, yerr=err, fmt=marker, capsize=3, label=name)
+        for p, xi, yi in zip(timed, x, y):
+            ax.annotate(f"≤{p['guardrail']:.0%}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel("ΔPPL on test (%)")
+    ax.set_ylabel("tokens/s gain vs full model (%)")
+    ax.set_title("SeqGate frontier (one point per validation guardrail)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_seqgate(model, tokenizer, corpus, settings: Settings, *, model_info: dict | None = None) -> dict:
+    """Calibrate, enforce the guardrail and report (see the module docstring); returns the JSON-ready report.
+
+    ``corpus`` is a :class:`~torch_gating.text.TextCorpus` (its ``test`` is read only after the guardrail
+    phase). The adapter is installed for the run and removed at the end.
+    """
+    adapter = adapter_for(model, block=settings.block)
+    with adapter, torch.inference_mode():
+        report = _run(adapter, tokenizer, corpus, settings)
+    report["model"] = model_info or {}
+    return report
+
+
+def _run(adapter: ModelAdapter, tokenizer, corpus, settings: Settings) -> dict:
+    model = adapter.model
+    device = next(model.parameters()).device
+    n_gated = settings.n_gated or max(1, adapter.n_layers // 3)
+    calibration_ids = tokenize_text(tokenizer, corpus.calibration)
+    calib = token_windows(calibration_ids, settings.window)[: settings.calibration_windows].to(device)
+    importance = static_importance(adapter, calib)
+    tolerance = layer_tolerance(
+        adapter, calib, importance, drop_fraction=settings.drop_fraction, progress=settings.progress
+    )
+    gated_layers = most_tolerant(tolerance, n_gated)
+    policy = SeqGatePolicy(
+        adapter, gated_layers, sentinel=gated_layers[0], tau=math.inf, bl=settings.bl, Bg=settings.Bg,
+        align=settings.align, probe_tokens=settings.probe_tokens, wcur=settings.wcur, wmem=settings.wmem,
+    )
+    experiences = collect_experiences(policy, calib, guardrail=settings.guardrail, progress=settings.progress)
+    sentinel = choose_sentinel(experiences, fallback=gated_layers[0])
+    ratios = [e.ratios[sentinel] for e in experiences]
+    tau = choose_tau(ratios, [e.outcome >= 1.0 for e in experiences])
+    policy = SeqGatePolicy(
+        adapter, gated_layers, sentinel=sentinel, tau=tau, bl=settings.bl, Bg=settings.Bg, align=settings.align,
+        probe_tokens=settings.probe_tokens, memory=build_memory(experiences, gated_layers, sentinel),
+        wcur=settings.wcur, wmem=settings.wmem,
+    )
+
+    validation_ids = tokenize_text(tokenizer, corpus.validation)[: settings.max_tokens].to(device)
+    calibrated = (policy.tau, policy.Bg)
+    steps = enforce_guardrail(policy, validation_ids, settings, ratios)
+    final = (policy.tau, policy.Bg)
+
+    # Report phase: the first time the test split is read.
+    test_ids = tokenize_text(tokenizer, corpus.test)[: settings.max_tokens].to(device)
+    base = full_ppl(model, test_ids, settings)
+    gated, decisions = policy_ppl(policy, test_ids, settings)
+    memory = policy.memory
+    policy.memory = None
+    no_memory, decisions_off = policy_ppl(policy, test_ids, settings)
+    policy.memory = memory
+    stats = gate_stats(adapter, gated_layers, decisions)
+    changed = [kept_sets_differ(a, b) for a, b in zip(decisions, decisions_off)]
+    timing = time_arms(policy, test_ids, settings) if settings.repeats > 0 else None
+    frontier = [frontier_point(settings.guardrail, steps, delta_ppl(base, gated), stats, timing)]
+    for guardrail in settings.frontier:
+        policy.tau, policy.Bg = calibrated
+        other = Settings(**{**asdict(settings), "guardrail": guardrail, "frontier": ()})
+        other_steps = enforce_guardrail(policy, validation_ids, other, ratios)
+        other_ppl, other_decisions = policy_ppl(policy, test_ids, settings)
+        other_timing = time_arms(policy, test_ids, settings) if settings.repeats > 0 else None
+        frontier.append(frontier_point(
+            guardrail, other_steps, delta_ppl(base, other_ppl), gate_stats(adapter, gated_layers, other_decisions),
+            other_timing,
+        ))
+    policy.tau, policy.Bg = final
+
+    return {
+        "settings": asdict(settings),
+        "text": {"name": corpus.name, "source": corpus.source, "calibration_tokens": int(calib.numel()),
+                 "validation_tokens": int(validation_ids.numel()), "test_tokens": int(test_ids.numel())},
+        "calibration": {
+            "n_sequences": len(experiences),
+            "layer_tolerance": {str(l): t for l, t in tolerance.items()},
+            "gated_layers": gated_layers,
+            "sentinel": sentinel,
+            "tau": tau,
+            "outcomes": [e.outcome for e in experiences],
+            "sentinel_ratios": ratios,
+        },
+        "guardrail": {
+            "limit": settings.guardrail,
+            "steps": steps,
+            "final": {"tau": policy.tau, "Bg": policy.Bg, "delta_ppl_validation": steps[-1]["delta_ppl"],
+                      "holds": steps[-1]["holds"]},
+        },
+        "test": {
+            "ppl_full": base.ppl,
+            "ppl_seqgate": gated.ppl,
+            "delta_ppl": delta_ppl(base, gated),
+            "n_tokens": base.n_tokens,
+            **asdict(stats),
+            "full_mlp_macs_per_token": mlp_macs_per_token(adapter, {l: None for l in range(adapter.n_layers)}),
+            "full_model_macs_per_token": model_macs_per_token(adapter, {l: None for l in range(adapter.n_layers)}),
+        },
+        "memory_ablation": {
+            "ppl_memory_off": no_memory.ppl,
+            "delta_ppl_memory_off": delta_ppl(base, no_memory),
+            "delta_ppl_memory_on": delta_ppl(base, gated),
+            "fraction_decisions_changed": float(np.mean(changed)) if changed else 0.0,
+            "fraction_gated_memory_off": gate_stats(adapter, gated_layers, decisions_off).fraction_gated,
+        },
+        "frontier": frontier,
+        "timing": None if timing is None else {name: result.to_dict() for name, result in timing.items()},
+        "timing_tables": None if timing is None else {name: format_table(result) for name, result in timing.items()},
+        "extra_memory_bytes": adapter.extra_memory_bytes(),
+        "weight_bytes": adapter.weight_bytes(),
+    }
+
+
+def format_report(report: dict) -> str:
+    """The printed summary: calibration choices, guardrail steps, test figures, ablation and timing tables."""
+    cal, guard, test, ablation = report["calibration"], report["guardrail"], report["test"], report["memory_ablation"]
+    lines = [
+        f"gated layers {cal['gated_layers']}  sentinel {cal['sentinel']}  calibrated tau {cal['tau']:.4g}",
+        "",
+        "guardrail on validation (whole policy, sliding-window ΔPPL):",
+        f"  {'step':>4}  {'tau':>10}  {'Bg':>8}  {'ΔPPL':>8}  {'gated':>6}  holds",
+    ]
+    for i, s in enumerate(guard["steps"]):
+        lines.append(
+            f"  {i:>4}  {s['tau']:>10.4g}  {s['Bg']:>8.4f}  {s['delta_ppl']:>+8.2%}  {s['fraction_gated']:>6.0%}  {s['holds']}"
+        )
+    lines += [
+        "",
+        "test split:",
+        f"  ppl full {test['ppl_full']:.3f}   ppl seqgate {test['ppl_seqgate']:.3f}   ΔPPL {test['delta_ppl']:+.2%}",
+        f"  windows gated {test['fraction_gated']:.0%}   kept fraction of gated layers {test['mean_kept_fraction']:.3f}",
+        f"  MACs saved per token: MLP {test['mlp_macs_saved_per_token'] / 1e6:.3f}M "
+        f"of {test['full_mlp_macs_per_token'] / 1e6:.1f}M ({test['mlp_macs_saved_fraction']:.2%}); "
+        f"model {test['model_macs_saved_fraction']:.2%} of {test['full_model_macs_per_token'] / 1e6:.1f}M",
+        f"  memory off: ΔPPL {ablation['delta_ppl_memory_off']:+.2%}   decisions changed by memory "
+        f"{ablation['fraction_decisions_changed']:.0%}",
+    ]
+    for name, table in (report.get("timing_tables") or {}).items():
+        lines += ["", f"{name} tokens/s:", table]
+    if len(report["frontier"]) > 1:
+        lines += ["", "frontier (test split; gains with 95% CIs):",
+                  f"  {'guardrail':>9}  {'ΔPPL':>8}  {'gated':>6}  {'MACs saved':>10}  {'prefill gain':>26}  {'decode gain':>26}"]
+        for p in report["frontier"]:
+            gains = [
+                f"{p[f'{n}_gain']:+.2%} [{p[f'{n}_gain_ci95'][0]:+.2%}, {p[f'{n}_gain_ci95'][1]:+.2%}]"
+                if f"{n}_gain" in p else "not timed" for n in ("prefill", "decode")
+            ]
+            lines.append(f"  {p['guardrail']:>9.2%}  {p['delta_ppl_test']:>+8.2%}  {p['fraction_gated']:>6.0%}  "
+                         f"{p['model_macs_saved_fraction']:>10.2%}  {gains[0]:>26}  {gains[1]:>26}")
+    return "\n".join(lines)
