@@ -1,0 +1,1 @@
+"""The search run: strategies driven over a space, evaluated, checkpointed and reported."""
