@@ -1,26 +1,167 @@
 """The run configuration of ``jaxnas`` entry points: one frozen dataclass tree loaded from YAML.
 
-``configs/quick.yaml`` is the embedded default. Sections are added here as the product grows; every
-key is documented by its field's ``help`` metadata (``python -m jaxnas.data --help`` lists them).
+``configs/quick.yaml`` is the embedded default. Every key is documented by its field's ``help`` metadata
+(``python -m jaxnas.search --help-config`` lists them); ``interop.config`` checks types, ranges and choices and
+names the key of any bad value. ``python -m jaxnas.data`` reads the same files and uses ``seed``, ``output``
+and ``data`` only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from jaxnas.data.config import DataConfig
+
+STRATEGIES = ("random", "evolution", "genetic", "nsga2", "local", "predictor", "progressive")
+MODES = ("oneshot", "train", "table")
+
+
+def _field(default, help: str, **limits):
+    if isinstance(default, (list, dict, set)) or dataclasses.is_dataclass(default):
+        raise TypeError("mutable defaults need default_factory")
+    return dataclasses.field(default=default, metadata={"help": help, **limits})
+
+
+def _section(cls, help: str):
+    return dataclasses.field(default_factory=cls, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class SpaceConfig:
+    """Which search space, and the option lists of the macro space (shrink them for small budgets)."""
+
+    name: Literal["macro", "nb201", "transformer"] = _field("macro", "Search space: macro, nb201 or transformer.")
+    families: tuple[Literal["mlp", "cnn", "resnet", "mobilenet"], ...] = _field(
+        ("mlp", "cnn", "resnet", "mobilenet"), "macro: network families searched."
+    )
+    max_stages: int = _field(3, "macro: most stages.", min=1, max=6)
+    max_depth: int = _field(3, "macro: most blocks per stage.", min=1, max=8)
+    channels: tuple[int, ...] = _field((16, 24, 32, 48, 64), "macro: channel options of conv stages.")
+    units: tuple[int, ...] = _field((64, 128, 256, 512), "macro: unit options of MLP stages.")
+    kernels: tuple[int, ...] = _field((3, 5, 7), "macro: kernel sizes (odd) of conv stages.")
+    expansions: tuple[int, ...] = _field((1, 3, 6), "macro: mobilenet expansion ratios.")
+    activations: tuple[Literal["relu", "gelu", "silu", "elu", "leaky_relu"], ...] = _field(
+        ("relu", "gelu", "silu", "elu", "leaky_relu"), "macro: activation options."
+    )
+    dropouts: tuple[float, ...] = _field((0.0, 0.1, 0.2), "macro: dropout rates before the classifier.")
+    stem_stride: int = _field(1, "macro conv families: stride of the fixed 3x3 stem (2 quarters the MACs).", min=1, max=2)
+
+    def __post_init__(self):
+        if not self.families:
+            raise ValueError("families is empty; list at least one of mlp, cnn, resnet, mobilenet")
+        for name in ("channels", "units", "kernels", "expansions"):
+            values = getattr(self, name)
+            if not values or min(values) < 1:
+                raise ValueError(f"{name} must be a non-empty list of positive integers, got {list(values)}")
+        if any(k % 2 == 0 for k in self.kernels):
+            raise ValueError(f"kernels must be odd (centred padding), got {list(self.kernels)}")
+        if not self.dropouts or any(not 0.0 <= d < 1.0 for d in self.dropouts):
+            raise ValueError(f"dropouts must be rates in [0, 1), got {list(self.dropouts)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """The strategy and the budget."""
+
+    strategy: Literal["random", "evolution", "genetic", "nsga2", "local", "predictor", "progressive"] = _field(
+        "evolution", "Search strategy: " + ", ".join(STRATEGIES) + "."
+    )
+    population: int = _field(8, "Candidates asked per generation (the vmapped population size P).", min=1)
+    budget: int = _field(32, "Distinct architectures evaluated (table mode: queries) before the search stops.", min=1)
+    generations: int | None = _field(None, "Stop after this many generations too (None: only the budget).", min=1)
+    sample_size: int = _field(3, "evolution: members per parent tournament.", min=1)
+    pool_size: int | None = _field(
+        None, "evolution: members kept (aging); genetic: population incl. elites. None: 2 x population.", min=2
+    )
+    elites: int = _field(2, "genetic / progressive: members carried over unchanged.", min=0)
+    crossover_rate: float = _field(0.5, "genetic / nsga2: probability that compatible parents are crossed.", min=0.0, max=1.0)
+    generations_per_level: int = _field(2, "progressive: generations before the next complexity level opens.", min=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How candidates are trained (mode train, and the final retraining of every mode but table)."""
+
+    epochs: int = _field(4, "Epochs per candidate in the search.", min=1)
+    batch_size: int = _field(64, "Training batch size.", min=1)
+    learning_rate: float = _field(1e-3, "Adam learning rate.", min=0.0)
+    patience: int | None = _field(None, "Early stopping: epochs without a better validation accuracy.", min=1)
+    fast_generations: int = _field(0, "Fast mode: the first N generations train for fast_epochs instead.", min=0)
+    fast_epochs: int = _field(1, "Fast mode: epochs per candidate in the first fast_generations.", min=1)
+    warm_start: bool = _field(False, "Start candidates from the trained supernet's weights (oneshot supernet first).")
+
+
+@dataclasses.dataclass(frozen=True)
+class SupernetConfig:
+    """Weight-sharing training of the supernet (mode oneshot, and train with warm_start)."""
+
+    epochs: int = _field(5, "Epochs of supernet training.", min=1)
+    sampler: Literal["uniform", "sandwich"] = _field("sandwich", "Subnets per step: uniform, or largest + smallest + random.")
+    subnets: int = _field(3, "Subnets trained per step.", min=1)
+    batch_size: int = _field(64, "Supernet training batch size.", min=1)
+    learning_rate: float = _field(1e-3, "Adam learning rate.", min=0.0)
+    bn_batches: int = _field(4, "Training batches used to recalibrate each subnet's BatchNorm statistics.", min=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TableConfig:
+    """Mode table: a tabular benchmark in our CSV format (arch = the space's canonical string + metrics)."""
+
+    path: str = _field("nb201_analog", "A CSV path, or a shipped table name (nb201_analog).")
+    signal: str = _field("baseline_acc", "Column used as the search signal (maximised).")
+    report: str = _field("baseline_acc", "Column reported for the chosen architecture.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectivesConfig:
+    """What is optimised and what must hold."""
+
+    objectives: tuple[str, ...] = _field(
+        ("val_accuracy", "params:min"),
+        "Objectives 'name[:max|min]'; the first is the fitness of single-objective strategies, all of them "
+        "define the Pareto front (nsga2 optimises all). Names: val_accuracy, val_loss, params, macs, "
+        "latency_ms, size_bytes; table mode: signal, report.",
+    )
+    constraints: tuple[str, ...] = _field(
+        (), "Hard constraints 'name<=value' or 'name>=value', e.g. params<=1e5, latency_ms<=2."
+    )
+    latency_repeats: int = _field(20, "Timed calls (median) per latency measurement on the standalone twin.", min=3)
+    latency_batch: int = _field(1, "Batch size of the latency measurement.", min=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalConfig:
+    """After the search (modes oneshot and train): retrain the top-k from scratch, evaluate on test."""
+
+    top_k: int = _field(2, "Architectures retrained from scratch (0: skip).", min=0)
+    epochs: int = _field(10, "Epochs of the final retraining.", min=1)
+    patience: int | None = _field(3, "Early stopping of the final retraining on validation accuracy.", min=1)
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Top level of a jaxnas run configuration."""
 
-    seed: int = dataclasses.field(default=0, metadata={"help": "Seed of every random choice in the run.", "min": 0})
-    output: str = dataclasses.field(
-        default="runs/quick", metadata={"help": "Run folder: everything the run writes goes here."}
+    seed: int = _field(0, "Seed of every random choice in the run.", min=0)
+    output: str = _field("runs/quick", "Run folder: everything the run writes goes here.")
+    mode: Literal["oneshot", "train", "table"] = _field(
+        "train", "Evaluation: oneshot (trained supernet, inherited weights), train (population training), table."
     )
-    data: DataConfig = dataclasses.field(default_factory=DataConfig, metadata={"help": "The dataset."})
+    data: DataConfig = _section(DataConfig, "The dataset.")
+    space: SpaceConfig = _section(SpaceConfig, "The search space.")
+    search: SearchConfig = _section(SearchConfig, "The strategy and budget.")
+    train: TrainConfig = _section(TrainConfig, "Candidate training.")
+    supernet: SupernetConfig = _section(SupernetConfig, "Supernet (weight-sharing) training.")
+    table: TableConfig = _section(TableConfig, "Tabular benchmark (mode table).")
+    objectives: ObjectivesConfig = _section(ObjectivesConfig, "Objectives and constraints.")
+    final: FinalConfig = _section(FinalConfig, "Final retraining and test evaluation.")
+    progress: bool = _field(True, "Show a progress bar.")
 
     def __post_init__(self):
         if not self.output.strip():
             raise ValueError("RunConfig.output: got an empty path; expected a folder for the run's files, e.g. runs/quick")
+        if self.mode == "table" and self.space.name != "nb201" and self.table.path == "nb201_analog":
+            raise ValueError(
+                f"mode table with the shipped nb201_analog table needs space.name=nb201, got {self.space.name!r}"
+            )

@@ -17,6 +17,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+# Compiled programs are shared by the many small runs (and subprocesses) of one test session.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _xla_cache = tempfile.mkdtemp(prefix="jaxnas-test-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
 # One cache per test session, so tests never depend on (or pollute) the user's ~/.cache/jaxnas.
 if "JAXNAS_CACHE" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="jaxnas-test-cache-")

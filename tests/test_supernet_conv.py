@@ -129,6 +129,23 @@ def test_param_count_and_macs_by_hand():
     assert supernet.macs(mobilenet) == stem_macs + stage1 + stage2 + head[0]
 
 
+def test_stride_two_stem_twin_equals_the_supernet_and_quarters_the_positions():
+    supernet = ConvSupernet(TWIN_SPACE, IMAGE, CLASSES, formulation="lax", stem_stride=2)
+    params = _perturbed(supernet.init(jax.random.key(0)), jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (8, *IMAGE))
+    enc = TWIN_SPACE.from_string("resnet|s1:d1,w4,k3,relu,bn|s2:d1,w8,k7,relu,bn|drop0.0")
+    stats = jax.jit(supernet.recalibrate_bn)(params, enc, jax.random.normal(jax.random.key(3), (2, 16, *IMAGE)))
+    _, twin = supernet.extract(params, enc, stats)
+    chex.assert_trees_all_close(twin(x), supernet.apply(params, enc, x, train=False, bn_stats=stats), atol=1e-5)
+    # stem 3x3 1->4 at 4x4; stage 1 at 4x4: conv1 4->4, conv2 4->4, shortcut 1x1; stage 2 at 2x2: 7x7 4->8,
+    # 7x7 8->8, shortcut 1x1 4->8; head 8->10
+    stage1 = 16 * (9 * 4 * 4 + 9 * 4 * 4 + 4 * 4)
+    stage2 = 4 * (49 * 4 * 8 + 49 * 8 * 8 + 4 * 8)
+    assert supernet.macs(enc) == 16 * 9 * 4 + stage1 + stage2 + 80
+    with pytest.raises(ValueError, match="stem_stride must be 1 or 2"):
+        ConvSupernet(TWIN_SPACE, IMAGE, CLASSES, stem_stride=3)
+
+
 def test_inactive_blocks_are_exactly_the_identity(twin_setup):
     supernet, params, x, _ = twin_setup
     apply = _jitted(supernet)[0]

@@ -1,0 +1,138 @@
+"""Orbax checkpoints of a search run: one step per finished generation, the previous ones kept as fallbacks.
+
+A step holds ``state`` (the strategy's pytree state, typed PRNG keys stored as their raw key data) and
+``archive`` (JSON: every evaluated candidate, the per-generation log, the run's counters). Orbax writes a
+step into a temporary folder and renames it when complete, so a run killed while writing leaves the
+previous step intact; a step that cannot be read back (corrupted on disk) is skipped with a warning and the
+one before it is used.
+
+Arrays that only depend on the configuration (the trained supernet) are saved once under ``supernet/``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+def _is_key(leaf) -> bool:
+    return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _to_storable(tree):
+    return jax.tree.map(lambda a: jax.random.key_data(a) if _is_key(a) else np.asarray(a), tree)
+
+
+def _from_storable(stored, like):
+    return jax.tree.map(
+        lambda s, l: jax.random.wrap_key_data(jnp.asarray(s)) if _is_key(l) else jnp.asarray(s, l.dtype), stored, like
+    )
+
+
+def json_safe(value):
+    """``value`` with non-finite floats as the strings "nan" / "inf" / "-inf" (strict JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    return value
+
+
+def from_json_safe(value):
+    """Inverse of `json_safe` for the values it writes."""
+    if value in ("nan", "inf", "-inf"):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: from_json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_json_safe(v) for v in value]
+    return value
+
+
+class RunCheckpoints:
+    """The checkpoints of one run folder (``<run>/checkpoints``)."""
+
+    def __init__(self, run_dir: str | Path, keep: int = 3):
+        self.directory = Path(run_dir).resolve() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "archive"))
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state, archive: dict) -> None:
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_to_storable(state)), archive=ocp.args.JsonSave(json_safe(archive))
+            ),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+
+    def restore_latest(self, like_state) -> tuple[int, object, dict] | None:
+        """(step, state, archive) of the newest readable step, or None when there is none.
+
+        ``like_state`` is a state of the same structure (e.g. ``strategy.init(key)``): it gives shapes, dtypes
+        and which leaves are PRNG keys.
+        """
+        storable = _to_storable(like_state)
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), storable)
+        unreadable = []
+        found = None
+        for step in reversed(self.steps()):
+            try:
+                restored = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), archive=ocp.args.JsonRestore()),
+                )
+                archive = from_json_safe(restored.archive)
+                if not isinstance(archive, dict) or archive.get("generation") != step:
+                    raise ValueError(f"archive of step {step} is incomplete")
+                found = step, _from_storable(restored.state, like_state), archive
+                break
+            except Exception as error:  # noqa: BLE001 - any unreadable step falls back to the previous one
+                warnings.warn(
+                    f"checkpoint step {step} in {self.directory} is unreadable ({type(error).__name__}: {error}); "
+                    "using the previous one",
+                    stacklevel=2,
+                )
+                unreadable.append(step)
+        if unreadable:
+            # Set aside (not deleted: someone may want to look), so the resumed run can write these steps anew.
+            aside = self.directory.parent / "checkpoints_unreadable"
+            aside.mkdir(exist_ok=True)
+            for step in unreadable:
+                target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+                shutil.move(str(self.directory / str(step)), str(target))
+            self._manager.reload()
+        return found
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def save_arrays(path: str | Path, tree) -> None:
+    """Save a pytree of arrays (e.g. the trained supernet) with Orbax, atomically."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(Path(path).resolve(), _to_storable(tree), force=True)
+
+
+def load_arrays(path: str | Path, like):
+    """Restore what `save_arrays` wrote; ``like`` gives the structure, shapes and dtypes."""
+    storable = _to_storable(like)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), storable)
+    with ocp.StandardCheckpointer() as checkpointer:
+        return _from_storable(checkpointer.restore(Path(path).resolve(), abstract), like)

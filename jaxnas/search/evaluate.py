@@ -1,0 +1,215 @@
+"""How a generation's new candidates get their metrics, per evaluation mode, and the final retraining.
+
+    TableEvaluator     mode table: a tabular benchmark lookup per candidate (one query each)
+    TrainEvaluator     mode train: the candidates trained together by `train_population` (from scratch, or
+                       warm-started from the supernet), then scored with recalibrated BatchNorm statistics
+    OneShotEvaluator   mode oneshot: the supernet is trained once (`train_supernet`), candidates are scored with
+                       inherited weights and their own recalibrated statistics
+
+``evaluate(encs [m, n_choices] int32, generation) -> list of metric dicts`` (each with a ``status``). A batch
+is padded to the strategy's population size P with copies of its first row, so one compiled program serves
+every generation; the copies' results are dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxnas import population as pop
+from jaxnas.config import RunConfig
+from jaxnas.data.core import Dataset
+from jaxnas.search.models import SearchModel
+from jaxnas.tables import QueryCounter, Table
+
+
+def _padded(encs: np.ndarray, size: int) -> np.ndarray:
+    if len(encs) > size:
+        raise ValueError(f"{len(encs)} candidates do not fit a population of {size}")
+    return np.concatenate([encs, np.repeat(encs[:1], size - len(encs), 0)]).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_table(path: str, space) -> Table:
+    """Tables are immutable: runs in one process share a loaded one (the NB201 table takes ~1.5 s to parse)."""
+    return Table.load(path, space)
+
+
+class TableEvaluator:
+    """Tabular lookups of ``table.signal`` and ``table.report``; every architecture looked up is one query."""
+
+    metrics = ("signal", "report")
+
+    def __init__(self, cfg: RunConfig, space, queries: int = 0):
+        self.table = _load_table(cfg.table.path, space)
+        for column in (cfg.table.signal, cfg.table.report):
+            if column not in self.table.columns:
+                raise ValueError(
+                    f"table {self.table.source} has no column {column!r} (table.signal / table.report); its columns "
+                    f"are {', '.join(self.table.columns)}"
+                )
+        self.counter = QueryCounter(self.table, cfg.search.budget, queries=queries)
+        self.signal, self.report = cfg.table.signal, cfg.table.report
+
+    def evaluate(self, encs: np.ndarray, generation: int) -> list[dict]:
+        signal = self.counter.lookup(encs, self.signal)
+        report = self.table.lookup(encs, self.report)  # the same query: one row read, both columns reported
+        return [{"status": "ok", "signal": float(s), "report": float(r)} for s, r in zip(signal, report)]
+
+
+@dataclasses.dataclass
+class _Data:
+    train_x: jax.Array
+    train_y: jax.Array
+    val_x: jax.Array
+    val_y: jax.Array
+    test_x: jax.Array
+    test_y: jax.Array
+    bn_batches: jax.Array  # [n, B, H, W, C] training batches for BatchNorm recalibration
+
+
+def _device_data(dataset: Dataset, n_bn: int, batch: int, seed: int) -> _Data:
+    n = len(dataset.train.labels)
+    rows = np.random.default_rng(seed).permutation(n)[: n_bn * batch]
+    if len(rows) < n_bn * batch:
+        rows = np.resize(rows, n_bn * batch)
+    return _Data(
+        jnp.asarray(dataset.train.images), jnp.asarray(dataset.train.labels),
+        jnp.asarray(dataset.validation.images), jnp.asarray(dataset.validation.labels),
+        jnp.asarray(dataset.test.images), jnp.asarray(dataset.test.labels),
+        jnp.asarray(dataset.train.images[rows].reshape(n_bn, batch, *dataset.train.images.shape[1:])),
+    )
+
+
+class _Trained:
+    """What the train and oneshot evaluators share: the data on device and scoring with recalibrated statistics."""
+
+    metrics = ("val_accuracy", "val_loss")
+
+    def __init__(self, cfg: RunConfig, model: SearchModel, dataset: Dataset):
+        self.cfg, self.model, self.dataset = cfg, model, dataset
+        self.population = cfg.search.population
+        self.data = _device_data(dataset, cfg.supernet.bn_batches, cfg.supernet.batch_size, cfg.seed)
+        self.optimizer = optax.adam(cfg.train.learning_rate)
+
+    def score(self, params, encs: np.ndarray, x, y, *, shared: bool) -> dict[str, np.ndarray]:
+        """{"accuracy", "loss"} [P] of candidates with their own recalibrated BatchNorm statistics."""
+        encs = jnp.asarray(encs, jnp.int32)
+        stats = self.model.statistics(params, encs, self.data.bn_batches, shared=shared)
+        params_P = pop.tile_population(params, len(encs)) if shared else params
+        out = pop.evaluate_population(self.model.apply_eval, {"params": params_P, "bn_stats": stats}, encs, x, y)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    def train_candidates(self, encs: np.ndarray, epochs: int, patience, seed: int, start=None):
+        """Train the rows of ``encs`` [P, n] together; returns (PopulationResult, validation scores)."""
+        P = len(encs)
+        if start is None:
+            params_P = pop.init_population(self.model.init, jax.random.key(seed), P)
+        else:
+            params_P = pop.tile_population(start, P)
+        d = self.data
+        result = pop.train_population(
+            self.model.apply, params_P, jnp.asarray(encs), self.optimizer, d.train_x, d.train_y, d.val_x, d.val_y,
+            epochs=epochs, batch_size=self.cfg.train.batch_size, seed=seed, patience=patience,
+        )
+        return result, self.score(result.params, encs, d.val_x, d.val_y, shared=False)
+
+    def _rows(self, result_status, scores, m: int) -> list[dict]:
+        rows = []
+        for i in range(m):
+            status = str(result_status[i]) if result_status is not None else "ok"
+            acc, loss = float(scores["accuracy"][i]), float(scores["loss"][i])
+            if status == pop.STATUS_FAILED or not np.isfinite(loss):
+                status, acc, loss = pop.STATUS_FAILED, float("nan"), float("nan")
+            rows.append({"status": status, "val_accuracy": acc, "val_loss": loss})
+        return rows
+
+    def final(self, encs: np.ndarray) -> dict:
+        """Retrain ``encs`` [k, n] from scratch (train split, early stopping on validation), score validation and
+        test with recalibrated statistics, and return everything plus the winner (best validation accuracy)."""
+        cfg = self.cfg.final
+        result, val = self.train_candidates(encs, cfg.epochs, cfg.patience, self.cfg.seed + 7919)
+        d = self.data
+        test = self.score(result.params, encs, d.test_x, d.test_y, shared=False)
+        val_acc = np.where(result.status == pop.STATUS_FAILED, -np.inf, val["accuracy"])
+        winner = int(np.argmax(val_acc))
+        params = jax.tree.map(lambda a: a[winner], result.params)
+        stats = self.model.statistics(params, jnp.asarray(encs[winner : winner + 1]), d.bn_batches, shared=True)
+        stats = None if stats is None else jax.tree.map(lambda a: a[0], stats)
+        return {
+            "status": [str(s) for s in result.status],
+            "epochs_run": [int(result.history.shape[0])] * len(encs),
+            "val_accuracy": val["accuracy"].tolist(),
+            "test_accuracy": test["accuracy"].tolist(),
+            "test_loss": test["loss"].tolist(),
+            "winner": winner,
+            "params": params,
+            "bn_stats": stats,
+        }
+
+
+class TrainEvaluator(_Trained):
+    """Mode train: each generation's new candidates trained together (fast mode in early generations)."""
+
+    def __init__(self, cfg: RunConfig, model: SearchModel, dataset: Dataset, supernet_params=None):
+        super().__init__(cfg, model, dataset)
+        self.start = supernet_params if cfg.train.warm_start else None
+
+    def evaluate(self, encs: np.ndarray, generation: int) -> list[dict]:
+        t = self.cfg.train
+        epochs = t.fast_epochs if generation < t.fast_generations else t.epochs
+        padded = _padded(encs, self.population)
+        result, scores = self.train_candidates(padded, epochs, t.patience, self.cfg.seed * 100_003 + generation, self.start)
+        return self._rows(result.status, scores, len(encs))
+
+
+class OneShotEvaluator(_Trained):
+    """Mode oneshot: inherited supernet weights, per-candidate recalibrated BatchNorm statistics."""
+
+    def __init__(self, cfg: RunConfig, model: SearchModel, dataset: Dataset, supernet_params):
+        super().__init__(cfg, model, dataset)
+        self.params = supernet_params
+
+    def evaluate(self, encs: np.ndarray, generation: int) -> list[dict]:
+        padded = _padded(encs, self.population)
+        scores = self.score(self.params, padded, self.data.val_x, self.data.val_y, shared=True)
+        return self._rows(None, scores, len(encs))
+
+
+def train_supernet(cfg: RunConfig, model: SearchModel, dataset: Dataset):
+    """The shared supernet weights after ``supernet.epochs`` of weight-sharing training; (params, mean loss per epoch)."""
+    s = cfg.supernet
+    sampler = pop.SubnetSampler(
+        model.space, s.subnets, s.sampler,
+        _Ends(model, "largest") if s.sampler == "sandwich" else None,
+        _Ends(model, "smallest") if s.sampler == "sandwich" else None,
+    )
+    params = model.init(jax.random.key(cfg.seed))
+    params, _, losses = pop.train_supernet(
+        model.apply, params, optax.adam(s.learning_rate), sampler,
+        jnp.asarray(dataset.train.images), jnp.asarray(dataset.train.labels),
+        epochs=s.epochs, batch_size=s.batch_size, seed=cfg.seed,
+    )
+    return params, losses.mean(axis=(1, 2)).tolist()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ends:
+    """The sandwich rule's largest / smallest map over every family of the model (each family's own map)."""
+
+    model: SearchModel
+    end: str
+
+    def __call__(self, encs: jax.Array) -> jax.Array:
+        parts = [p for p in (self.model.mlp, self.model.conv) if p is not None]
+        out = getattr(parts[0], self.end)(encs)
+        if len(parts) == 2:
+            family = encs[:, self.model.space.index("family")]
+            mlp_index = self.model.space["family"].options.index("mlp")
+            out = jnp.where((family == mlp_index)[:, None], out, getattr(parts[1], self.end)(encs))
+        return out

@@ -1,0 +1,427 @@
+"""The search run: ask a generation, filter by cheap objectives, evaluate what is new, tell, checkpoint.
+
+    for generation g = 0, 1, ...:                                 (until search.budget distinct evaluations)
+        encs [P, n]  = strategy.ask(fold_in(key(seed), g + 1), state)
+        repeats      -> the cached metrics (counted as cache hits, never evaluated twice)
+        cheap        -> params / MACs / size (analytic), then latency on the twin if asked for; a violated
+                        constraint marks the row infeasible: it is not trained and is told -inf
+        new rows     -> the mode's evaluator (table lookup, population training, or the oneshot supernet)
+        state        = strategy.tell(state, encs, fitness)        (nsga2: all objectives and the violation)
+        checkpoint g + 1 (Orbax), then history.csv / generations.csv rewritten from the archive
+
+Every random choice derives from ``seed`` and the generation number, so a run resumed from its last checkpoint
+ends exactly as the same run left alone. Afterwards (modes oneshot, train) the top-k architectures are retrained
+from scratch and scored on the test split, the best by validation accuracy is exported, and the report is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from interop._atomic import atomic_write_text
+from interop.config import dump_config, read_yaml, to_dict
+from jaxnas import population as pop
+from jaxnas.config import RunConfig
+from jaxnas.data import load_dataset
+from jaxnas.search import objectives as obj
+from jaxnas.search.checkpoint import RunCheckpoints, json_safe, load_arrays, save_arrays
+from jaxnas.search.evaluate import OneShotEvaluator, TableEvaluator, TrainEvaluator, train_supernet
+from jaxnas.search.export import export_model
+from jaxnas.search.models import build_space, model_for
+from jaxnas.search.pareto import default_reference, hypervolume, knee_point, pareto_mask
+from jaxnas.search.report import write_report
+from jaxnas.search.strategies import build_strategy
+from jaxnas.strategies import option_entropy
+
+EVALUATED = ("ok", "early_stopped")
+
+
+class RunError(Exception):
+    """A run cannot start or resume as asked (the message says why and what to do)."""
+
+
+def _signed(value: float, direction: str) -> float:
+    return value if direction == "max" else -value
+
+
+class SearchRun:
+    """One run folder's search; `run` executes it (fresh or resumed) and returns the summary dict."""
+
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, log=print):
+        self.cfg, self.resume, self.log = cfg, resume, log
+        self.out = Path(cfg.output)
+        self.space = build_space(cfg.space)
+        allowed = obj.TABLE if cfg.mode == "table" else (*obj.TRAINED, *obj.CHEAP, *obj.MEASURED)
+        self.objectives = obj.parse_objectives(cfg.objectives.objectives, allowed)
+        self.constraints = tuple(obj.parse_constraint(c, allowed) for c in cfg.objectives.constraints)
+        self.needs_latency = any(m == "latency_ms" for m in [o.name for o in self.objectives] + [
+            c.metric for c in self.constraints])
+        self.strategy = build_strategy(cfg, self.space, len(self.objectives))
+        self.multi = cfg.search.strategy == "nsga2"
+
+    # ------------------------------------------------------------------ set-up
+    def _check_folder(self) -> None:
+        saved = self.out / "config.yaml"
+        has_run = (self.out / "checkpoints").exists()
+        if self.resume:
+            if not saved.is_file():
+                raise RunError(f"--resume {self.out}: no config.yaml there, so there is no run to resume")
+            if read_yaml(saved) != to_dict(self.cfg):
+                raise RunError(
+                    f"--resume {self.out}: the config differs from the run's own config.yaml; resume with exactly "
+                    "that config (python -m jaxnas.search --resume <folder> reads it) or start a new output="
+                )
+        elif has_run:
+            raise RunError(
+                f"{self.out} already holds a run; continue it with --resume {self.out}, or choose another output="
+            )
+
+    def _setup_evaluator(self, queries: int):
+        cfg = self.cfg
+        if cfg.mode == "table":
+            self.model, self.dataset = None, None
+            return TableEvaluator(cfg, self.space, queries)
+        self.dataset = load_dataset(cfg.data)
+        info = self.dataset.info
+        self.model = model_for(self.space, cfg.space, info.image_shape, info.num_classes)
+        supernet = None
+        if cfg.mode == "oneshot" or cfg.train.warm_start:
+            supernet = self._supernet()
+        if cfg.mode == "oneshot":
+            return OneShotEvaluator(cfg, self.model, self.dataset, supernet)
+        return TrainEvaluator(cfg, self.model, self.dataset, supernet)
+
+    def _supernet(self):
+        folder = self.out / "supernet"
+        like = self.model.init(jax.random.key(self.cfg.seed))
+        if (folder / "params").exists() and (folder / "losses.json").is_file():
+            self.log(f"supernet: loaded from {folder}")
+            return load_arrays(folder / "params", like)
+        start = time.perf_counter()
+        params, losses = train_supernet(self.cfg, self.model, self.dataset)
+        save_arrays(folder / "params", params)
+        atomic_write_text(folder / "losses.json", json.dumps({"mean_loss_per_epoch": losses}) + "\n")
+        self.log(f"supernet: {self.cfg.supernet.epochs} epochs in {time.perf_counter() - start:.1f} s, "
+                 f"mean loss per epoch {', '.join(f'{v:.3f}' for v in losses)}")
+        return params
+
+    # ------------------------------------------------------------------ one generation
+    def _fitness(self, row: dict) -> float:
+        """Single-objective fitness (maximised): -inf infeasible, nan failed."""
+        if row["status"] == "infeasible":
+            return -math.inf
+        if row["status"] not in EVALUATED:
+            return math.nan
+        first = self.objectives[0]
+        return _signed(row.get(first.name, math.nan), first.direction)
+
+    def _cheap(self, enc) -> dict:
+        if self.model is None:
+            return {}
+        metrics = obj.cheap_metrics(self.model, enc)
+        if self.needs_latency and obj.total_violation(metrics, self.constraints, obj.CHEAP) == 0:
+            params = self._latency_params
+            stats = self.model.statistics(params, enc[None], self._latency_batches, shared=True)
+            stats = None if stats is None else jax.tree.map(lambda a: a[0], stats)
+            _, twin = self.model.extract(params, enc, stats)
+            example = np.zeros((self.cfg.objectives.latency_batch, *self.model.image_shape), np.float32)
+            metrics["latency_ms"] = obj.twin_latency_ms(twin, example, self.cfg.objectives.latency_repeats)
+        return metrics
+
+    def _generation(self, g: int, state, archive: dict, cache: dict, evaluator):
+        cfg = self.cfg
+        encs, state = self._ask(jax.random.fold_in(self.key, g + 1), state)
+        encs = np.asarray(encs)
+        remaining = cfg.search.budget - archive["evaluations"]
+        rows: list[dict | None] = [None] * len(encs)
+        new: list[int] = []
+        seen_now: dict[str, int] = {}
+        for i, enc in enumerate(encs):
+            arch = self.space.to_string(enc)
+            if arch in cache or arch in seen_now:
+                archive["cache_hits"] += 1
+                rows[i] = {"arch": arch, "cached_from": cache.get(arch, {}).get("generation", g)}
+                continue
+            metrics = self._cheap(enc)
+            if obj.total_violation(metrics, self.constraints, (*obj.CHEAP, *obj.MEASURED)) > 0:
+                rows[i] = {"arch": arch, "status": "infeasible", **metrics}
+                archive["infeasible"] += 1
+            elif len(new) < remaining:
+                rows[i] = {"arch": arch, **metrics}
+                new.append(i)
+            else:
+                rows[i] = {"arch": arch, "status": "not_evaluated"}  # over budget: the run ends after this one
+            seen_now[arch] = i
+        if new:
+            for i, result in zip(new, evaluator.evaluate(encs[new], g), strict=True):
+                rows[i].update(result)
+                archive["evaluations"] += 1
+        for i, row in enumerate(rows):  # repeats within this generation resolve to their first occurrence
+            if "status" not in row:
+                source = cache.get(row["arch"]) or rows[seen_now[row["arch"]]]
+                rows[i] = {**source, "status": "cached", "cached_from": row["cached_from"]}
+        for i, row in enumerate(rows):
+            if row["status"] in EVALUATED and obj.total_violation(row, self.constraints) > 0:
+                row["status"] = "infeasible"  # a constraint on a trained metric (e.g. val_accuracy>=0.9)
+            row["fitness"] = self._fitness(row if row["status"] != "cached" else {**row, "status": "ok"})
+            row.update(generation=g, index=i)
+        state = self._tell(state, encs, rows)
+        for row in rows:
+            if row["status"] in (*EVALUATED, "infeasible", "failed"):
+                cache.setdefault(row["arch"], row)
+            if row["status"] != "not_evaluated":
+                archive["candidates"].append(row)
+        archive["generations"].append(self._generation_stats(g, encs, rows, archive))
+        archive["generation"] = g + 1
+        return state
+
+    def _tell(self, state, encs, rows):
+        if not self.multi:
+            fitness = jnp.asarray([r["fitness"] for r in rows], jnp.float32)
+            return self._tell_jit(state, jnp.asarray(encs), fitness)
+        values, violation = [], []
+        for r in rows:
+            ok = r["status"] in (*EVALUATED, "cached")
+            values.append([_signed(r.get(o.name, math.nan), o.direction) if ok else math.nan for o in self.objectives])
+            v = obj.total_violation(r, self.constraints)
+            violation.append(v if r["status"] != "infeasible" else max(v, 1.0))
+        return self._tell_jit(state, jnp.asarray(encs), jnp.asarray(values, jnp.float32),
+                              violation=jnp.asarray(np.minimum(violation, 1e30), jnp.float32))
+
+    def _feasible_values(self, archive: dict) -> tuple[list[dict], np.ndarray]:
+        rows = [r for r in archive["candidates"] if r["status"] in EVALUATED]
+        values = np.asarray([[r.get(o.name, math.nan) for o in self.objectives] for r in rows], float)
+        return rows, values.reshape(len(rows), len(self.objectives))
+
+    def _generation_stats(self, g: int, encs, rows, archive) -> dict:
+        """One line of generations.csv; ``archive`` already holds this generation's rows."""
+        evaluated = [r["fitness"] for r in rows if r["status"] in EVALUATED and math.isfinite(r["fitness"])]
+        best = [r["fitness"] for r in archive["candidates"] if r["status"] in EVALUATED and math.isfinite(r["fitness"])]
+        stats = {
+            "generation": g,
+            "evaluations": archive["evaluations"],
+            "cache_hits": archive["cache_hits"],
+            "best_fitness": max(best) if best else math.nan,
+            "mean_fitness": float(np.mean(evaluated)) if evaluated else math.nan,
+            "diversity": float(_diversity(self.space, jnp.asarray(encs))),
+            "hypervolume": math.nan,
+            "front_size": 0,
+        }
+        _, values = self._feasible_values(archive)
+        values = values[np.all(np.isfinite(values), axis=1)]
+        if len(values):
+            stats["front_size"] = int(pareto_mask(values, self.objectives).sum())
+            if len(self.objectives) >= 2:
+                if archive.get("reference") is None:
+                    archive["reference"] = default_reference(values, self.objectives).tolist()
+                stats["hypervolume"] = hypervolume(values, self.objectives, np.asarray(archive["reference"]))
+        return stats
+
+    # ------------------------------------------------------------------ outputs
+    def _columns(self) -> list[str]:
+        metrics = ["signal", "report"] if self.cfg.mode == "table" else [*obj.TRAINED, *obj.CHEAP]
+        if self.needs_latency:
+            metrics.append("latency_ms")
+        return ["generation", "index", "arch", "status", "fitness", *metrics, "cached_from"]
+
+    def _write_tables(self, archive: dict) -> None:
+        columns = self._columns()
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in archive["candidates"]:
+            writer.writerow({k: _cell(row.get(k)) for k in columns})
+        atomic_write_text(self.out / "history.csv", buf.getvalue())
+        gen_cols = ["generation", "evaluations", "cache_hits", "best_fitness", "mean_fitness", "diversity",
+                    "hypervolume", "front_size"]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, gen_cols, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in archive["generations"]:
+            writer.writerow({k: _cell(row.get(k)) for k in gen_cols})
+        atomic_write_text(self.out / "generations.csv", buf.getvalue())
+
+    def _pareto(self, archive: dict) -> dict:
+        rows, values = self._feasible_values(archive)
+        finite = np.all(np.isfinite(values), axis=1)
+        rows = [r for r, f in zip(rows, finite) if f]
+        values = values[finite]
+        mask = pareto_mask(values, self.objectives) if len(rows) else np.zeros(0, bool)
+        front = [
+            {"arch": r["arch"], "generation": r["generation"], "values": {o.name: r[o.name] for o in self.objectives}}
+            for r, m in zip(rows, mask) if m
+        ]
+        result = {
+            "objectives": [{"name": o.name, "direction": o.direction} for o in self.objectives],
+            "reference": archive.get("reference"),
+            "hypervolume": archive["generations"][-1]["hypervolume"] if archive["generations"] else math.nan,
+            "front": front,
+        }
+        if len(front) >= 1 and len(self.objectives) >= 2:
+            front_values = values[mask]
+            result["knee"] = front[knee_point(front_values, self.objectives)]["arch"]
+        return result
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        cfg = self.cfg
+        self._check_folder()
+        self.out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, self.out / "config.yaml")
+        started = time.perf_counter()
+        self.key = jax.random.key(cfg.seed)
+        self._ask, self._tell_jit = _compiled(self.strategy)
+        state = self.strategy.init(jax.random.fold_in(self.key, 0))
+        archive = {"generation": 0, "candidates": [], "generations": [], "evaluations": 0, "cache_hits": 0,
+                   "infeasible": 0, "reference": None, "seconds": 0.0}
+        checkpoints = RunCheckpoints(self.out)
+        if self.resume:
+            restored = checkpoints.restore_latest(state)
+            if restored is not None:
+                _, state, archive = restored
+                self.log(f"resumed {self.out} after generation {archive['generation'] - 1} "
+                         f"({archive['evaluations']} evaluations)")
+        evaluator = self.evaluator = self._setup_evaluator(queries=archive["evaluations"])
+        if self.needs_latency:
+            self._latency_params = self.model.init(jax.random.key(0))
+            self._latency_batches = jnp.zeros((1, 2, *self.model.image_shape), jnp.float32)
+        cache = {}
+        for row in archive["candidates"]:
+            if row["status"] in (*EVALUATED, "infeasible", "failed"):
+                cache.setdefault(row["arch"], row)
+        progress = _progress(cfg, archive["evaluations"])
+        g = archive["generation"]
+        while archive["evaluations"] < cfg.search.budget and (cfg.search.generations is None or g < cfg.search.generations):
+            before = archive["evaluations"]
+            tick = time.perf_counter()
+            state = self._generation(g, state, archive, cache, evaluator)
+            archive["seconds"] += time.perf_counter() - tick
+            checkpoints.save(g + 1, state, archive)
+            self._write_tables(archive)
+            progress.update(archive["evaluations"] - before)
+            progress.set_postfix(gen=g, best=f"{archive['generations'][-1]['best_fitness']:.4g}")
+            g += 1
+            if archive["evaluations"] == before and g > 1000 + cfg.search.budget:
+                break  # only repeats or infeasible rows for a very long time: the space is exhausted
+        progress.close()
+        checkpoints.close()
+        self._write_tables(archive)
+        summary = self._finish(archive, time.perf_counter() - started)
+        return summary
+
+    def _finish(self, archive: dict, seconds: float) -> dict:
+        cfg = self.cfg
+        rows = [r for r in archive["candidates"] if r["status"] in EVALUATED and math.isfinite(r["fitness"])]
+        pareto = self._pareto(archive)
+        atomic_write_text(self.out / "pareto.json", json.dumps(json_safe(pareto), indent=2) + "\n")
+        summary = {
+            "mode": cfg.mode,
+            "strategy": cfg.search.strategy,
+            "space": self.space.name,
+            "generations": archive["generation"],
+            "evaluations": archive["evaluations"],
+            "cache_hits": archive["cache_hits"],
+            "infeasible": archive["infeasible"],
+            "search_seconds": round(archive["seconds"], 2),
+        }
+        if cfg.mode == "table":
+            summary["queries"] = archive["evaluations"]
+        if not rows:
+            summary["best_arch"] = None
+            self.log("no feasible candidate was evaluated: relax the constraints or raise search.budget")
+            atomic_write_text(self.out / "best.json", json.dumps({"arch": None}) + "\n")
+        else:
+            best = max(rows, key=lambda r: r["fitness"])
+            record = {"arch": best["arch"], "fitness": best["fitness"], "generation": best["generation"],
+                      "metrics": {k: best[k] for k in self._columns()[5:-1] if k in best}}
+            if cfg.mode == "table":
+                summary.update(best_arch=best["arch"], best_signal=best["signal"], best_report=best["report"])
+            else:
+                record["final"] = self._final(rows)
+                summary.update(best_arch=record["final"]["arch"] if record["final"] else best["arch"],
+                               best_val_accuracy=best.get("val_accuracy"))
+                if record["final"]:
+                    summary["test_accuracy"] = record["final"]["test_accuracy"]
+            atomic_write_text(self.out / "best.json", json.dumps(json_safe(record), indent=2) + "\n")
+        summary["seconds"] = round(seconds, 2)
+        atomic_write_text(self.out / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
+        write_report(self.out)
+        return summary
+
+    def _final(self, rows: list[dict]) -> dict | None:
+        """Retrain the top-k (by fitness) from scratch, test them, export the winner by validation accuracy."""
+        k = self.cfg.final.top_k
+        if k == 0:
+            return None
+        top = sorted(rows, key=lambda r: r["fitness"], reverse=True)[:k]
+        encs = np.stack([self.space.from_string(r["arch"]) for r in top])
+        start = time.perf_counter()
+        result = self.evaluator.final(encs)
+        w = result["winner"]
+        test_x, test_y = self.dataset.test.images, self.dataset.test.labels
+        logits = pop.predict(self.model.apply_eval, {"params": result["params"], "bn_stats": result["bn_stats"]},
+                             jnp.asarray(encs[w]), jnp.asarray(test_x))
+        report = pop.classification_report(logits, jnp.asarray(test_y), self.dataset.info.num_classes)
+        final = {
+            "arch": top[w]["arch"],
+            "val_accuracy": result["val_accuracy"][w],
+            "test_accuracy": result["test_accuracy"][w],
+            "test_loss": result["test_loss"][w],
+            "macro_f1": float(report["macro_f1"]),
+            "macro_precision": float(report["macro_precision"]),
+            "macro_recall": float(report["macro_recall"]),
+            "confusion": np.asarray(report["confusion"]).tolist(),
+            "params": self.model.param_count(encs[w]),
+            "macs": self.model.macs(encs[w]),
+            "retrained": [
+                {"arch": r["arch"], "status": s, "val_accuracy": v, "test_accuracy": t}
+                for r, s, v, t in zip(top, result["status"], result["val_accuracy"], result["test_accuracy"])
+            ],
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        export_model(self.out / "model", self.model, self.cfg.space, encs[w], result["params"], result["bn_stats"],
+                     {"test_accuracy": final["test_accuracy"], "val_accuracy": final["val_accuracy"]})
+        self.log(f"final: retrained top {len(top)} for up to {self.cfg.final.epochs} epochs in {final['seconds']:.1f} s; "
+                 f"best {final['arch']}: test accuracy {final['test_accuracy']:.4f} (validation {final['val_accuracy']:.4f})")
+        return final
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(strategy):
+    """Jitted ask and tell, shared by every run of an equal strategy in this process (one compile each)."""
+    return jax.jit(strategy.ask), jax.jit(strategy.tell)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _diversity(space, encs):
+    return option_entropy(space, encs)
+
+
+def _cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)
+    return value
+
+
+def _progress(cfg: RunConfig, done: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.search.budget, initial=done, desc=f"search ({cfg.search.strategy}, {cfg.mode})",
+                unit="eval", disable=not cfg.progress, dynamic_ncols=True)
+
+
+def run_search(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
+    """Run (or, with ``resume``, continue) the search ``cfg`` describes; returns ``summary.json``'s content."""
+    return SearchRun(cfg, resume=resume, log=log).run()

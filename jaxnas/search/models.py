@@ -1,0 +1,164 @@
+"""One surface over the supernets of a search space, as the run loop needs it.
+
+`SearchModel` wraps the family supernets of a space (macro: `MLPSupernet` and / or `ConvSupernet`, selected per
+candidate by its family) behind the population functions' signature:
+
+    model.init(key) -> params                                   (one candidate, or the shared supernet)
+    model.apply(params, enc, x, *, train, key) -> logits [B, classes]      (training; BatchNorm on batch stats)
+    model.statistics(params_P, encs [P, n], x_batches) -> per-candidate BatchNorm statistics (or None)
+    model.apply_eval(variables, enc, x, *, train, key)          variables = {"params", "bn_stats"}
+    model.param_count(enc), model.macs(enc)                     analytic, per example
+    model.extract(params, enc, bn_stats) -> (twin_state, twin)  the compact standalone twin (an nnx.Module)
+
+Everything is a frozen dataclass, so bound methods are hashable static arguments of `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxnas.config import SpaceConfig
+from jaxnas.spaces import macro_space, nb201_space, transformer_space
+from jaxnas.spaces.core import Space
+from jaxnas.spaces.macro import CONV_FAMILIES
+from jaxnas.supernet import ConvSupernet, MLPSupernet
+
+
+def build_space(cfg: SpaceConfig) -> Space:
+    """The `Space` a `SpaceConfig` describes."""
+    if cfg.name == "macro":
+        return macro_space(
+            families=cfg.families,
+            max_stages=cfg.max_stages,
+            max_depth=cfg.max_depth,
+            channels=cfg.channels,
+            units=cfg.units,
+            kernels=cfg.kernels,
+            expansions=cfg.expansions,
+            activations=cfg.activations,
+            dropouts=cfg.dropouts,
+        )
+    if cfg.name == "nb201":
+        return nb201_space()
+    return transformer_space()
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchModel:
+    """The macro space's supernets for one dataset (see the module docstring).
+
+    Attributes:
+      space: a `macro_space`.
+      image_shape: (H, W, C) of the inputs.
+      num_classes: number of logits.
+      stem_stride: stride of the conv families' fixed stem.
+    """
+
+    space: Space
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    stem_stride: int = 1
+
+    @functools.cached_property
+    def mlp(self) -> MLPSupernet | None:
+        if "mlp" not in self.space["family"].options:
+            return None
+        return MLPSupernet(self.space, int(np.prod(self.image_shape)), self.num_classes)
+
+    @functools.cached_property
+    def conv(self) -> ConvSupernet | None:
+        if not any(f in CONV_FAMILIES for f in self.space["family"].options):
+            return None
+        return ConvSupernet(self.space, tuple(self.image_shape), self.num_classes, stem_stride=self.stem_stride)
+
+    @property
+    def uses_batchnorm(self) -> bool:
+        """Whether candidates may carry BatchNorm (conv families): evaluation then needs recalibrated statistics."""
+        return self.conv is not None
+
+    def _parts(self) -> dict:
+        return {name: part for name, part in (("mlp", self.mlp), ("conv", self.conv)) if part is not None}
+
+    def _family_index(self, enc: jax.Array) -> jax.Array:
+        return enc[self.space.index("family")]
+
+    def family(self, enc) -> str:
+        return self.space["family"].options[int(np.asarray(enc)[self.space.index("family")])]
+
+    def _part_for(self, enc):
+        return self.mlp if self.family(enc) == "mlp" else self.conv
+
+    # ------------------------------------------------------------------ population signature
+    def init(self, key: jax.Array) -> dict:
+        """``{"mlp": ..., "conv": ...}``: parameters of every family present (one flat draw each)."""
+        keys = jax.random.split(key, 2)
+        return {name: part.init(k) for (name, part), k in zip(self._parts().items(), keys)}
+
+    def apply(self, params: dict, enc: jax.Array, x: jax.Array, *, train: bool, key=None, bn_stats=None) -> jax.Array:
+        """logits [B, classes] of candidate ``enc`` [n_choices]; with both parts, each computes and the family picks."""
+        out = {}
+        if self.mlp is not None:
+            out["mlp"] = self.mlp.apply(params["mlp"], enc, x, train=train, key=key)
+        if self.conv is not None:
+            out["conv"] = self.conv.apply(params["conv"], enc, x, train=train, key=key, bn_stats=bn_stats)
+        if len(out) == 1:
+            return next(iter(out.values()))
+        is_mlp = self._family_index(enc) == self.space["family"].options.index("mlp")
+        return jnp.where(is_mlp, out["mlp"], out["conv"])
+
+    def apply_eval(self, variables: dict, enc: jax.Array, x: jax.Array, *, train: bool, key=None) -> jax.Array:
+        """`apply` with ``variables = {"params", "bn_stats"}`` (the statistics of this candidate, or None)."""
+        return self.apply(variables["params"], enc, x, train=train, key=key, bn_stats=variables["bn_stats"])
+
+    def statistics(self, params, encs: jax.Array, x_batches: jax.Array, *, shared: bool):
+        """BatchNorm statistics of every candidate (leaves [P, ...]), or None without conv families.
+
+        ``params`` are one shared supernet (``shared=True``) or per-candidate params_P; ``x_batches`` is
+        [n, B, H, W, C] training batches.
+        """
+        if self.conv is None:
+            return None
+        fn = _recalibrate_shared if shared else _recalibrate_population
+        return fn(self.conv, params["conv"], jnp.asarray(encs, jnp.int32), x_batches)
+
+    # ------------------------------------------------------------------ analytic objectives and twins
+    def param_count(self, enc) -> int:
+        return int(self._part_for(enc).param_count(np.asarray(enc)))
+
+    def macs(self, enc) -> int:
+        return int(self._part_for(enc).macs(np.asarray(enc)))
+
+    def extract(self, params: dict, enc, bn_stats=None) -> tuple[dict, nnx.Module]:
+        """(the twin's full state as a pure dict - parameters and BatchNorm statistics -, the twin)."""
+        enc = np.asarray(enc)
+        if self.family(enc) == "mlp":
+            _, twin = self.mlp.extract(params["mlp"], enc)
+        else:
+            _, twin = self.conv.extract(params["conv"], enc, bn_stats)
+        return nnx.state(twin).to_pure_dict(), twin
+
+
+@functools.partial(jax.jit, static_argnames="conv")
+def _recalibrate_shared(conv, params, encs, x_batches):
+    return jax.vmap(conv.recalibrate_bn, in_axes=(None, 0, None))(params, encs, x_batches)
+
+
+@functools.partial(jax.jit, static_argnames="conv")
+def _recalibrate_population(conv, params_P, encs, x_batches):
+    return jax.vmap(conv.recalibrate_bn, in_axes=(0, 0, None))(params_P, encs, x_batches)
+
+
+def model_for(space: Space, cfg: SpaceConfig, image_shape: tuple[int, ...], num_classes: int) -> SearchModel:
+    """The `SearchModel` of a macro space for images of ``image_shape`` (H, W, C)."""
+    if space.name != "macro":
+        raise ValueError(
+            f"modes oneshot and train need a supernet; space {space.name!r} has none in the run loop yet: use "
+            "space.name=macro, or mode=table for nb201"
+        )
+    return SearchModel(space, tuple(int(s) for s in image_shape), int(num_classes), cfg.stem_stride)

@@ -1,0 +1,114 @@
+"""python -m jaxnas.search in modes train and oneshot on the 8x8 digits: the run folder, the final retraining on
+test, the exported model, constraints on cheap objectives, and agreement of history / best / pareto."""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxnas import load_model
+from jaxnas.data import load_dataset
+from jaxnas.search.__main__ import main
+
+# A tiny macro space over both kinds of family, so a run compiles in seconds.
+TINY = [
+    "data.name=digits",
+    "space.families=[mlp,cnn]",
+    "space.max_stages=2",
+    "space.max_depth=1",
+    "space.channels=[4,8]",
+    "space.units=[16,32]",
+    "space.kernels=[3]",
+    "space.activations=[relu,gelu]",
+    "space.dropouts=[0.0]",
+    "search.population=4",
+    "search.budget=8",
+    "train.epochs=2",
+    "train.batch_size=64",
+    "train.learning_rate=0.01",
+    "supernet.epochs=2",
+    "supernet.subnets=2",
+    "final.top_k=2",
+    "final.epochs=3",
+    "progress=false",
+]
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module", params=["train", "oneshot"])
+def finished(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(request.param) / "run"
+    assert main([f"output={out}", f"mode={request.param}", "search.strategy=evolution", *TINY]) == 0
+    return request.param, out
+
+
+def test_run_folder_holds_every_output(finished):
+    _, out = finished
+    for name in ("config.yaml", "history.csv", "generations.csv", "best.json", "pareto.json", "summary.json",
+                 "report.html", "fitness.png", "model/arch.json"):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoints").is_dir()
+
+
+def test_history_best_and_pareto_agree(finished):
+    mode, out = finished
+    history = _rows(out / "history.csv")
+    evaluated = [r for r in history if r["status"] in ("ok", "early_stopped")]
+    assert len({r["arch"] for r in evaluated}) == len(evaluated) == 8
+    best = json.loads((out / "best.json").read_text())
+    top = max(evaluated, key=lambda r: float(r["fitness"]))
+    assert best["arch"] == top["arch"] and best["fitness"] == pytest.approx(float(top["val_accuracy"]))
+    for r in evaluated:  # analytic metrics are recorded for every candidate
+        assert float(r["params"]) > 0 and float(r["macs"]) > 0 and 0 <= float(r["val_accuracy"]) <= 1
+    pareto = json.loads((out / "pareto.json").read_text())
+    assert [o["name"] for o in pareto["objectives"]] == ["val_accuracy", "params"]
+    archs = {r["arch"]: r for r in evaluated}
+    for member in pareto["front"]:
+        row = archs[member["arch"]]
+        assert member["values"]["val_accuracy"] == pytest.approx(float(row["val_accuracy"]))
+        assert member["values"]["params"] == pytest.approx(float(row["params"]))
+    # the most accurate evaluated candidate is always on the front
+    assert top["arch"] in {m["arch"] for m in pareto["front"]}
+
+
+def test_final_retraining_scores_the_top_k_on_test_and_learns(finished):
+    _, out = finished
+    final = json.loads((out / "best.json").read_text())["final"]
+    assert len(final["retrained"]) == 2
+    assert final["test_accuracy"] > 0.5  # 10 classes: far above chance after 3 epochs on the digits
+    confusion = np.asarray(final["confusion"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 359
+    assert np.trace(confusion) / confusion.sum() == pytest.approx(final["test_accuracy"], abs=1e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"] == final["test_accuracy"] and summary["best_arch"] == final["arch"]
+
+
+def test_loaded_best_model_reproduces_its_recorded_test_accuracy(finished):
+    _, out = finished
+    model = load_model(out)
+    final = json.loads((out / "best.json").read_text())["final"]
+    assert model.arch == final["arch"]
+    test = load_dataset("digits").test
+    accuracy = float((model.predict(test.images) == test.labels).mean())
+    assert accuracy == pytest.approx(final["test_accuracy"], abs=1e-6)
+
+
+def test_params_constraint_is_checked_before_training_and_holds_for_every_evaluated_candidate(tmp_path):
+    out = tmp_path / "constrained"
+    overrides = [o for o in TINY if not o.startswith("final.")] + ["final.top_k=0", "objectives.constraints=[params<=1500]"]
+    assert main([f"output={out}", "mode=train", "search.strategy=random", *overrides]) == 0
+    history = _rows(out / "history.csv")
+    assert any(r["status"] == "infeasible" for r in history)
+    for r in history:
+        if r["status"] == "infeasible":
+            assert float(r["params"]) > 1500 and r["val_accuracy"] == ""  # never trained
+        elif r["status"] == "ok":
+            assert float(r["params"]) <= 1500
+    best = json.loads((out / "best.json").read_text())
+    assert next(float(r["params"]) for r in history if r["arch"] == best["arch"]) <= 1500
