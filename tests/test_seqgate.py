@@ -16,7 +16,7 @@ from torch_gating.adapters import adapter_for
 from torch_gating.models import tiny_random_model
 from torch_gating.seqgate import Settings, SeqGatePolicy, layer_key, run_seqgate
 from torch_gating.seqgate import __main__ as seqgate_cli
-from torch_gating.seqgate.calibrate import choose_tau
+from torch_gating.seqgate.calibrate import choose_level, choose_tau
 from torch_gating.seqgate.policy import FINGERPRINT_DIM, Decision
 from torch_gating.seqgate.report import enforce_guardrail, gate_stats, plot_frontier
 from torch_gating.text import load_text, tokenize_text
@@ -120,6 +120,25 @@ def test_choose_tau_gates_the_low_ratio_tolerant_sequences():
     assert choose_tau([0.1, 0.2, 0.3, 0.4], [True, True, False, False]) == pytest.approx(0.25)
     assert choose_tau([0.1, 0.2], [True, True]) == math.inf
     assert choose_tau([0.1, 0.2], [False, True]) == -math.inf
+
+
+def test_choose_level_gates_at_the_budget_fraction_the_calibration_windows_tolerate():
+    ratios = [0.1, 0.2, 0.3, 0.4]
+    # Nobody tolerates the full budget, three windows tolerate half of it, all tolerate a quarter.
+    assert choose_level(ratios, [0.5, 0.5, 0.5, 0.25]) == (0.5, pytest.approx(0.35))
+    assert choose_level(ratios, [1.0, 1.0, 1.0, 1.0]) == (1.0, math.inf)
+    assert choose_level(ratios, [0.0, 0.0, 0.0, 0.0]) == (1.0, -math.inf)
+
+
+def test_static_kept_obeys_the_policys_budgets_and_drops_the_least_important_blocks():
+    policy, _ = tiny_policy(bl=0.25, Bg=0.125, align=16)
+    n_blocks = 256 // BLOCK
+    importance = {l: torch.arange(n_blocks, dtype=torch.float) + l for l in policy.gated_layers}
+    kept = policy.static_kept(importance)
+    removed = {l: sorted(set(range(n_blocks)) - set(kept[l])) for l in policy.gated_layers}
+    assert sum(len(r) for r in removed.values()) == math.floor(0.125 * 3 * n_blocks)
+    assert all(len(r) <= 4 for r in removed.values())
+    assert all(r == list(range(len(r))) for r in removed.values()), "the lowest-importance blocks go first"
 
 
 class LoggingCorpus:

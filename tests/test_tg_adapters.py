@@ -370,3 +370,26 @@ def test_bad_block_size_is_rejected_when_the_adapter_is_made(block):
     model, _, _ = tiny_random_model("gpt2")
     with pytest.raises(ValueError, match="block must be a positive number of neurons"):
         adapter_for(model, block=block)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_copies_give_the_views_outputs_at_decode_and_live_only_as_long_as_the_kept_set(family):
+    model, _, _ = tiny_random_model(family)
+    views_adapter, copy_adapter = adapter_for(model, block=32), adapter_for(model, block=32, copy_weights=True)
+    kept = {0: [0, 1, 4, 6], 1: [2]}
+    step, window = torch.randn(1, 1, 64), torch.randn(1, 16, 64)  # a decode step, a prefill
+    with torch.inference_mode():
+        with views_adapter:
+            views_adapter.set_kept(kept)
+            expected = [views_adapter.mlp(0)(x) for x in (step, window)]
+        with copy_adapter:
+            copy_adapter.set_kept(kept)
+            mlp = copy_adapter.mlp(0)
+            assert copy_adapter.extra_memory_bytes() == 16 * 4, "4 runs, no copy before the first decode step"
+            torch.testing.assert_close(mlp(step), expected[0], rtol=1e-5, atol=1e-6)
+            # gate + up + down (Llama / Qwen2) or c_fc + its bias + c_proj (GPT-2) of 4 kept blocks of 32, float32.
+            copied = (3 * 128 * 64 if family != "gpt2" else 2 * 128 * 64 + 128) * 4
+            assert copy_adapter.extra_memory_bytes() == 16 * 4 + copied
+            torch.testing.assert_close(mlp(window), expected[1], rtol=1e-5, atol=1e-6)  # prefill: views
+            copy_adapter.reset()
+            assert copy_adapter.extra_memory_bytes() == 0

@@ -43,7 +43,9 @@ class ModelAdapter(ABC):
     """Gating surface of one causal LM: its decoder layers' MLPs, kept sets, probes and sizes.
 
     Subclasses name where a family keeps its layers and modules. ``block`` is the number of consecutive
-    intermediate neurons selected together (the alignment of every kept set).
+    intermediate neurons selected together (the alignment of every kept set). ``copy_weights``: gated
+    layers compute on contiguous copies of their kept weights instead of views (faster at decode, costs
+    memory while a kept set lasts; see :mod:`torch_gating.gated_mlp`).
     """
 
     gated_mlp_class: type[GatedMLP]
@@ -51,9 +53,10 @@ class ModelAdapter(ABC):
     matrices_per_unit: int
     pre_mlp_norm: str
 
-    def __init__(self, model: PreTrainedModel, *, block: int = 64):
+    def __init__(self, model: PreTrainedModel, *, block: int = 64, copy_weights: bool = False):
         self.model = model
         self.block = validate_block(block)
+        self.copy_weights = copy_weights
         self._originals: list[nn.Module] | None = None
 
     @abstractmethod
@@ -100,7 +103,9 @@ class ModelAdapter(ABC):
             )
         self._originals = [layer.mlp for layer in layers]
         for layer, mlp in zip(layers, self._originals):
-            layer.mlp = self.gated_mlp_class(mlp, hidden_size=self.hidden_size, width=self.mlp_width, block=self.block)
+            layer.mlp = self.gated_mlp_class(
+                mlp, hidden_size=self.hidden_size, width=self.mlp_width, block=self.block, copy_weights=self.copy_weights
+            )
         return self
 
     def remove(self) -> None:
@@ -250,11 +255,11 @@ ADAPTERS: dict[type[PreTrainedModel], type[ModelAdapter]] = {
 }
 
 
-def adapter_for(model: PreTrainedModel, *, block: int = 64) -> ModelAdapter:
+def adapter_for(model: PreTrainedModel, *, block: int = 64, copy_weights: bool = False) -> ModelAdapter:
     """The adapter of ``model``'s family (not yet installed); ``TypeError`` listing the supported classes."""
     for cls, adapter_cls in ADAPTERS.items():
         if isinstance(model, cls):
-            return adapter_cls(model, block=block)
+            return adapter_cls(model, block=block, copy_weights=copy_weights)
     supported = ", ".join(cls.__name__ for cls in ADAPTERS)
     raise TypeError(
         f"SeqGate has no adapter for {type(model).__name__}; supported model classes are {supported}. "

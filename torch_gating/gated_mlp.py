@@ -16,6 +16,16 @@ dimension; the torch profiler shows ``aten::mm`` / ``aten::addmm`` on them with 
 ``contiguous`` of the weight (GPT-2's only ``copy_`` is the bias broadcast into the output, as in
 ``Conv1D.forward``).
 
+Dense copies (``copy_weights=True``). Measured on SmolLM2-135M (benchmarks/seqgate.py) at one token per
+forward (decode), the per-run kernels on views save nothing even with a quarter of the neurons removed in
+scattered blocks, while at a window of tokens they save roughly in proportion. With ``copy_weights``,
+forwards of at most :data:`COPY_MAX_TOKENS` tokens (decode steps) run on contiguous copies of the kept
+rows / columns in the original layout, one dense matmul per projection, whose time falls with the kept
+fraction; longer forwards (prefill) keep using views, because making the copy costs about as much as a
+forward of a few dozen tokens. A copy is made at the first short forward of a kept set and lives as long
+as the kept set (changing ``runs`` drops it, so a per-sequence policy pays for its copies on every
+sequence); :meth:`GatedMLP.extra_memory_bytes` counts it. Recording (probes) always uses views.
+
 Cost model: each run is a handful of small kernels (gate, up, activation, product, down accumulation).
 For a prefill of hundreds of tokens their fixed cost is negligible and time falls with the kept
 fraction; at decode (one token per forward) it is comparable to a run's matmul, so a kept set made of
@@ -39,6 +49,8 @@ Kept = Sequence[int] | np.ndarray | torch.Tensor | None
 # One run is stored as two Python ints; counted as two int64 so the reported overhead is an upper bound.
 BYTES_PER_RUN = 16
 PROBES = ("unit_abs_mean", "hidden_in", "mlp_out")
+# With copy_weights, forwards of at most this many tokens use the dense copy (see the module docstring).
+COPY_MAX_TOKENS = 8
 
 
 def validate_block(block: int) -> int:
@@ -194,7 +206,7 @@ class GatedMLP(nn.Module, ABC):
     Input and output ``[B, T, H]``; the intermediate width is ``I`` (:attr:`width`).
     """
 
-    def __init__(self, original: nn.Module, *, hidden_size: int, width: int, block: int):
+    def __init__(self, original: nn.Module, *, hidden_size: int, width: int, block: int, copy_weights: bool = False):
         super().__init__()
         for name, child in original.named_children():
             self.add_module(name, child)
@@ -203,11 +215,23 @@ class GatedMLP(nn.Module, ABC):
         self.hidden_size = hidden_size
         self.width = width
         self.block = validate_block(block)
-        self.runs: Runs | None = None
+        self.copy_weights = copy_weights
+        # Per-run weight views (or one dense copy) and the (runs, weight placement) they were made for; see _views.
+        self._cached_views: tuple[tuple, list[tuple]] | None = None
+        self.runs = None
         # Set by ModelAdapter.record for the duration of a recording; see GatedMLP.forward.
         self.probe: MLPProbe | None = None
-        # Per-run weight views and the (runs, weight placement) they were made for; see _views.
-        self._cached_views: tuple[tuple, list[tuple]] | None = None
+
+    @property
+    def runs(self) -> Runs | None:
+        """The kept runs ``((start, stop), ...)``, or ``None`` (every neuron kept)."""
+        return self._runs
+
+    @runs.setter
+    def runs(self, runs: Runs | None) -> None:
+        if self._cached_views is not None and self._cached_views[0][0] != runs:
+            self._cached_views = None  # dense copies live only as long as their kept set
+        self._runs = runs
 
     @property
     def n_blocks(self) -> int:
@@ -239,12 +263,18 @@ class GatedMLP(nn.Module, ABC):
         return self.n_kept / self.width
 
     def extra_memory_bytes(self) -> int:
-        """Bytes this wrapper holds beyond the original weights: its run list.
+        """Bytes this wrapper holds beyond the original weights: its run list, plus the dense copies of the
+        kept weights when ``copy_weights`` is set and they exist.
 
-        No tensor storage is allocated; the cached per-run views are tensor headers over the original
+        Views allocate no tensor storage: the cached per-run views are tensor headers over the original
         weights' storage.
         """
-        return BYTES_PER_RUN * len(self.runs or ())
+        copies = 0
+        if self._cached_views is not None and self._cached_views[0][2]:
+            shared = {p.untyped_storage().data_ptr() for p in self.parameters()}
+            copies = sum(t.numel() * t.element_size() for t in self._cached_views[1][0]
+                         if t is not None and t.untyped_storage().data_ptr() not in shared)
+        return BYTES_PER_RUN * len(self.runs or ()) + copies
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """MLP output ``[B, T, H]`` for input ``[B, T, H]`` at the current kept set.
@@ -259,7 +289,7 @@ class GatedMLP(nn.Module, ABC):
             return self.original(x)
         x2d = x.reshape(-1, x.shape[-1])
         out = None
-        for views in self._views():
+        for views in self._views(x2d.shape[0]):
             out = self._down_run(self._hidden_run(x2d, views), views, out)
         if out is None:
             out = self._down_none(x2d)
@@ -273,7 +303,8 @@ class GatedMLP(nn.Module, ABC):
         else:
             h2d = hidden.reshape(-1, self.width)
             out2d = None
-            for (start, stop), views in zip(self.runs, self._views()):
+            for start, stop in self.runs:
+                views = self._run_views(start, stop)
                 out2d = self._down_run(h2d[:, start:stop], views, out2d)
             if out2d is None:
                 out2d = self._down_none(h2d)
@@ -281,8 +312,9 @@ class GatedMLP(nn.Module, ABC):
         self.probe.observe(x, hidden, out)
         return out
 
-    def _views(self) -> list[tuple]:
-        """The per-run weight views (:meth:`_run_views` of each run), reused across forwards.
+    def _views(self, n_tokens: int = 0) -> list[tuple]:
+        """The per-run weight views (:meth:`_run_views` of each run), reused across forwards; with
+        ``copy_weights`` and at most :data:`COPY_MAX_TOKENS` tokens in this forward, one dense copy instead.
 
         Slicing a Parameter in Python costs several microseconds per view, which at decode (one token)
         is as much as a run's matmul; so without autograd the views are cached for the current runs. They
@@ -292,9 +324,14 @@ class GatedMLP(nn.Module, ABC):
         """
         if torch.is_grad_enabled():
             return [self._run_views(start, stop) for start, stop in self.runs]
-        key = (self.runs, self._down_weight().data_ptr())
+        dense = self.copy_weights and n_tokens <= COPY_MAX_TOKENS
+        key = (self.runs, self._down_weight().data_ptr(), dense)
         if self._cached_views is None or self._cached_views[0] != key:
-            self._cached_views = (key, [self._run_views(start, stop) for start, stop in self.runs])
+            if dense:
+                views = [self._dense_views(self.runs)]
+            else:
+                views = [self._run_views(start, stop) for start, stop in self.runs]
+            self._cached_views = (key, views)
         return self._cached_views[1]
 
     def _apply(self, fn, recurse=True):
@@ -309,6 +346,10 @@ class GatedMLP(nn.Module, ABC):
     @abstractmethod
     def _run_views(self, start: int, stop: int) -> tuple:
         """Views (no copies) of the weights and biases that neurons ``start:stop`` use, in matmul layout."""
+
+    @abstractmethod
+    def _dense_views(self, runs: Runs) -> tuple:
+        """The :meth:`_run_views` layout for all ``runs`` at once, on contiguous copies of the kept weights."""
 
     @abstractmethod
     def _hidden_run(self, x2d: torch.Tensor, views: tuple) -> torch.Tensor:
@@ -360,6 +401,18 @@ class GatedGLUMLP(GatedMLP):
             down.bias,
         )
 
+    def _dense_views(self, runs):
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        rows = lambda w: torch.cat([w[s:e] for s, e in runs]) if w is not None else None  # noqa: E731
+        return (
+            rows(gate.weight).t(),
+            rows(gate.bias),
+            rows(up.weight).t(),
+            rows(up.bias),
+            torch.cat([down.weight[:, s:e] for s, e in runs], dim=1).t(),
+            down.bias,
+        )
+
     def _hidden_run(self, x2d, views):
         gate_w, gate_b, up_w, up_b, _, _ = views
         return self.act_fn(_matmul(x2d, gate_w, gate_b)) * _matmul(x2d, up_w, up_b)
@@ -394,6 +447,14 @@ class GatedGPT2MLP(GatedMLP):
             self.c_fc.weight[:, start:stop],
             self.c_fc.bias[start:stop],
             self.c_proj.weight[start:stop],
+            self.c_proj.bias,
+        )
+
+    def _dense_views(self, runs):
+        return (
+            torch.cat([self.c_fc.weight[:, s:e] for s, e in runs], dim=1),
+            torch.cat([self.c_fc.bias[s:e] for s, e in runs]),
+            torch.cat([self.c_proj.weight[s:e] for s, e in runs]),
             self.c_proj.bias,
         )
 

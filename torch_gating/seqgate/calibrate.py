@@ -14,7 +14,10 @@
 4. **Sentinel and threshold** (:func:`choose_sentinel`, :func:`choose_tau`): the sentinel is the layer
    whose probe ratio is most negatively rank-correlated with the outcome (a large MLP contribution
    means a sequence that needs its MLPs); ``tau`` gates the windows with ratio ≤ tau, chosen to maximise
-   (#tolerant − #intolerant) among the gated calibration windows.
+   (#tolerant − #intolerant) among the gated calibration windows. :func:`choose_level` also picks the
+   budget level (of :data:`LEVELS`, a window is tolerant at a level if its outcome reached it) whose
+   threshold maximises level × balance, so a starting ``Bg`` that no window tolerates in full still
+   gates at the fraction of it that windows do tolerate.
 5. **Memory** (:func:`build_memory`): one entry per calibration window: fingerprint, outcome record,
    block-score payload per gated layer.
 """
@@ -203,6 +206,26 @@ def choose_tau(ratios: list[float], tolerant: list[bool]) -> float:
     if cut == len(sorted_ratios) - 1:
         return math.inf
     return float((sorted_ratios[cut] + sorted_ratios[cut + 1]) / 2)
+
+
+def _balance(ratios: list[float], tolerant: list[bool], tau: float) -> int:
+    """#tolerant − #intolerant among the sequences with ratio ≤ ``tau``."""
+    gated = np.asarray(ratios, dtype=float) <= tau
+    return int(np.sum(np.where(np.asarray(tolerant)[gated], 1, -1)))
+
+
+def choose_level(ratios: list[float], outcomes: list[float], levels: tuple[float, ...] = LEVELS) -> tuple[float, float]:
+    """``(level, tau)``: the fraction of ``Bg`` to gate at and its threshold (:func:`choose_tau` with
+    "tolerant" = outcome ≥ level), maximising ``level × balance``; ties prefer the larger level.
+    ``(max(levels), -inf)`` when no level has a positive balance (never gate)."""
+    best = (max(levels), -math.inf, 0.0)
+    for level in sorted(levels):
+        tolerant = [o >= level for o in outcomes]
+        tau = choose_tau(ratios, tolerant)
+        value = level * _balance(ratios, tolerant, tau) if tau > -math.inf else 0.0
+        if value > 0 and value >= best[2]:
+            best = (level, tau, value)
+    return best[0], best[1]
 
 
 def build_memory(experiences: list[Experience], gated_layers: list[int], sentinel: int) -> ExperienceMemory:

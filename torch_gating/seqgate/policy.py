@@ -198,7 +198,15 @@ class SeqGatePolicy:
                 layer_key(l): memory.payload_evidence(layer_key(l), retrieval).to(probe.evidence[l].dtype)
                 for l in self.gated_layers
             }
-        scores = self.selector.scores(current, memory_evidence)
+        return self._kept(self.selector.scores(current, memory_evidence), Bg)
+
+    def static_kept(self, importance: dict[int, torch.Tensor]) -> dict[int, list[int]]:
+        """Static pruning at this policy's budgets: kept blocks per gated layer from fixed block scores
+        (``importance[layer]`` ``[n_blocks]``, e.g. the calibrated static importance), scored and budgeted
+        exactly as :meth:`select` scores a probe's evidence without memory. One kept set for every sequence."""
+        return self._kept(self.selector.scores({layer_key(l): importance[l] for l in self.gated_layers}), None)
+
+    def _kept(self, scores: dict[str, torch.Tensor], Bg: float | None) -> dict[int, list[int]]:
         controller = self.budget() if Bg is None else BudgetController(self.bl, Bg, align=self.align // self.adapter.block)
         kept = controller.select(scores)
         return {l: kept[layer_key(l)].tolist() for l in self.gated_layers}

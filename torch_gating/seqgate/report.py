@@ -15,6 +15,7 @@ Phases, in this order (the test split is read only in phase 3):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -25,7 +26,7 @@ from torch_gating.perplexity import delta_ppl, sliding_window_ppl
 from torch_gating.seqgate.calibrate import (
     build_memory,
     choose_sentinel,
-    choose_tau,
+    choose_level,
     collect_experiences,
     layer_tolerance,
     most_tolerant,
@@ -52,6 +53,7 @@ class Settings:
     Bg: float = 0.06
     align: int = 64
     block: int = 64
+    copy_weights: bool = True  # gated layers on contiguous copies of the kept weights (see gated_mlp)
     n_gated: int | None = None  # default: a third of the layers
     drop_fraction: float = 0.25  # of a layer's blocks, for the tolerance ranking
     probe_tokens: int = 64
@@ -191,27 +193,68 @@ def kept_sets_differ(a: Decision, b: Decision) -> bool:
     return a.kept != b.kept
 
 
-def time_arms(policy: SeqGatePolicy, test_ids: torch.Tensor, settings: Settings) -> dict:
-    """Interleaved prefill and decode benchmarks, full model vs SeqGate (probe and decision timed)."""
-    model = policy.model
+def kept_ppl(adapter: ModelAdapter, kept: dict[int, list[int]], ids: torch.Tensor, settings: Settings):
+    """Sliding-window perplexity on ``ids`` with the fixed kept blocks ``kept`` (static pruning) on every token."""
+    adapter.set_kept(kept)
+    try:
+        return full_ppl(adapter.model, ids, settings)
+    finally:
+        adapter.reset()
+
+
+def static_stats(adapter: ModelAdapter, kept: dict[int, list[int]]) -> GateStats:
+    """:class:`GateStats` of static pruning: every sequence and every token runs on ``kept``."""
+    full = {l: None for l in range(adapter.n_layers)}
+    full_mlp, full_model = mlp_macs_per_token(adapter, full), model_macs_per_token(adapter, full)
+    saved = full_mlp - mlp_macs_per_token(adapter, {**full, **kept})
+    gated_full = len(kept) * adapter.matrices_per_unit * adapter.hidden_size * adapter.mlp_width
+    return GateStats(
+        n_sequences=0, fraction_gated=1.0, mean_kept_fraction=1.0 - saved / gated_full if gated_full else 1.0,
+        mlp_macs_saved_per_token=float(saved), mlp_macs_saved_fraction=saved / full_mlp,
+        model_macs_saved_fraction=saved / full_model,
+    )
+
+
+def time_arms(
+    adapter: ModelAdapter,
+    test_ids: torch.Tensor,
+    settings: Settings,
+    *,
+    policies: Mapping[str, SeqGatePolicy],
+    static: Mapping[str, dict[int, list[int]]] | None = None,
+) -> dict:
+    """Interleaved prefill and decode benchmarks: ``"full"`` (the baseline, first) vs every SeqGate policy
+    (probe and decision inside the timed call) vs every static kept set (set inside the timed call).
+
+    Returns ``{"prefill": BenchmarkResult, "decode": BenchmarkResult}`` with one gain per named arm.
+    """
+    model = adapter.model
     windows = token_windows(test_ids, settings.window)[: settings.timing_windows]
     prompt = test_ids[: settings.decode_prompt]
     n_new = settings.decode_tokens
 
-    def full_prefill():
-        policy.adapter.reset()
-        return prefill_workload(model, windows)
+    def with_kept(kept, workload):
+        def arm():
+            adapter.reset()
+            if kept:
+                adapter.set_kept(kept)
+            try:
+                return workload()
+            finally:
+                adapter.reset()
 
-    def full_decode():
-        policy.adapter.reset()
-        return greedy_decode_workload(model, prompt, n_new)
+        return arm
 
+    prefill_arms = {"full": with_kept(None, lambda: prefill_workload(model, windows))}
+    decode_arms = {"full": with_kept(None, lambda: greedy_decode_workload(model, prompt, n_new))}
+    for name, kept in (static or {}).items():
+        prefill_arms[name] = with_kept(kept, lambda: prefill_workload(model, windows))
+        decode_arms[name] = with_kept(kept, lambda: greedy_decode_workload(model, prompt, n_new))
+    for name, policy in policies.items():
+        prefill_arms[name] = lambda policy=policy: policy.prefill(windows)
+        decode_arms[name] = lambda policy=policy: policy.generate(prompt, n_new).numel()
     kw = dict(repeats=settings.repeats, warmup=settings.warmup, progress=settings.progress)
-    prefill = interleaved_benchmark({"full": full_prefill, "seqgate": lambda: policy.prefill(windows)}, **kw)
-    decode = interleaved_benchmark(
-        {"full": full_decode, "seqgate": lambda: policy.generate(prompt, n_new).numel()}, **kw
-    )
-    return {"prefill": prefill, "decode": decode}
+    return {"prefill": interleaved_benchmark(prefill_arms, **kw), "decode": interleaved_benchmark(decode_arms, **kw)}
 
 
 def frontier_point(guardrail: float, steps: list[dict], test_delta_ppl: float, stats: GateStats, timing) -> dict:
@@ -257,13 +300,54 @@ def plot_frontier(points: list[dict], path) -> None:
     plt.close(fig)
 
 
+def calibration_windows(tokenizer, corpus, settings: Settings, device) -> torch.Tensor:
+    """``[n, window]`` token windows of the corpus's calibration documents (validation only)."""
+    calibration_ids = tokenize_text(tokenizer, corpus.calibration)
+    return token_windows(calibration_ids, settings.window)[: settings.calibration_windows].to(device)
+
+
+def rank_layers(
+    adapter: ModelAdapter, calib: torch.Tensor, settings: Settings
+) -> tuple[dict[int, torch.Tensor], dict[int, float], list[int]]:
+    """Calibration steps 1–2 on ``calib`` ``[n, L]``: static block importance per layer, layer tolerance
+    (ΔPPL with ``drop_fraction`` of one layer dropped) and the ``n_gated`` most tolerant layers."""
+    n_gated = settings.n_gated or max(1, adapter.n_layers // 3)
+    importance = static_importance(adapter, calib)
+    tolerance = layer_tolerance(
+        adapter, calib, importance, drop_fraction=settings.drop_fraction, progress=settings.progress
+    )
+    return importance, tolerance, most_tolerant(tolerance, n_gated)
+
+
+def calibrate_policy(
+    adapter: ModelAdapter, calib: torch.Tensor, gated_layers: list[int], settings: Settings
+) -> tuple[SeqGatePolicy, list, list[float]]:
+    """Calibration steps 3–5 for ``settings.guardrail``: experiences, sentinel, ``tau`` and memory.
+
+    Returns the calibrated policy (memory on), the experiences and the calibration windows' sentinel
+    ratios (what :func:`enforce_guardrail` lowers ``tau`` along).
+    """
+    common = dict(bl=settings.bl, Bg=settings.Bg, align=settings.align, probe_tokens=settings.probe_tokens,
+                  wcur=settings.wcur, wmem=settings.wmem)
+    probe_policy = SeqGatePolicy(adapter, gated_layers, sentinel=gated_layers[0], tau=math.inf, **common)
+    experiences = collect_experiences(probe_policy, calib, guardrail=settings.guardrail, progress=settings.progress)
+    sentinel = choose_sentinel(experiences, fallback=gated_layers[0])
+    ratios = [e.ratios[sentinel] for e in experiences]
+    level, tau = choose_level(ratios, [e.outcome for e in experiences])
+    policy = SeqGatePolicy(
+        adapter, gated_layers, sentinel=sentinel, tau=tau, memory=build_memory(experiences, gated_layers, sentinel),
+        **{**common, "Bg": level * settings.Bg},
+    )
+    return policy, experiences, ratios
+
+
 def run_seqgate(model, tokenizer, corpus, settings: Settings, *, model_info: dict | None = None) -> dict:
     """Calibrate, enforce the guardrail and report (see the module docstring); returns the JSON-ready report.
 
     ``corpus`` is a :class:`~torch_gating.text.TextCorpus` (its ``test`` is read only after the guardrail
     phase). The adapter is installed for the run and removed at the end.
     """
-    adapter = adapter_for(model, block=settings.block)
+    adapter = adapter_for(model, block=settings.block, copy_weights=settings.copy_weights)
     with adapter, torch.inference_mode():
         report = _run(adapter, tokenizer, corpus, settings)
     report["model"] = model_info or {}
@@ -273,27 +357,10 @@ def run_seqgate(model, tokenizer, corpus, settings: Settings, *, model_info: dic
 def _run(adapter: ModelAdapter, tokenizer, corpus, settings: Settings) -> dict:
     model = adapter.model
     device = next(model.parameters()).device
-    n_gated = settings.n_gated or max(1, adapter.n_layers // 3)
-    calibration_ids = tokenize_text(tokenizer, corpus.calibration)
-    calib = token_windows(calibration_ids, settings.window)[: settings.calibration_windows].to(device)
-    importance = static_importance(adapter, calib)
-    tolerance = layer_tolerance(
-        adapter, calib, importance, drop_fraction=settings.drop_fraction, progress=settings.progress
-    )
-    gated_layers = most_tolerant(tolerance, n_gated)
-    policy = SeqGatePolicy(
-        adapter, gated_layers, sentinel=gated_layers[0], tau=math.inf, bl=settings.bl, Bg=settings.Bg,
-        align=settings.align, probe_tokens=settings.probe_tokens, wcur=settings.wcur, wmem=settings.wmem,
-    )
-    experiences = collect_experiences(policy, calib, guardrail=settings.guardrail, progress=settings.progress)
-    sentinel = choose_sentinel(experiences, fallback=gated_layers[0])
-    ratios = [e.ratios[sentinel] for e in experiences]
-    tau = choose_tau(ratios, [e.outcome >= 1.0 for e in experiences])
-    policy = SeqGatePolicy(
-        adapter, gated_layers, sentinel=sentinel, tau=tau, bl=settings.bl, Bg=settings.Bg, align=settings.align,
-        probe_tokens=settings.probe_tokens, memory=build_memory(experiences, gated_layers, sentinel),
-        wcur=settings.wcur, wmem=settings.wmem,
-    )
+    calib = calibration_windows(tokenizer, corpus, settings, device)
+    _, tolerance, gated_layers = rank_layers(adapter, calib, settings)
+    policy, experiences, ratios = calibrate_policy(adapter, calib, gated_layers, settings)
+    sentinel, tau, Bg = policy.sentinel, policy.tau, policy.Bg
 
     validation_ids = tokenize_text(tokenizer, corpus.validation)[: settings.max_tokens].to(device)
     calibrated = (policy.tau, policy.Bg)
@@ -310,14 +377,14 @@ def _run(adapter: ModelAdapter, tokenizer, corpus, settings: Settings) -> dict:
     policy.memory = memory
     stats = gate_stats(adapter, gated_layers, decisions)
     changed = [kept_sets_differ(a, b) for a, b in zip(decisions, decisions_off)]
-    timing = time_arms(policy, test_ids, settings) if settings.repeats > 0 else None
+    timing = time_arms(adapter, test_ids, settings, policies={"seqgate": policy}) if settings.repeats > 0 else None
     frontier = [frontier_point(settings.guardrail, steps, delta_ppl(base, gated), stats, timing)]
     for guardrail in settings.frontier:
         policy.tau, policy.Bg = calibrated
         other = Settings(**{**asdict(settings), "guardrail": guardrail, "frontier": ()})
         other_steps = enforce_guardrail(policy, validation_ids, other, ratios)
         other_ppl, other_decisions = policy_ppl(policy, test_ids, settings)
-        other_timing = time_arms(policy, test_ids, settings) if settings.repeats > 0 else None
+        other_timing = time_arms(adapter, test_ids, settings, policies={"seqgate": policy}) if settings.repeats > 0 else None
         frontier.append(frontier_point(
             guardrail, other_steps, delta_ppl(base, other_ppl), gate_stats(adapter, gated_layers, other_decisions),
             other_timing,
@@ -334,6 +401,7 @@ def _run(adapter: ModelAdapter, tokenizer, corpus, settings: Settings) -> dict:
             "gated_layers": gated_layers,
             "sentinel": sentinel,
             "tau": tau,
+            "Bg": Bg,
             "outcomes": [e.outcome for e in experiences],
             "sentinel_ratios": ratios,
         },
@@ -371,7 +439,7 @@ def format_report(report: dict) -> str:
     """The printed summary: calibration choices, guardrail steps, test figures, ablation and timing tables."""
     cal, guard, test, ablation = report["calibration"], report["guardrail"], report["test"], report["memory_ablation"]
     lines = [
-        f"gated layers {cal['gated_layers']}  sentinel {cal['sentinel']}  calibrated tau {cal['tau']:.4g}",
+        f"gated layers {cal['gated_layers']}  sentinel {cal['sentinel']}  calibrated tau {cal['tau']:.4g}  Bg {cal['Bg']:.4g}",
         "",
         "guardrail on validation (whole policy, sliding-window ΔPPL):",
         f"  {'step':>4}  {'tau':>10}  {'Bg':>8}  {'ΔPPL':>8}  {'gated':>6}  holds",
