@@ -2,5 +2,14 @@
 
 from jaxnas.supernet.conv import ConvSupernet, TwinConvNet
 from jaxnas.supernet.mlp import ACTIVATION_FNS, MLPSupernet, TwinMLP
+from jaxnas.supernet.transformer import TransformerSupernet, TwinTransformer
 
-__all__ = ["ACTIVATION_FNS", "ConvSupernet", "MLPSupernet", "TwinConvNet", "TwinMLP"]
+__all__ = [
+    "ACTIVATION_FNS",
+    "ConvSupernet",
+    "MLPSupernet",
+    "TransformerSupernet",
+    "TwinConvNet",
+    "TwinMLP",
+    "TwinTransformer",
+]
