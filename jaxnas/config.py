@@ -46,6 +46,18 @@ class SpaceConfig:
     )
     dropouts: tuple[float, ...] = _field((0.0, 0.1, 0.2), "macro: dropout rates before the classifier.")
     stem_stride: int = _field(1, "macro conv families: stride of the fixed 3x3 stem (2 quarters the MACs).", min=1, max=2)
+    max_layers: int = _field(4, "transformer: most layers.", min=1, max=48)
+    hidden: tuple[int, ...] = _field((32, 64), "transformer: model width options.")
+    heads: tuple[int, ...] = _field((1, 2, 4), "transformer: attention head options (per layer; must divide hidden).")
+    ffn_mults: tuple[int, ...] = _field((1, 2, 4), "transformer: FFN width multiplier options (per layer).")
+    norms: tuple[Literal["layernorm", "rmsnorm"], ...] = _field(("layernorm", "rmsnorm"), "transformer: norms.")
+    transformer_activations: tuple[Literal["gelu", "silu", "swiglu"], ...] = _field(
+        ("gelu", "silu", "swiglu"), "transformer: FFN activations."
+    )
+    positions: tuple[Literal["learned", "rope", "alibi"], ...] = _field(
+        ("learned", "rope", "alibi"), "transformer: position encodings."
+    )
+    patch: int = _field(4, "transformer on images: side of the square patches (ViT-style).", min=1)
 
     def __post_init__(self):
         if not self.families:
@@ -89,6 +101,7 @@ class TrainConfig:
     patience: int | None = _field(None, "Early stopping: epochs without a better validation accuracy.", min=1)
     fast_generations: int = _field(0, "Fast mode: the first N generations train for fast_epochs instead.", min=0)
     fast_epochs: int = _field(1, "Fast mode: epochs per candidate in the first fast_generations.", min=1)
+    augment_shift: int = _field(0, "Augmentation: random translations of up to this many pixels (0: off).", min=0, max=8)
     warm_start: bool = _field(False, "Start candidates from the trained supernet's weights (oneshot supernet first).")
 
 

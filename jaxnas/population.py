@@ -223,6 +223,7 @@ def train_population(
     keys: jax.Array | None = None,
     opt_state=None,
     eval_batch_size: int = 256,
+    shift: int = 0,
 ) -> PopulationResult:
     """Train P independent candidates at once: `jax.vmap` of one train step inside a jitted `lax.scan` epoch.
 
@@ -241,6 +242,9 @@ def train_population(
         key matches its run inside a population.
       opt_state: optimiser states [P, ...] to resume from, or to give candidates their own hyper-parameters
         (``optax.inject_hyperparams``); default ``vmap(optimizer.init)(params_P)``.
+      shift: data augmentation for images [N, H, W, C]: every training example is translated by a random
+        offset of up to ``shift`` pixels in each direction (zero fill), drawn from the candidate's own key;
+        0 (default) trains on the images as they are.
 
     A candidate whose loss, gradients or updated weights are not finite is marked failed and frozen at its
     last finite weights; stopped and failed candidates keep being carried (masked by ``jnp.where``), so the
@@ -250,6 +254,9 @@ def train_population(
     _check_population(encs, params_P)
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if shift < 0 or (shift and jnp.ndim(train_x) != 4):
+        raise ValueError(f"shift must be >= 0 pixels and needs images [N, H, W, C]; got shift={shift} for inputs "
+                         f"of shape {jnp.shape(train_x)}")
     if patience is not None and patience < 1:
         raise ValueError(f"patience must be >= 1 epoch (or None to never stop early), got {patience}")
     population = encs.shape[0]
@@ -273,7 +280,7 @@ def train_population(
         if not running.any():
             break
         index = jnp.asarray(epoch_indices(train_x.shape[0], batch_size, seed, epoch))
-        state, losses = _train_epoch(apply, optimizer, state, jnp.asarray(running), encs, train_x, train_y, index)
+        state, losses = _train_epoch(apply, optimizer, state, jnp.asarray(running), encs, train_x, train_y, index, shift)
         accuracy = np.asarray(evaluate_population(apply, state.params, encs, val_x, val_y, eval_batch_size)["accuracy"])
         history.append(accuracy)
         train_loss.append(np.asarray(losses).mean(0))
@@ -298,8 +305,20 @@ def train_population(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("apply", "optimizer"))
-def _train_epoch(apply, optimizer, state: PopulationState, running, encs, x, y, index):
+def _shifted(key: jax.Array, images: jax.Array, shift: int) -> jax.Array:
+    """images [B, H, W, C], each translated by its own random offset in [-shift, shift]^2 (zero fill)."""
+    h, w = images.shape[1:3]
+    padded = jnp.pad(images, ((0, 0), (shift, shift), (shift, shift), (0, 0)))
+    offsets = jax.random.randint(key, (images.shape[0], 2), 0, 2 * shift + 1)
+
+    def crop(img, o):
+        return jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))
+
+    return jax.vmap(crop)(padded, offsets)
+
+
+@functools.partial(jax.jit, static_argnames=("apply", "optimizer", "shift"))
+def _train_epoch(apply, optimizer, state: PopulationState, running, encs, x, y, index, shift=0):
     """One epoch over the batches ``index`` [n_batches, B]; returns (state, per-step loss [n_batches, P])."""
 
     def loss_fn(params, enc, xb, yb, key):
@@ -307,7 +326,11 @@ def _train_epoch(apply, optimizer, state: PopulationState, running, encs, x, y, 
         return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
 
     def step(params, opt_state, key, failed, running, enc, xb, yb):
-        key, dropout_key = jax.random.split(key)
+        if shift:
+            key, dropout_key, shift_key = jax.random.split(key, 3)
+            xb = _shifted(shift_key, xb, shift)
+        else:
+            key, dropout_key = jax.random.split(key)
         loss, grads = jax.value_and_grad(loss_fn)(params, enc, xb, yb, dropout_key)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)

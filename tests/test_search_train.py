@@ -112,3 +112,16 @@ def test_params_constraint_is_checked_before_training_and_holds_for_every_evalua
             assert float(r["params"]) <= 1500
     best = json.loads((out / "best.json").read_text())
     assert next(float(r["params"]) for r in history if r["arch"] == best["arch"]) <= 1500
+
+
+def test_transformer_space_searches_on_image_patches_and_exports_a_loadable_twin(tmp_path):
+    out = tmp_path / "vit"
+    overrides = ["data.name=digits", "space.name=transformer", "space.max_layers=1", "space.hidden=[8,16]",
+                 "space.heads=[1,2]", "space.ffn_mults=[1]", "space.transformer_activations=[gelu]",
+                 "space.positions=[learned,rope]", "space.patch=4", "search.strategy=random", "search.population=2",
+                 "search.budget=4", "train.epochs=1", "final.top_k=1", "final.epochs=2", "progress=false"]
+    assert main([f"output={out}", "mode=train", *overrides]) == 0
+    final = json.loads((out / "best.json").read_text())["final"]
+    model = load_model(out)
+    test = load_dataset("digits").test
+    assert float((model.predict(test.images) == test.labels).mean()) == pytest.approx(final["test_accuracy"], abs=1e-6)

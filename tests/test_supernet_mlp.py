@@ -336,3 +336,33 @@ def test_supernet_training_improves_both_ends_of_the_sandwich(train_setup, digit
     chex.assert_shape(losses, (3, 4, 3))
     after = pop.evaluate_shared(supernet.apply, trained, ends, vx, vy)["loss"]
     assert (np.asarray(after) < np.asarray(before) - 0.3).all(), (before, after)
+
+
+def test_shift_augmentation_translates_each_image_by_at_most_shift_pixels():
+    images = jax.random.uniform(jax.random.key(0), (16, 8, 8, 1))
+    shifted = np.asarray(pop._shifted(jax.random.key(1), images, 2))
+    padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)))
+    offsets = set()
+    for i in range(16):
+        found = [(dy, dx) for dy in range(5) for dx in range(5)
+                 if np.array_equal(padded[i, dy : dy + 8, dx : dx + 8], shifted[i])]
+        assert found, f"image {i} is not a translation of its input by at most 2 pixels"
+        offsets.add(found[0])
+    assert len(offsets) > 1  # each image draws its own offset
+
+
+def test_augmented_population_training_equals_each_candidate_alone(train_setup, digits):
+    supernet, encs, params, keys = train_setup
+    tx, ty, vx, vy = digits
+    images = (tx.reshape(-1, 8, 8, 1), vx.reshape(-1, 8, 8, 1)) if tx.ndim == 2 else (tx, vx)
+
+    def run(p, e, k):
+        return pop.train_population(supernet.apply, p, e, OPTIMIZER, images[0], ty, images[1], vy, epochs=1,
+                                    batch_size=32, keys=k, shift=1)
+
+    together = run(params, encs, keys)
+    alone = run(_row(params, 2), encs[2:3], keys[2:3])
+    chex.assert_trees_all_close(alone.params, _row(together.params, 2), atol=1e-5, rtol=1e-5)
+    plain = pop.train_population(supernet.apply, params, encs, OPTIMIZER, images[0], ty, images[1], vy, epochs=1,
+                                 batch_size=32, keys=keys)
+    assert not np.allclose(np.asarray(jax.tree.leaves(plain.params)[0]), np.asarray(jax.tree.leaves(together.params)[0]))

@@ -116,6 +116,7 @@ class _Trained:
         result = pop.train_population(
             self.model.apply, params_P, jnp.asarray(encs), self.optimizer, d.train_x, d.train_y, d.val_x, d.val_y,
             epochs=epochs, batch_size=self.cfg.train.batch_size, seed=seed, patience=patience,
+            shift=self.cfg.train.augment_shift,
         )
         return result, self.score(result.params, encs, d.val_x, d.val_y, shared=False)
 
@@ -206,7 +207,8 @@ class _Ends:
     end: str
 
     def __call__(self, encs: jax.Array) -> jax.Array:
-        parts = [p for p in (self.model.mlp, self.model.conv) if p is not None]
+        single = getattr(self.model, "supernet", None)
+        parts = [single] if single is not None else [p for p in (self.model.mlp, self.model.conv) if p is not None]
         out = getattr(parts[0], self.end)(encs)
         if len(parts) == 2:
             family = encs[:, self.model.space.index("family")]

@@ -22,7 +22,7 @@ from interop._atomic import atomic_write_text
 from interop.config import from_dict, to_dict
 from jaxnas.config import SpaceConfig
 from jaxnas.search.checkpoint import json_safe, load_arrays, save_arrays
-from jaxnas.search.models import SearchModel, build_space
+from jaxnas.search.models import SearchModel, build_space, model_for
 
 _STATE_FILTER = nnx.Any(nnx.Param, nnx.BatchStat)
 
@@ -31,6 +31,7 @@ def export_model(folder: str | Path, model: SearchModel, space_cfg: SpaceConfig,
     """Write the twin of ``enc`` (sliced from candidate ``params`` with its statistics) into ``folder``."""
     folder = Path(folder)
     _, twin = model.extract(params, enc, bn_stats)
+    twin.eval()
     save_arrays(folder / "state", nnx.state(twin, _STATE_FILTER).to_pure_dict())
     meta = {
         "arch": model.space.to_string(np.asarray(enc)),
@@ -77,7 +78,7 @@ def load_model(path: str | Path) -> LoadedModel:
     meta = json.loads(meta_file.read_text())
     space_cfg = from_dict(SpaceConfig, meta["space"])
     space = build_space(space_cfg)
-    model = SearchModel(space, tuple(meta["image_shape"]), int(meta["num_classes"]), space_cfg.stem_stride)
+    model = model_for(space, space_cfg, tuple(meta["image_shape"]), int(meta["num_classes"]))
     enc = np.asarray(meta["encoding"], np.int32)
     # Any weights of the right structure will do: the twin's state is replaced by the saved one below.
     params = model.init(jax.random.key(0))
@@ -85,6 +86,7 @@ def load_model(path: str | Path) -> LoadedModel:
     stats = model.statistics(params, enc[None], batches, shared=True)
     stats = None if stats is None else jax.tree.map(lambda a: a[0], stats)
     _, twin = model.extract(params, enc, stats)
+    twin.eval()
     like = nnx.state(twin, _STATE_FILTER)
     restored = load_arrays(folder / "state", like.to_pure_dict())
     like.replace_by_pure_dict(restored)

@@ -27,7 +27,7 @@ from jaxnas.config import SpaceConfig
 from jaxnas.spaces import macro_space, nb201_space, transformer_space
 from jaxnas.spaces.core import Space
 from jaxnas.spaces.macro import CONV_FAMILIES
-from jaxnas.supernet import ConvSupernet, MLPSupernet
+from jaxnas.supernet import ConvSupernet, MLPSupernet, TransformerSupernet
 
 
 def build_space(cfg: SpaceConfig) -> Space:
@@ -46,7 +46,10 @@ def build_space(cfg: SpaceConfig) -> Space:
         )
     if cfg.name == "nb201":
         return nb201_space()
-    return transformer_space()
+    return transformer_space(
+        max_layers=cfg.max_layers, hidden=cfg.hidden, heads=cfg.heads, ffn_mults=cfg.ffn_mults, norms=cfg.norms,
+        activations=cfg.transformer_activations, positions=cfg.positions,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,11 +157,66 @@ def _recalibrate_population(conv, params_P, encs, x_batches):
     return jax.vmap(conv.recalibrate_bn, in_axes=(0, 0, None))(params_P, encs, x_batches)
 
 
-def model_for(space: Space, cfg: SpaceConfig, image_shape: tuple[int, ...], num_classes: int) -> SearchModel:
-    """The `SearchModel` of a macro space for images of ``image_shape`` (H, W, C)."""
-    if space.name != "macro":
-        raise ValueError(
-            f"modes oneshot and train need a supernet; space {space.name!r} has none in the run loop yet: use "
-            "space.name=macro, or mode=table for nb201"
-        )
-    return SearchModel(space, tuple(int(s) for s in image_shape), int(num_classes), cfg.stem_stride)
+@dataclasses.dataclass(frozen=True)
+class TransformerModel:
+    """The transformer space on images (ViT-style patches) behind `SearchModel`'s surface (no BatchNorm)."""
+
+    space: Space
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    patch: int
+
+    uses_batchnorm = False
+
+    @functools.cached_property
+    def supernet(self) -> TransformerSupernet:
+        return TransformerSupernet(self.space, self.num_classes, input="patches", image_shape=self.image_shape,
+                                   patch=self.patch)
+
+    def init(self, key: jax.Array) -> dict:
+        return self.supernet.init(key)
+
+    def apply(self, params, enc, x, *, train: bool, key=None, bn_stats=None) -> jax.Array:
+        return self.supernet.apply(params, enc, x, train=train, key=key)
+
+    def apply_eval(self, variables: dict, enc, x, *, train: bool, key=None) -> jax.Array:
+        return self.supernet.apply(variables["params"], enc, x, train=train, key=key)
+
+    def statistics(self, params, encs, x_batches, *, shared: bool):
+        return None
+
+    def param_count(self, enc) -> int:
+        return int(self.supernet.param_count(np.asarray(enc)))
+
+    def macs(self, enc) -> int:
+        return int(self.supernet.macs(np.asarray(enc)))
+
+    def extract(self, params: dict, enc, bn_stats=None) -> tuple[dict, nnx.Module]:
+        _, twin = self.supernet.extract(params, np.asarray(enc))
+        return nnx.state(twin).to_pure_dict(), twin
+
+    @property
+    def mlp(self):
+        return None
+
+    @property
+    def conv(self):
+        return None
+
+
+def model_for(space: Space, cfg: SpaceConfig, image_shape: tuple[int, ...], num_classes: int):
+    """The model (supernets behind one surface) of ``space`` for images of ``image_shape`` (H, W, C)."""
+    shape = tuple(int(s) for s in image_shape)
+    if space.name == "macro":
+        return SearchModel(space, shape, int(num_classes), cfg.stem_stride)
+    if space.name == "transformer":
+        if shape[0] % cfg.patch or shape[1] % cfg.patch:
+            raise ValueError(
+                f"space.patch={cfg.patch} does not divide the images' {shape[0]}x{shape[1]}; choose a divisor "
+                f"(e.g. space.patch={next(p for p in (7, 4, 2, 1) if shape[0] % p == 0 and shape[1] % p == 0)})"
+            )
+        return TransformerModel(space, shape, int(num_classes), cfg.patch)
+    raise ValueError(
+        f"modes oneshot and train need a supernet in the run loop; space {space.name!r} has none there yet: use "
+        "space.name=macro or transformer, or mode=table for nb201"
+    )
