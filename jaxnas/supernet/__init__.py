@@ -2,14 +2,17 @@
 
 from jaxnas.supernet.conv import ConvSupernet, TwinConvNet
 from jaxnas.supernet.mlp import ACTIVATION_FNS, MLPSupernet, TwinMLP
+from jaxnas.supernet.nb201 import NB201Supernet, TwinNB201
 from jaxnas.supernet.transformer import TransformerSupernet, TwinTransformer
 
 __all__ = [
     "ACTIVATION_FNS",
     "ConvSupernet",
     "MLPSupernet",
+    "NB201Supernet",
     "TransformerSupernet",
     "TwinConvNet",
     "TwinMLP",
+    "TwinNB201",
     "TwinTransformer",
 ]
