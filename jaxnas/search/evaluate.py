@@ -106,18 +106,34 @@ class _Trained:
         return {k: np.asarray(v) for k, v in out.items()}
 
     def train_candidates(self, encs: np.ndarray, epochs: int, patience, seed: int, start=None):
-        """Train the rows of ``encs`` [P, n] together; returns (PopulationResult, validation scores)."""
+        """Train the rows of ``encs`` [P, n] together; returns (PopulationResult, validation scores).
+
+        With several local devices the population axis is sharded across them (padded to a multiple of the
+        device count; the padding is dropped from the results).
+        """
         P = len(encs)
         if start is None:
             params_P = pop.init_population(self.model.init, jax.random.key(seed), P)
         else:
             params_P = pop.tile_population(start, P)
+        keys = pop.candidate_keys(jax.random.key(seed), P)
+        encs_j = jnp.asarray(encs, jnp.int32)
+        if jax.local_device_count() > 1:
+            (encs_j, params_P, keys), _ = pop.shard_population((encs_j, params_P, keys), pop.population_mesh())
         d = self.data
         result = pop.train_population(
-            self.model.apply, params_P, jnp.asarray(encs), self.optimizer, d.train_x, d.train_y, d.val_x, d.val_y,
-            epochs=epochs, batch_size=self.cfg.train.batch_size, seed=seed, patience=patience,
+            self.model.apply, params_P, encs_j, self.optimizer, d.train_x, d.train_y, d.val_x, d.val_y,
+            epochs=epochs, batch_size=self.cfg.train.batch_size, seed=seed, patience=patience, keys=keys,
             shift=self.cfg.train.augment_shift,
         )
+        if len(encs_j) != P:
+            result = dataclasses.replace(
+                result,
+                params=jax.tree.map(lambda a: a[:P], result.params),
+                opt_state=jax.tree.map(lambda a: a[:P], result.opt_state),
+                status=result.status[:P], best_epoch=result.best_epoch[:P], best_accuracy=result.best_accuracy[:P],
+                history=result.history[:, :P], train_loss=result.train_loss[:, :P],
+            )
         return result, self.score(result.params, encs, d.val_x, d.val_y, shared=False)
 
     def _rows(self, result_status, scores, m: int) -> list[dict]:
