@@ -57,6 +57,8 @@ class SpaceConfig:
     positions: tuple[Literal["learned", "rope", "alibi"], ...] = _field(
         ("learned", "rope", "alibi"), "transformer: position encodings."
     )
+    cell_channels: int = _field(16, "nb201 (modes oneshot / train): channels C of the first stage (NB201: 16).", min=1)
+    cells: int = _field(5, "nb201 (modes oneshot / train): cells N per stage (NB201: 5).", min=1)
     patch: int = _field(4, "transformer on images: side of the square patches (ViT-style).", min=1)
 
     def __post_init__(self):

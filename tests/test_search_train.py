@@ -125,3 +125,16 @@ def test_transformer_space_searches_on_image_patches_and_exports_a_loadable_twin
     model = load_model(out)
     test = load_dataset("digits").test
     assert float((model.predict(test.images) == test.labels).mean()) == pytest.approx(final["test_accuracy"], abs=1e-6)
+
+
+def test_nb201_cells_search_one_shot_on_images_and_export_a_loadable_twin(tmp_path):
+    out = tmp_path / "cells"
+    overrides = ["data.name=digits", "space.name=nb201", "space.cell_channels=4", "space.cells=1",
+                 "search.strategy=random", "search.population=4", "search.budget=4", "supernet.epochs=1",
+                 "supernet.subnets=2", "final.top_k=1", "final.epochs=1", "progress=false"]
+    assert main([f"output={out}", "mode=oneshot", *overrides]) == 0
+    final = json.loads((out / "best.json").read_text())["final"]
+    assert final["arch"].startswith("|") and final["arch"].count("~") == 6
+    model = load_model(out)
+    test = load_dataset("digits").test
+    assert float((model.predict(test.images) == test.labels).mean()) == pytest.approx(final["test_accuracy"], abs=1e-6)

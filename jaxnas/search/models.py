@@ -27,7 +27,7 @@ from jaxnas.config import SpaceConfig
 from jaxnas.spaces import macro_space, nb201_space, transformer_space
 from jaxnas.spaces.core import Space
 from jaxnas.spaces.macro import CONV_FAMILIES
-from jaxnas.supernet import ConvSupernet, MLPSupernet, TransformerSupernet
+from jaxnas.supernet import ConvSupernet, MLPSupernet, NB201Supernet, TransformerSupernet
 
 
 def build_space(cfg: SpaceConfig) -> Space:
@@ -147,43 +147,53 @@ class SearchModel:
         return nnx.state(twin).to_pure_dict(), twin
 
 
-@functools.partial(jax.jit, static_argnames="conv")
-def _recalibrate_shared(conv, params, encs, x_batches):
-    return jax.vmap(conv.recalibrate_bn, in_axes=(None, 0, None))(params, encs, x_batches)
+@functools.partial(jax.jit, static_argnames="supernet")
+def _recalibrate_shared(supernet, params, encs, x_batches):
+    return jax.vmap(supernet.recalibrate_bn, in_axes=(None, 0, None))(params, encs, x_batches)
 
 
-@functools.partial(jax.jit, static_argnames="conv")
-def _recalibrate_population(conv, params_P, encs, x_batches):
-    return jax.vmap(conv.recalibrate_bn, in_axes=(0, 0, None))(params_P, encs, x_batches)
+@functools.partial(jax.jit, static_argnames="supernet")
+def _recalibrate_population(supernet, params_P, encs, x_batches):
+    return jax.vmap(supernet.recalibrate_bn, in_axes=(0, 0, None))(params_P, encs, x_batches)
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerModel:
-    """The transformer space on images (ViT-style patches) behind `SearchModel`'s surface (no BatchNorm)."""
+class SingleModel:
+    """One supernet (transformer on image patches, or NB201 cells) behind `SearchModel`'s surface.
 
-    space: Space
+    ``supernet`` needs init / apply / param_count / macs / extract / largest / smallest; with ``batchnorm``
+    it also has ``recalibrate_bn`` and takes ``bn_stats`` in apply and extract (as NB201Supernet does).
+    """
+
+    supernet: object
     image_shape: tuple[int, int, int]
     num_classes: int
-    patch: int
+    batchnorm: bool = False
 
-    uses_batchnorm = False
+    @property
+    def space(self) -> Space:
+        return self.supernet.space
 
-    @functools.cached_property
-    def supernet(self) -> TransformerSupernet:
-        return TransformerSupernet(self.space, self.num_classes, input="patches", image_shape=self.image_shape,
-                                   patch=self.patch)
+    @property
+    def uses_batchnorm(self) -> bool:
+        return self.batchnorm
 
     def init(self, key: jax.Array) -> dict:
         return self.supernet.init(key)
 
     def apply(self, params, enc, x, *, train: bool, key=None, bn_stats=None) -> jax.Array:
+        if self.batchnorm:
+            return self.supernet.apply(params, enc, x, train=train, key=key, bn_stats=bn_stats)
         return self.supernet.apply(params, enc, x, train=train, key=key)
 
     def apply_eval(self, variables: dict, enc, x, *, train: bool, key=None) -> jax.Array:
-        return self.supernet.apply(variables["params"], enc, x, train=train, key=key)
+        return self.apply(variables["params"], enc, x, train=train, key=key, bn_stats=variables["bn_stats"])
 
     def statistics(self, params, encs, x_batches, *, shared: bool):
-        return None
+        if not self.batchnorm:
+            return None
+        fn = _recalibrate_shared if shared else _recalibrate_population
+        return fn(self.supernet, params, jnp.asarray(encs, jnp.int32), x_batches)
 
     def param_count(self, enc) -> int:
         return int(self.supernet.param_count(np.asarray(enc)))
@@ -192,7 +202,10 @@ class TransformerModel:
         return int(self.supernet.macs(np.asarray(enc)))
 
     def extract(self, params: dict, enc, bn_stats=None) -> tuple[dict, nnx.Module]:
-        _, twin = self.supernet.extract(params, np.asarray(enc))
+        if self.batchnorm:
+            _, twin = self.supernet.extract(params, np.asarray(enc), bn_stats)
+        else:
+            _, twin = self.supernet.extract(params, np.asarray(enc))
         return nnx.state(twin).to_pure_dict(), twin
 
     @property
@@ -215,8 +228,7 @@ def model_for(space: Space, cfg: SpaceConfig, image_shape: tuple[int, ...], num_
                 f"space.patch={cfg.patch} does not divide the images' {shape[0]}x{shape[1]}; choose a divisor "
                 f"(e.g. space.patch={next(p for p in (7, 4, 2, 1) if shape[0] % p == 0 and shape[1] % p == 0)})"
             )
-        return TransformerModel(space, shape, int(num_classes), cfg.patch)
-    raise ValueError(
-        f"modes oneshot and train need a supernet in the run loop; space {space.name!r} has none there yet: use "
-        "space.name=macro or transformer, or mode=table for nb201"
-    )
+        supernet = TransformerSupernet(space, int(num_classes), input="patches", image_shape=shape, patch=cfg.patch)
+        return SingleModel(supernet, shape, int(num_classes))
+    supernet = NB201Supernet(space, shape, int(num_classes), channels=cfg.cell_channels, cells=cfg.cells)
+    return SingleModel(supernet, shape, int(num_classes), batchnorm=True)
