@@ -9,9 +9,10 @@ Everything runs in this process, on the embedded model and text (no download):
    ΔPPL holds. Arms at that guardrail:
    - *seqgate*: the final policy, memory on (the product);
    - *seqgate, memory off*: the same policy with the memory removed (current evidence only);
-   - *static*: one fixed kept set for every sequence and token, scored by the calibrated static importance and
-     cut at the final policy's budgets (same ``bl``, ``Bg``, alignment, layers) — what pruning without
-     per-sequence decisions gives at the same budget. Its validation ΔPPL is printed too: it is not tightened.
+   - *static*: one fixed kept set for every sequence and token, scored by the calibrated static importance, on
+     the same layers with the same starting budgets and alignment, its ``Bg`` halved on validation until its
+     ΔPPL holds the guardrail (`static_sweep`) — what pruning without per-sequence decisions gives at the same
+     guardrail.
 3. Report on the test stream (read only after every guardrail has been enforced): ΔPPL of every arm, the
    fraction of MLP (and whole-model) MACs removed per token, and interleaved prefill and greedy batch-1
    KV-cache decode timing (`torch_gating.timing.interleaved_benchmark`: warm-up, arms alternating A B C D,
@@ -25,7 +26,7 @@ Everything runs in this process, on the embedded model and text (no download):
 SeqGate and static pruning run on dense copies (``Settings.copy_weights``, the default); a per-sequence
 policy makes its copies on every sequence, inside the timed call.
 
-    python benchmarks/seqgate.py                       # ~20 min on 2 shared cores
+    python benchmarks/seqgate.py                       # ~15 min on 2 shared cores
     python benchmarks/seqgate.py --json seqgate.json
     python benchmarks/seqgate.py --quick               # tiny budgets: a smoke run (< 2 min), numbers meaningless
 """
@@ -50,6 +51,7 @@ from interop._atomic import atomic_write_text  # noqa: E402
 from torch_gating.adapters import ModelAdapter, adapter_for  # noqa: E402
 from torch_gating.models import EMBEDDED_MODEL, ModelNotAvailableError, load_model, tiny_random_model  # noqa: E402
 from torch_gating.perplexity import delta_ppl  # noqa: E402
+from torch_gating.seqgate import SeqGatePolicy  # noqa: E402
 from torch_gating.seqgate.__main__ import json_ready  # noqa: E402
 from torch_gating.seqgate.report import (  # noqa: E402
     Settings,
@@ -73,11 +75,14 @@ TARGET_GAIN = 0.05  # the issue's target: +5% prefill and decode tokens/s at tes
 ARMS = ("static", "seqgate", "seqgate, memory off")
 # Budgets the guardrail tightens from: large enough that even the 5% guardrail has to tighten, so every
 # guardrail finds its own policy (ExNAS's bl = 0.12, Bg = 0.06 already hold 1% here and would leave a flat frontier).
-FULL = dict(bl=0.5, Bg=0.25, n_gated=15, window=256, probe_tokens=64, calibration_windows=2, max_tokens=1536,
+FULL = dict(bl=0.5, Bg=0.25, n_gated=15, window=256, probe_tokens=64, calibration_windows=4, max_tokens=1024,
             repeats=5, timing_windows=1, decode_prompt=128, decode_tokens=32, max_tightening=6)
 QUICK = dict(bl=0.5, Bg=0.25, n_gated=4, window=48, probe_tokens=16, calibration_windows=1, max_tokens=96,
              repeats=5, timing_windows=1, decode_prompt=24, decode_tokens=2, max_tightening=2)
 TINY_MODELS = ("tiny-llama", "tiny-qwen2", "tiny-gpt2")
+# Calibration windows used for the layer-tolerance ranking (each costs one forward per layer); the experiences
+# (sentinel, threshold, memory) use all of Settings.calibration_windows.
+TOLERANCE_WINDOWS = 2
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -140,8 +145,9 @@ def run(args, settings: Settings, guardrails: tuple[float, ...]) -> dict:
 def _run(adapter: ModelAdapter, tokenizer, corpus, settings: Settings, guardrails) -> dict:
     model = adapter.model
     calib = calibration_windows(tokenizer, corpus, settings, "cpu")
-    importance, tolerance, gated_layers = rank_layers(adapter, calib, settings)
+    importance, tolerance, gated_layers = rank_layers(adapter, calib[:TOLERANCE_WINDOWS], settings)
     validation_ids = tokenize_text(tokenizer, corpus.validation)[: settings.max_tokens]
+    static_levels = static_sweep(adapter, importance, gated_layers, settings, validation_ids, min(guardrails))
 
     points = []
     for guardrail in guardrails:
@@ -149,10 +155,10 @@ def _run(adapter: ModelAdapter, tokenizer, corpus, settings: Settings, guardrail
         policy, _, ratios = calibrate_policy(adapter, calib, gated_layers, at)
         calibrated = dict(tau=policy.tau, Bg=policy.Bg, sentinel=policy.sentinel)
         steps = enforce_guardrail(policy, validation_ids, at, ratios)
-        static = policy.static_kept(importance)
-        static_validation = delta_ppl(steps[-1]["ppl_full"], kept_ppl(adapter, static, validation_ids, at))
-        points.append(dict(guardrail=guardrail, policy=policy, calibrated=calibrated, steps=steps, static=static,
-                           static_validation=static_validation))
+        level = next((lv for lv in static_levels if lv["delta_ppl_validation"] <= guardrail),
+                     dict(Bg=0.0, kept={}, delta_ppl_validation=0.0))
+        points.append(dict(guardrail=guardrail, policy=policy, calibrated=calibrated, steps=steps, static=level["kept"],
+                           static_Bg=level["Bg"], static_validation=level["delta_ppl_validation"]))
 
     # Report phase: the test split is read here for the first time.
     test_ids = tokenize_text(tokenizer, corpus.test)[: settings.max_tokens]
@@ -181,7 +187,7 @@ def _run(adapter: ModelAdapter, tokenizer, corpus, settings: Settings, guardrail
                 **{f"{w}_gain_ci95": list(timing[w].gains[name].gain_ci95) for w in timing},
             )
         out_points.append(dict(
-            guardrail=point["guardrail"], tau=policy.tau, Bg=policy.Bg, sentinel=policy.sentinel,
+            guardrail=point["guardrail"], tau=policy.tau, Bg=policy.Bg, sentinel=policy.sentinel, static_Bg=point["static_Bg"],
             calibrated=point["calibrated"], guardrail_steps=point["steps"], holds=final["holds"],
             static_kept_blocks={str(l): k for l, k in point["static"].items()},
             decisions_changed_by_memory=float(np.mean([kept_sets_differ(a, b) for a, b in zip(decisions_on, decisions_off)])),
@@ -193,8 +199,28 @@ def _run(adapter: ModelAdapter, tokenizer, corpus, settings: Settings, guardrail
         ppl_full_test=base.ppl, test_tokens=base.n_tokens, validation_tokens=int(validation_ids.numel()),
         calibration_tokens=int(calib.numel()), gated_layers=gated_layers,
         layer_tolerance={str(l): t for l, t in tolerance.items()}, points=out_points,
+        static_levels=[dict(Bg=lv["Bg"], delta_ppl_validation=lv["delta_ppl_validation"]) for lv in static_levels],
         kernels=kernel_costs(adapter, settings),
     )
+
+
+def static_sweep(adapter: ModelAdapter, importance, gated_layers: list[int], settings: Settings,
+                 validation_ids: torch.Tensor, smallest_guardrail: float) -> list[dict]:
+    """Static pruning tightened on validation like SeqGate: ``Bg`` halved from the starting budget (same layers,
+    ``bl`` and alignment; kept blocks by the calibrated static importance) until its ΔPPL holds the smallest
+    guardrail. Returns ``[{"Bg", "kept", "delta_ppl_validation"}]``, largest ``Bg`` first."""
+    base = full_ppl(adapter.model, validation_ids, settings)
+    levels, Bg = [], settings.Bg
+    for _ in range(settings.max_tightening):
+        policy = SeqGatePolicy(adapter, gated_layers, sentinel=gated_layers[0], tau=-math.inf, bl=settings.bl, Bg=Bg,
+                               align=settings.align)
+        kept = policy.static_kept(importance)
+        dppl = delta_ppl(base, kept_ppl(adapter, kept, validation_ids, settings))
+        levels.append(dict(Bg=Bg, kept=kept, delta_ppl_validation=dppl))
+        if dppl <= smallest_guardrail:
+            break
+        Bg /= 2
+    return levels
 
 
 def kernel_costs(adapter: ModelAdapter, settings: Settings) -> dict:
@@ -266,7 +292,7 @@ def format_results(r: dict) -> str:
             f"  {p['guardrail']:.0%}: calibrated tau {p['calibrated']['tau']:.4g} Bg {p['calibrated']['Bg']:.4g} "
             f"-> final tau {p['tau']:.4g} Bg {p['Bg']:.4g} after {len(p['guardrail_steps'])} step(s), "
             f"holds {p['holds']}, sentinel {p['sentinel']}, decisions changed by memory "
-            f"{p['decisions_changed_by_memory']:.0%}"
+            f"{p['decisions_changed_by_memory']:.0%}; static pruning Bg {p['static_Bg']:.4g}"
         )
     header = (f"{'guardrail':>9}  {'arm':<19}  {'val ΔPPL':>8}  {'test ΔPPL':>9}  {'gated':>5}  {'MLP MACs -':>10}  "
               f"{'model MACs -':>12}  {'prefill gain [95% CI]':>26}  {'decode gain [95% CI]':>26}")
@@ -314,9 +340,10 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     result["loadavg_start"] = loadavg_start
+    if args.json:  # first, so a long run's numbers survive any printing problem
+        atomic_write_text(args.json, json.dumps(json_ready(result), indent=2, allow_nan=False) + "\n")
     print(format_results(result))
     if args.json:
-        atomic_write_text(args.json, json.dumps(json_ready(result), indent=2, allow_nan=False) + "\n")
         print(f"results written to {args.json}")
     return 0
 

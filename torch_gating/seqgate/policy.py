@@ -19,11 +19,14 @@ For every sequence (a perplexity window, a prefill window, or a prompt before ge
    kept sets, reusing the probe's KV cache.
 
 Everything above happens inside :meth:`SeqGatePolicy.forward`, :meth:`prefill` and :meth:`generate`,
-so a timer around them includes the probe and the decision.
+so a timer around them includes the probe and the decision. A policy that never gates (``tau = -inf``,
+where guardrail enforcement ends when nothing else holds) skips the probe and runs the plain model:
+measured on SmolLM2-135M, probing without gating cost 6–10% of prefill tokens/s.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -229,9 +232,22 @@ class SeqGatePolicy:
         if decision.gated:
             self.adapter.set_kept(decision.kept, by="block")
 
+    @property
+    def never_gates(self) -> bool:
+        """Whether no ratio can pass the threshold (``tau = -inf``): then no sequence is probed."""
+        return self.tau == -math.inf
+
+    def _ungated(self, n_tokens: int) -> None:
+        """Log the decision of a policy that never gates (no probe: ratio NaN, no probe tokens)."""
+        if self.log_decisions:
+            self.decisions.append(Decision(math.nan, None, n_tokens, 0))
+
     @torch.no_grad()
     def forward_one(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[1, L, V]`` of one sequence ``[1, L]``: probe logits from the full model, the rest gated."""
+        if self.never_gates:
+            self._ungated(ids.shape[1])
+            return self.model(input_ids=ids, use_cache=False).logits
         n_probe = min(self.probe_tokens, ids.shape[1])
         probe = self.probe(ids[:, :n_probe])
         if n_probe == ids.shape[1]:
@@ -255,6 +271,10 @@ class SeqGatePolicy:
         """
         for row in range(windows.shape[0]):
             ids = windows[row : row + 1]
+            if self.never_gates:
+                self._ungated(ids.shape[1])
+                self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                continue
             n_probe = min(self.probe_tokens, ids.shape[1])
             probe = self.probe(ids[:, :n_probe], logits_to_keep=1)
             if n_probe < ids.shape[1]:
@@ -271,11 +291,15 @@ class SeqGatePolicy:
         ids ``[new_tokens]`` (no EOS stop, so both timing arms produce the same number of tokens).
         """
         ids = prompt_ids.reshape(1, -1)
-        n_probe = min(self.probe_tokens, ids.shape[1] - 1)
-        probe = self.probe(ids[:, :n_probe], logits_to_keep=1)
-        self.apply(self.decide(probe, ids.shape[1] + new_tokens))
         try:
-            out = self.model(input_ids=ids[:, n_probe:], past_key_values=probe.cache, use_cache=True, logits_to_keep=1)
+            if self.never_gates:
+                self._ungated(ids.shape[1] + new_tokens)
+                out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            else:
+                n_probe = min(self.probe_tokens, ids.shape[1] - 1)
+                probe = self.probe(ids[:, :n_probe], logits_to_keep=1)
+                self.apply(self.decide(probe, ids.shape[1] + new_tokens))
+                out = self.model(input_ids=ids[:, n_probe:], past_key_values=probe.cache, use_cache=True, logits_to_keep=1)
             generated = []
             for step in range(new_tokens):
                 next_id = out.logits[:, -1].argmax(dim=-1)
