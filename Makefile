@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# A second make run continues (or re-finishes) the same run folder instead of refusing to overwrite it.
 run: $(STAMP)
-	$(PY) -m jaxnas.data --config configs/quick.yaml
+	if [ -f runs/quick/config.yaml ]; then $(PY) -m jaxnas.search --resume runs/quick; \
+	else $(PY) -m jaxnas.search --config configs/quick.yaml; fi
 
 test: $(STAMP)
 	$(PY) -m pytest -q

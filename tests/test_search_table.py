@@ -148,3 +148,21 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one_with_a_warning
     with pytest.warns(UserWarning, match=f"checkpoint step {latest.name}"):
         assert main(["--resume", str(broken)]) == 0
     assert _outputs(broken) == _outputs(whole)
+
+
+def test_choose_by_preference_and_by_knee_from_a_finished_run(tmp_path, capsys):
+    out = _run(tmp_path, "choose", "search.strategy=nsga2", "search.budget=30", "search.population=10",
+               "objectives.objectives=[signal,report:min]")
+    capsys.readouterr()
+    evaluated = [r for r in _rows(out / "history.csv") if r["status"] == "ok"]
+    floor = sorted(float(r["signal"]) for r in evaluated)[len(evaluated) // 2]
+    assert main(["--choose", str(out), "--minimise", "report", "--floor", f"signal={floor}"]) == 0
+    chosen = json.loads(capsys.readouterr().out)
+    qualifying = [r for r in evaluated if float(r["signal"]) >= floor]
+    assert float(chosen["report"]) == min(float(r["report"]) for r in qualifying)
+    assert main(["--choose", str(out), "--knee"]) == 0
+    knee = json.loads(capsys.readouterr().out)
+    front = {m["arch"] for m in json.loads((out / "pareto.json").read_text())["front"]}
+    assert knee["arch"] in front
+    assert main(["--choose", str(out), "--minimise", "report", "--floor", "signal=101"]) == 1
+    assert main(["--choose", str(out), "--floor", "signal"]) == 2

@@ -138,3 +138,21 @@ def test_nb201_cells_search_one_shot_on_images_and_export_a_loadable_twin(tmp_pa
     model = load_model(out)
     test = load_dataset("digits").test
     assert float((model.predict(test.images) == test.labels).mean()) == pytest.approx(final["test_accuracy"], abs=1e-6)
+
+
+def test_latency_objective_is_measured_on_the_twin_and_its_constraint_filters_before_training(tmp_path):
+    out = tmp_path / "latency"
+    overrides = [o for o in TINY if not o.startswith(("final.", "search.budget"))]
+    overrides += ["final.top_k=0", "search.budget=4", "objectives.objectives=[val_accuracy,latency_ms:min]",
+                  "objectives.constraints=[latency_ms<=10000]", "objectives.latency_repeats=3"]
+    assert main([f"output={out}", "mode=train", "search.strategy=nsga2", *overrides]) == 0
+    history = [r for r in _rows(out / "history.csv") if r["status"] == "ok"]
+    assert history and all(0 < float(r["latency_ms"]) < 10000 for r in history)
+    pareto = json.loads((out / "pareto.json").read_text())
+    assert [o["name"] for o in pareto["objectives"]] == ["val_accuracy", "latency_ms"]
+    strict = tmp_path / "strict"
+    assert main([f"output={strict}", "mode=train", "search.strategy=random", *overrides[:-2],
+                 "objectives.objectives=[val_accuracy]", "objectives.constraints=[latency_ms<=0.000001]",
+                 "objectives.latency_repeats=3", "search.generations=1"]) == 0
+    rows = _rows(strict / "history.csv")
+    assert rows and all(r["status"] == "infeasible" and r["val_accuracy"] == "" for r in rows)

@@ -23,11 +23,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML run config (e.g. configs/quick.yaml); defaults apply without it")
     parser.add_argument("--resume", metavar="RUN_FOLDER", help="continue the run in this folder (its config.yaml)")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its help and exit")
+    parser.add_argument("--choose", metavar="RUN_FOLDER", help="choose an architecture from a finished run (below)")
+    parser.add_argument("--minimise", metavar="OBJECTIVE", help="--choose: the objective to optimise (e.g. params)")
+    parser.add_argument("--floor", action="append", default=[], metavar="NAME=VALUE",
+                        help="--choose: a bound that must hold, e.g. val_accuracy=0.97 (repeatable)")
+    parser.add_argument("--knee", action="store_true", help="--choose: the knee of the Pareto front")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. search.budget=64")
     args = parser.parse_args(argv)
     if args.help_config:
         print("\n".join(config_help(RunConfig)))
         return 0
+    if args.choose:
+        return _choose(args)
     if args.resume and args.config:
         print("error: --resume reads the run's own config.yaml; drop --config", file=sys.stderr)
         return 2
@@ -56,6 +63,27 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(json.dumps(summary, indent=2))
     print(f"run folder: {config.output} (report.html, history.csv, best.json, pareto.json, summary.json)")
+    return 0
+
+
+def _choose(args) -> int:
+    from jaxnas.search.choose import choose
+
+    try:
+        floor = {}
+        for item in args.floor:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--floor {item!r}: expected name=value, e.g. --floor val_accuracy=0.97")
+            floor[name.strip()] = float(value)
+        row = choose(args.choose, minimise=args.minimise, floor=floor, knee=args.knee)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if row is None:
+        print("no evaluated candidate meets every floor", file=sys.stderr)
+        return 1
+    print(json.dumps(row, indent=2))
     return 0
 
 
