@@ -166,3 +166,11 @@ def test_choose_by_preference_and_by_knee_from_a_finished_run(tmp_path, capsys):
     assert knee["arch"] in front
     assert main(["--choose", str(out), "--minimise", "report", "--floor", "signal=101"]) == 1
     assert main(["--choose", str(out), "--floor", "signal"]) == 2
+
+
+def test_help_config_lists_every_section_with_its_help(capsys):
+    assert main(["--help-config"]) == 0
+    text = capsys.readouterr().out
+    for key in ("mode", "search.strategy", "search.budget", "objectives.constraints", "table.signal",
+                "final.top_k", "space.stem_stride", "train.augment_shift"):
+        assert key in text
