@@ -1,4 +1,5 @@
-"""benchmarks/population.py runs end to end with --quick and prints its tables and ratios (never timings)."""
+"""benchmarks/population.py runs end to end with --quick, MLP and CNN arms, and prints its tables and ratios
+(never timings)."""
 
 import json
 import re
@@ -6,8 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 NUMBER = r"[0-9]+\.[0-9]+"
+FAMILIES = ("mlp", "cnn")
 
 
 def test_population_benchmark_quick_prints_every_arm_ratio_and_equal_accuracies(tmp_path):
@@ -19,34 +23,45 @@ def test_population_benchmark_quick_prints_every_arm_ratio_and_equal_accuracies(
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     assert re.search(rf"matmul peak f32 .*jnp {NUMBER} GFLOP/s, torch {NUMBER} GFLOP/s", text)
-    assert "=== MLP family, P = 4 ===" in text
-    for label in (
-        "vmapped evaluate_shared, first call",
-        "vmapped evaluate_shared, steady state",
+    mlp, cnn = text.split("=== MLP family, P = 4 ===")[1].split("=== CNN family, P = 4 ===")
+    assert re.search(r"stem stride 2 .*channels \(4, 8\), kernels \(1, 3\), <= 2 stages x <= 1 blocks", cnn)
+    common = (
         "per-arch compiled twin (extract + jit)",
         "PyTorch eager, one by one",
         "vmapped train_population, first call",
         "vmapped train_population, steady epoch",
         "PyTorch eager, one after another",
-    ):
-        assert re.search(rf"^  {re.escape(label)} +{NUMBER}", text, flags=re.M), label
-    for ratio in (
-        "vmapped (steady) vs per-arch compile",
-        "vmapped (first call) vs per-arch compile",
-        "vmapped (steady) vs PyTorch eager",
-        "vmapped (steady) vs PyTorch sequential",
-        "vmapped (first call) vs PyTorch sequential",
-    ):
-        assert re.search(rf"ratio {re.escape(ratio)}: {NUMBER}x", text), ratio
-    assert len(re.findall(r"useful FLOP/s \(% of matmul peak\)", text)) == 2
-    assert len(re.findall(rf"padded fraction \(candidate MACs / max-width MACs\): {NUMBER}", text)) == 2
-    # The three evaluation arms score the same networks with the same weights: equal accuracies.
-    assert re.search(r"accuracy mean: vmapped (\S+), twin \1, torch \1 \(max \|diff\| 0\.0000", text)
+    )
+    vmapped = {mlp: "vmapped evaluate_shared", cnn: "vmapped recalibrate_bn + evaluate_population"}
+    for section, name in vmapped.items():
+        for label in (f"{name}, first call", f"{name}, steady state", *common):
+            assert re.search(rf"^  {re.escape(label)} +{NUMBER}", section, flags=re.M), label
+        for ratio in (
+            "vmapped (steady) vs per-arch compile",
+            "vmapped (first call) vs per-arch compile",
+            "vmapped (steady) vs PyTorch eager",
+            "vmapped (steady) vs PyTorch sequential",
+            "vmapped (first call) vs PyTorch sequential",
+        ):
+            assert re.search(rf"ratio {re.escape(ratio)}: {NUMBER}x", section), ratio
+        assert len(re.findall(r"useful FLOP/s \(% of matmul peak\)", section)) == 2
+        assert len(re.findall(rf"padded fraction \(candidate MACs / max-width MACs\): {NUMBER}", section)) == 2
+        # The three evaluation arms score the same networks with the same weights (and, for the CNN, the same
+        # BatchNorm statistics, each arm recalibrating its own): equal accuracies.
+        assert re.search(r"accuracy mean: vmapped (\S+), twin \1, torch \1 \(max \|diff\| 0\.0000", section)
+    assert "BatchNorm recalibration on 256 training images" in cnn
 
     results = json.loads(out_json.read_text())
-    evaluation, training = results["mlp"]["4"]["evaluation"], results["mlp"]["4"]["training"]
-    assert set(evaluation["times"]) == {"vmapped", "twin", "torch"}
-    assert set(training["times"]) == {"vmapped", "torch"}
-    assert len(training["accuracy"]["vmapped"]) == len(training["accuracy"]["torch"]) == 4
-    assert len(set(results["mlp"]["4"]["architectures"])) == 4
-    assert 0 < evaluation["padded_fraction"] <= 1
+    for family in FAMILIES:
+        evaluation, training = results[family]["4"]["evaluation"], results[family]["4"]["training"]
+        assert set(evaluation["times"]) == {"vmapped", "twin", "torch"}
+        assert set(training["times"]) == {"vmapped", "torch"}
+        assert len(training["accuracy"]["vmapped"]) == len(training["accuracy"]["torch"]) == 4
+        assert len(set(results[family]["4"]["architectures"])) == 4
+        assert 0 < evaluation["padded_fraction"] <= 1
+        accuracy = evaluation["accuracy"]
+        assert accuracy["vmapped"] == pytest.approx(accuracy["twin"], abs=1e-6)
+        assert accuracy["vmapped"] == pytest.approx(accuracy["torch"], abs=1e-6)
+    assert all(a.startswith("cnn|") for a in results["cnn"]["4"]["architectures"])
+    assert results["cnn"]["4"]["evaluation"]["torch_vs_twin_max_logit_diff"] <= 1e-4
+    assert results["cnn"]["4"]["evaluation"]["bn_recalibration_examples"] == 256
