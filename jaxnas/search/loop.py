@@ -44,6 +44,8 @@ from jaxnas.search.strategies import build_strategy
 from jaxnas.strategies import option_entropy
 
 EVALUATED = ("ok", "early_stopped")
+GENERATION_COLUMNS = ["generation", "evaluations", "cache_hits", "best_fitness", "mean_fitness", "diversity",
+                      "hypervolume", "front_size"]
 
 
 class RunError(Exception):
@@ -235,21 +237,8 @@ class SearchRun:
         return ["generation", "index", "arch", "status", "fitness", *metrics, "cached_from"]
 
     def _write_tables(self, archive: dict) -> None:
-        columns = self._columns()
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        for row in archive["candidates"]:
-            writer.writerow({k: _cell(row.get(k)) for k in columns})
-        atomic_write_text(self.out / "history.csv", buf.getvalue())
-        gen_cols = ["generation", "evaluations", "cache_hits", "best_fitness", "mean_fitness", "diversity",
-                    "hypervolume", "front_size"]
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, gen_cols, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        for row in archive["generations"]:
-            writer.writerow({k: _cell(row.get(k)) for k in gen_cols})
-        atomic_write_text(self.out / "generations.csv", buf.getvalue())
+        _write_csv(self.out / "history.csv", self._columns(), archive["candidates"])
+        _write_csv(self.out / "generations.csv", GENERATION_COLUMNS, archive["generations"])
 
     def _pareto(self, archive: dict) -> dict:
         rows, values = self._feasible_values(archive)
@@ -404,6 +393,16 @@ def _compiled(strategy):
 @functools.partial(jax.jit, static_argnums=0)
 def _diversity(space, encs):
     return option_entropy(space, encs)
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Rows as CSV (only ``columns``, empty cells for missing values), written atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _cell(row.get(k)) for k in columns})
+    atomic_write_text(path, buf.getvalue())
 
 
 def _cell(value):
