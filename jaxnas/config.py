@@ -155,6 +155,31 @@ class FinalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Several processes (hosts) searching together on JAX's distributed runtime (`jaxnas.distributed`)."""
+
+    coordinator: str = _field("", "host:port of process 0's coordinator; empty: one process (or auto-detected).")
+    num_processes: int = _field(1, "Processes taking part (with coordinator).", min=1)
+    process_id: int = _field(0, "This process's index, 0 .. num_processes - 1 (with coordinator).", min=0)
+    auto: bool = _field(True, "Without a coordinator, join a cluster JAX detects itself (SLURM, Open MPI, TPU pod).")
+    heartbeat_timeout: int = _field(100, "Seconds without a heartbeat before a lost process fails the run.", min=2)
+    initialization_timeout: int = _field(300, "Seconds to wait for every process to join.", min=2)
+
+    def __post_init__(self):
+        if self.coordinator:
+            host, sep, port = self.coordinator.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"distributed.coordinator: got {self.coordinator!r}; expected host:port, "
+                                 "e.g. localhost:12355 or 10.0.0.1:1234")
+        elif self.num_processes > 1:
+            raise ValueError(f"distributed.num_processes={self.num_processes} needs distributed.coordinator=host:port "
+                             "(the address of process 0)")
+        if self.process_id >= self.num_processes:
+            raise ValueError(f"distributed.process_id: got {self.process_id}; expected 0 .. "
+                             f"{self.num_processes - 1} (distributed.num_processes={self.num_processes})")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Top level of a jaxnas run configuration."""
 
@@ -171,6 +196,7 @@ class RunConfig:
     table: TableConfig = _section(TableConfig, "Tabular benchmark (mode table).")
     objectives: ObjectivesConfig = _section(ObjectivesConfig, "Objectives and constraints.")
     final: FinalConfig = _section(FinalConfig, "Final retraining and test evaluation.")
+    distributed: DistributedConfig = _section(DistributedConfig, "Multi-process (multi-host) runs.")
     progress: bool = _field(True, "Show a progress bar.")
 
     def __post_init__(self):

@@ -31,6 +31,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxnas.data import epoch_indices
+from jaxnas.distributed import to_host
 
 Apply = Callable[..., jax.Array]
 """``apply(params, enc [n_choices] int32, x [B, ...], *, train: bool, key) -> logits [B, classes]``."""
@@ -281,10 +282,10 @@ def train_population(
             break
         index = jnp.asarray(epoch_indices(train_x.shape[0], batch_size, seed, epoch))
         state, losses = _train_epoch(apply, optimizer, state, jnp.asarray(running), encs, train_x, train_y, index, shift)
-        accuracy = np.asarray(evaluate_population(apply, state.params, encs, val_x, val_y, eval_batch_size)["accuracy"])
+        accuracy = to_host(evaluate_population(apply, state.params, encs, val_x, val_y, eval_batch_size)["accuracy"])
         history.append(accuracy)
-        train_loss.append(np.asarray(losses).mean(0))
-        running &= ~np.asarray(state.failed)
+        train_loss.append(to_host(losses).mean(0))
+        running &= ~to_host(state.failed)
         improved = running & (accuracy > best_accuracy)
         best_accuracy = np.where(improved, accuracy, best_accuracy)
         best_epoch = np.where(improved, epoch, best_epoch)
@@ -293,7 +294,7 @@ def train_population(
             stop = running & (waited >= patience)
             stopped |= stop
             running &= ~stop
-    status = np.where(np.asarray(state.failed), STATUS_FAILED, np.where(stopped, STATUS_EARLY_STOPPED, STATUS_OK))
+    status = np.where(to_host(state.failed), STATUS_FAILED, np.where(stopped, STATUS_EARLY_STOPPED, STATUS_OK))
     return PopulationResult(
         params=state.params,
         opt_state=state.opt_state,
@@ -470,8 +471,12 @@ def _supernet_epoch(apply, optimizer, sampler, params, opt_state, key, x, y, ind
 
 # ---------------------------------------------------------------------------------------------- devices
 def population_mesh(devices=None) -> Mesh:
-    """A 1-D mesh named ``"population"`` over ``devices`` (default: all local devices) for `shard_population`."""
-    devices = jax.local_devices() if devices is None else list(devices)
+    """A 1-D mesh named ``"population"`` over ``devices`` for `shard_population`.
+
+    The default is every global device: in a multi-process run (`jaxnas.distributed`) the devices of all
+    processes, so the population axis is split across hosts (fetch results with `jaxnas.distributed.to_host`).
+    """
+    devices = jax.devices() if devices is None else list(devices)
     return Mesh(np.array(devices), ("population",), axis_types=(AxisType.Auto,))
 
 
@@ -494,6 +499,12 @@ def shard_population(tree, mesh: Mesh) -> tuple[object, int]:
 
     def place(leaf):
         leaf = jnp.concatenate([leaf, jnp.repeat(leaf[-1:], pad, axis=0)]) if pad else leaf
+        if jax.process_count() > 1 and isinstance(leaf, jax.Array) and leaf.is_fully_addressable:
+            # Across processes only host values (the same in every process) can be placed on the global mesh.
+            if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                data = jax.device_put(np.asarray(jax.random.key_data(leaf)), sharding)
+                return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+            leaf = np.asarray(leaf)
         return jax.device_put(leaf, sharding)
 
     return jax.tree.map(place, tree), population

@@ -7,6 +7,9 @@ previous step intact; a step that cannot be read back (corrupted on disk) is ski
 one before it is used.
 
 Arrays that only depend on the configuration (the trained supernet) are saved once under ``supernet/``.
+In a multi-process run every process calls save and restore (Orbax's multi-host rules: process 0 writes
+replicated arrays and metadata, the others meet it at Orbax's barriers); the saved values are the same in
+every process.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxnas.distributed import barrier
 
 
 def _is_key(leaf) -> bool:
@@ -112,11 +117,13 @@ class RunCheckpoints:
                 unreadable.append(step)
         if unreadable:
             # Set aside (not deleted: someone may want to look), so the resumed run can write these steps anew.
-            aside = self.directory.parent / "checkpoints_unreadable"
-            aside.mkdir(exist_ok=True)
-            for step in unreadable:
-                target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
-                shutil.move(str(self.directory / str(step)), str(target))
+            if jax.process_index() == 0:
+                aside = self.directory.parent / "checkpoints_unreadable"
+                aside.mkdir(exist_ok=True)
+                for step in unreadable:
+                    target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+                    shutil.move(str(self.directory / str(step)), str(target))
+            barrier("jaxnas-checkpoints-set-aside")
             self._manager.reload()
         return found
 

@@ -24,6 +24,7 @@ import optax
 from jaxnas import population as pop
 from jaxnas.config import RunConfig
 from jaxnas.data.core import Dataset
+from jaxnas.distributed import to_host, tree_to_host
 from jaxnas.search.models import SearchModel
 from jaxnas.tables import QueryCounter, Table
 
@@ -97,19 +98,32 @@ class _Trained:
         self.data = _device_data(dataset, cfg.supernet.bn_batches, cfg.supernet.batch_size, cfg.seed)
         self.optimizer = optax.adam(cfg.train.learning_rate)
 
-    def score(self, params, encs: np.ndarray, x, y, *, shared: bool) -> dict[str, np.ndarray]:
-        """{"accuracy", "loss"} [P] of candidates with their own recalibrated BatchNorm statistics."""
+    def score(self, params, encs, x, y, *, shared: bool) -> dict[str, np.ndarray]:
+        """{"accuracy", "loss"} [P] of candidates with their own recalibrated BatchNorm statistics.
+
+        With several devices (local, or global in a multi-process run) the candidates are sharded across them.
+        """
+        population = len(encs)
         encs = jnp.asarray(encs, jnp.int32)
+        if jax.device_count() > 1:
+            if shared:
+                encs, _ = pop.shard_population(encs, pop.population_mesh())
+            else:
+                (encs, params), _ = pop.shard_population((encs, params), pop.population_mesh())
+        out = self._score(params, encs, x, y, shared=shared)
+        return {k: v[:population] for k, v in out.items()}
+
+    def _score(self, params, encs, x, y, *, shared: bool) -> dict[str, np.ndarray]:
         stats = self.model.statistics(params, encs, self.data.bn_batches, shared=shared)
         params_P = pop.tile_population(params, len(encs)) if shared else params
         out = pop.evaluate_population(self.model.apply_eval, {"params": params_P, "bn_stats": stats}, encs, x, y)
-        return {k: np.asarray(v) for k, v in out.items()}
+        return {k: to_host(v) for k, v in out.items()}
 
     def train_candidates(self, encs: np.ndarray, epochs: int, patience, seed: int, start=None):
         """Train the rows of ``encs`` [P, n] together; returns (PopulationResult, validation scores).
 
-        With several local devices the population axis is sharded across them (padded to a multiple of the
-        device count; the padding is dropped from the results).
+        With several devices (local, or global in a multi-process run) the population axis is sharded across
+        them (padded to a multiple of the device count; the padding is dropped from the results).
         """
         P = len(encs)
         if start is None:
@@ -118,7 +132,7 @@ class _Trained:
             params_P = pop.tile_population(start, P)
         keys = pop.candidate_keys(jax.random.key(seed), P)
         encs_j = jnp.asarray(encs, jnp.int32)
-        if jax.local_device_count() > 1:
+        if jax.device_count() > 1:
             (encs_j, params_P, keys), _ = pop.shard_population((encs_j, params_P, keys), pop.population_mesh())
         d = self.data
         result = pop.train_population(
@@ -126,6 +140,7 @@ class _Trained:
             epochs=epochs, batch_size=self.cfg.train.batch_size, seed=seed, patience=patience, keys=keys,
             shift=self.cfg.train.augment_shift,
         )
+        scores = {k: v[:P] for k, v in self._score(result.params, encs_j, d.val_x, d.val_y, shared=False).items()}
         if len(encs_j) != P:
             result = dataclasses.replace(
                 result,
@@ -134,7 +149,7 @@ class _Trained:
                 status=result.status[:P], best_epoch=result.best_epoch[:P], best_accuracy=result.best_accuracy[:P],
                 history=result.history[:, :P], train_loss=result.train_loss[:, :P],
             )
-        return result, self.score(result.params, encs, d.val_x, d.val_y, shared=False)
+        return result, scores
 
     def _rows(self, result_status, scores, m: int) -> list[dict]:
         rows = []
@@ -155,7 +170,7 @@ class _Trained:
         test = self.score(result.params, encs, d.test_x, d.test_y, shared=False)
         val_acc = np.where(result.status == pop.STATUS_FAILED, -np.inf, val["accuracy"])
         winner = int(np.argmax(val_acc))
-        params = jax.tree.map(lambda a: a[winner], result.params)
+        params = tree_to_host(jax.tree.map(lambda a: a[winner], result.params))  # every process holds the winner
         stats = self.model.statistics(params, jnp.asarray(encs[winner : winner + 1]), d.bn_batches, shared=True)
         stats = None if stats is None else jax.tree.map(lambda a: a[0], stats)
         return {

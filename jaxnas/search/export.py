@@ -41,7 +41,8 @@ def export_model(folder: str | Path, model: SearchModel, space_cfg: SpaceConfig,
         "num_classes": model.num_classes,
         **record,
     }
-    atomic_write_text(folder / "arch.json", json.dumps(json_safe(meta), indent=2) + "\n")
+    if jax.process_index() == 0:  # the state above is written by every process together (Orbax)
+        atomic_write_text(folder / "arch.json", json.dumps(json_safe(meta), indent=2) + "\n")
 
 
 @dataclasses.dataclass

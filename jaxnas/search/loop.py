@@ -30,6 +30,7 @@ import numpy as np
 
 from interop._atomic import atomic_write_text
 from interop.config import dump_config, read_yaml, to_dict
+from jaxnas import distributed
 from jaxnas import population as pop
 from jaxnas.config import RunConfig
 from jaxnas.data import load_dataset
@@ -78,7 +79,7 @@ class SearchRun:
         if self.resume:
             if not saved.is_file():
                 raise RunError(f"--resume {self.out}: no config.yaml there, so there is no run to resume")
-            if read_yaml(saved) != to_dict(self.cfg):
+            if _same_run(read_yaml(saved)) != _same_run(to_dict(self.cfg)):
                 raise RunError(
                     f"--resume {self.out}: the config differs from the run's own config.yaml; resume with exactly "
                     "that config (python -m jaxnas.search --resume <folder> reads it) or start a new output="
@@ -106,13 +107,16 @@ class SearchRun:
     def _supernet(self):
         folder = self.out / "supernet"
         like = self.model.init(jax.random.key(self.cfg.seed))
-        if (folder / "params").exists() and (folder / "losses.json").is_file():
+        saved = (folder / "params").exists() and (folder / "losses.json").is_file()
+        distributed.barrier("jaxnas-supernet-checked")  # every process decided before any writes
+        if saved:
             self.log(f"supernet: loaded from {folder}")
             return load_arrays(folder / "params", like)
         start = time.perf_counter()
         params, losses = train_supernet(self.cfg, self.model, self.dataset)
-        save_arrays(folder / "params", params)
-        atomic_write_text(folder / "losses.json", json.dumps({"mean_loss_per_epoch": losses}) + "\n")
+        save_arrays(folder / "params", params)  # every process takes part (Orbax's multi-host rules)
+        if distributed.is_primary():
+            atomic_write_text(folder / "losses.json", json.dumps({"mean_loss_per_epoch": losses}) + "\n")
         self.log(f"supernet: {self.cfg.supernet.epochs} epochs in {time.perf_counter() - start:.1f} s, "
                  f"mean loss per epoch {', '.join(f'{v:.3f}' for v in losses)}")
         return params
@@ -137,7 +141,8 @@ class SearchRun:
             stats = None if stats is None else jax.tree.map(lambda a: a[0], stats)
             _, twin = self.model.extract(params, enc, stats)
             example = np.zeros((self.cfg.objectives.latency_batch, *self.model.image_shape), np.float32)
-            metrics["latency_ms"] = obj.twin_latency_ms(twin, example, self.cfg.objectives.latency_repeats)
+            latency = obj.twin_latency_ms(twin, example, self.cfg.objectives.latency_repeats)
+            metrics["latency_ms"] = distributed.from_primary(latency)  # one measurement decides in every process
         return metrics
 
     def _generation(self, g: int, state, archive: dict, cache: dict, evaluator):
@@ -237,6 +242,8 @@ class SearchRun:
         return ["generation", "index", "arch", "status", "fitness", *metrics, "cached_from"]
 
     def _write_tables(self, archive: dict) -> None:
+        if not distributed.is_primary():
+            return
         _write_csv(self.out / "history.csv", self._columns(), archive["candidates"])
         _write_csv(self.out / "generations.csv", GENERATION_COLUMNS, archive["generations"])
 
@@ -265,8 +272,10 @@ class SearchRun:
     def run(self) -> dict:
         cfg = self.cfg
         self._check_folder()
-        self.out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, self.out / "config.yaml")
+        distributed.barrier("jaxnas-folder-checked")  # before process 0 writes into it
+        if distributed.is_primary():
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.out / "config.yaml")
         started = time.perf_counter()
         self.key = jax.random.key(cfg.seed)
         self._ask, self._tell_jit = _compiled(self.strategy)
@@ -311,7 +320,9 @@ class SearchRun:
         cfg = self.cfg
         rows = [r for r in archive["candidates"] if r["status"] in EVALUATED and math.isfinite(r["fitness"])]
         pareto = self._pareto(archive)
-        atomic_write_text(self.out / "pareto.json", json.dumps(json_safe(pareto), indent=2) + "\n")
+        primary = distributed.is_primary()
+        if primary:
+            atomic_write_text(self.out / "pareto.json", json.dumps(json_safe(pareto), indent=2) + "\n")
         summary = {
             "mode": cfg.mode,
             "strategy": cfg.search.strategy,
@@ -327,7 +338,8 @@ class SearchRun:
         if not rows:
             summary["best_arch"] = None
             self.log("no feasible candidate was evaluated: relax the constraints or raise search.budget")
-            atomic_write_text(self.out / "best.json", json.dumps({"arch": None}) + "\n")
+            if primary:
+                atomic_write_text(self.out / "best.json", json.dumps({"arch": None}) + "\n")
         else:
             best = max(rows, key=lambda r: r["fitness"])
             record = {"arch": best["arch"], "fitness": best["fitness"], "generation": best["generation"],
@@ -340,10 +352,15 @@ class SearchRun:
                                best_val_accuracy=best.get("val_accuracy"))
                 if record["final"]:
                     summary["test_accuracy"] = record["final"]["test_accuracy"]
-            atomic_write_text(self.out / "best.json", json.dumps(json_safe(record), indent=2) + "\n")
+            if primary:
+                atomic_write_text(self.out / "best.json", json.dumps(json_safe(record), indent=2) + "\n")
         summary["seconds"] = round(time.perf_counter() - started, 2)  # this process: set-up, search, final
-        atomic_write_text(self.out / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
-        write_report(self.out)
+        if jax.process_count() > 1:
+            summary["processes"] = jax.process_count()
+        if primary:
+            atomic_write_text(self.out / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
+            write_report(self.out)
+        distributed.barrier("jaxnas-run-written")  # no process leaves (and shuts down) before the files exist
         return summary
 
     def _final(self, rows: list[dict]) -> dict | None:
@@ -417,9 +434,28 @@ def _progress(cfg: RunConfig, done: int):
     from tqdm.auto import tqdm
 
     return tqdm(total=cfg.search.budget, initial=done, desc=f"search ({cfg.search.strategy}, {cfg.mode})",
-                unit="eval", disable=not cfg.progress, dynamic_ncols=True)
+                unit="eval", disable=not (cfg.progress and distributed.is_primary()), dynamic_ncols=True)
 
 
 def run_search(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
-    """Run (or, with ``resume``, continue) the search ``cfg`` describes; returns ``summary.json``'s content."""
+    """Run (or, with ``resume``, continue) the search ``cfg`` describes; returns ``summary.json``'s content.
+
+    With ``cfg.distributed`` naming several processes (or a cluster JAX detects) this process joins them first
+    (`jaxnas.distributed.initialize`); call it before any other JAX computation in the process.
+    """
+    if distributed.initialize(cfg.distributed):
+        log(f"distributed: {jax.process_count()} processes, {jax.device_count()} devices "
+            f"({jax.local_device_count()} per process); if a process is lost the others stop - resume every process "
+            f"with: python -m jaxnas.search --resume {cfg.output} distributed.process_id=<i> ...")
+        if not distributed.is_primary():
+            log = _quiet
     return SearchRun(cfg, resume=resume, log=log).run()
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of processes other than 0 (process 0 reports for the run)."""
+
+
+def _same_run(config: dict) -> dict:
+    """What must match for a resume: everything but how the run is spread over processes."""
+    return {k: v for k, v in config.items() if k != "distributed"}
