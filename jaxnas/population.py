@@ -14,7 +14,8 @@ whose every leaf has a leading population axis ``[P, ...]``.
   NaN / inf isolation. Warm start from a supernet: ``params_P = tile(supernet params, P)``;
 - `train_supernet`: weight-sharing training of one supernet on subnets drawn by a `SubnetSampler` (uniform or
   the sandwich rule: largest, smallest and random subnets, gradients averaged);
-- `shard_population`: pad the population axis to the device count and shard it across a mesh.
+- `shard_population`: pad the population axis to the device count and shard it across a mesh; `replicate`
+  places shared weights beside it.
 """
 
 from __future__ import annotations
@@ -499,12 +500,23 @@ def shard_population(tree, mesh: Mesh) -> tuple[object, int]:
 
     def place(leaf):
         leaf = jnp.concatenate([leaf, jnp.repeat(leaf[-1:], pad, axis=0)]) if pad else leaf
-        if jax.process_count() > 1 and isinstance(leaf, jax.Array) and leaf.is_fully_addressable:
-            # Across processes only host values (the same in every process) can be placed on the global mesh.
-            if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-                data = jax.device_put(np.asarray(jax.random.key_data(leaf)), sharding)
-                return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
-            leaf = np.asarray(leaf)
-        return jax.device_put(leaf, sharding)
+        return _place(leaf, sharding)
 
     return jax.tree.map(place, tree), population
+
+
+def replicate(tree, mesh: Mesh):
+    """``tree`` (e.g. shared supernet weights) replicated on every device of ``mesh``, to use beside sharded
+    populations (needed across processes, where a process-local array cannot join a global program)."""
+    sharding = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda leaf: _place(leaf, sharding), tree)
+
+
+def _place(leaf, sharding: NamedSharding):
+    if jax.process_count() > 1 and isinstance(leaf, jax.Array) and leaf.is_fully_addressable:
+        # Across processes only host values (the same in every process) can be placed on the global mesh.
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            data = jax.device_put(np.asarray(jax.random.key_data(leaf)), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+        leaf = np.asarray(leaf)
+    return jax.device_put(leaf, sharding)

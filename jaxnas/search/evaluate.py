@@ -107,7 +107,8 @@ class _Trained:
         encs = jnp.asarray(encs, jnp.int32)
         if jax.device_count() > 1:
             if shared:
-                encs, _ = pop.shard_population(encs, pop.population_mesh())
+                mesh = pop.population_mesh()
+                (encs, _), params = pop.shard_population(encs, mesh), pop.replicate(params, mesh)
             else:
                 (encs, params), _ = pop.shard_population((encs, params), pop.population_mesh())
         out = self._score(params, encs, x, y, shared=shared)
