@@ -35,6 +35,19 @@ def _padded(encs: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([encs, np.repeat(encs[:1], size - len(encs), 0)]).astype(np.int32)
 
 
+def _mesh_for(population: int):
+    """The mesh a population of ``population`` candidates is sharded over, or None to stay on one device.
+
+    Every device; in a single process only the first ``population`` of them when there are more (padding a
+    small population such as the final top-k to every device would only repeat work). Several processes always
+    use every device, so that each process holds a shard of every sharded program.
+    """
+    devices = jax.devices()
+    if jax.process_count() == 1:
+        devices = devices[:population]
+    return pop.population_mesh(devices) if len(devices) > 1 else None
+
+
 @functools.lru_cache(maxsize=4)
 def _load_table(path: str, space) -> Table:
     """Tables are immutable: runs in one process share a loaded one (the NB201 table takes ~1.5 s to parse)."""
@@ -105,12 +118,12 @@ class _Trained:
         """
         population = len(encs)
         encs = jnp.asarray(encs, jnp.int32)
-        if jax.device_count() > 1:
+        mesh = _mesh_for(population)
+        if mesh is not None:
             if shared:
-                mesh = pop.population_mesh()
                 (encs, _), params = pop.shard_population(encs, mesh), pop.replicate(params, mesh)
             else:
-                (encs, params), _ = pop.shard_population((encs, params), pop.population_mesh())
+                (encs, params), _ = pop.shard_population((encs, params), mesh)
         out = self._score(params, encs, x, y, shared=shared)
         return {k: v[:population] for k, v in out.items()}
 
@@ -124,7 +137,7 @@ class _Trained:
         """Train the rows of ``encs`` [P, n] together; returns (PopulationResult, validation scores).
 
         With several devices (local, or global in a multi-process run) the population axis is sharded across
-        them (padded to a multiple of the device count; the padding is dropped from the results).
+        them (`_mesh_for`; padded to a multiple of the device count, the padding dropped from the results).
         """
         P = len(encs)
         if start is None:
@@ -133,8 +146,9 @@ class _Trained:
             params_P = pop.tile_population(start, P)
         keys = pop.candidate_keys(jax.random.key(seed), P)
         encs_j = jnp.asarray(encs, jnp.int32)
-        if jax.device_count() > 1:
-            (encs_j, params_P, keys), _ = pop.shard_population((encs_j, params_P, keys), pop.population_mesh())
+        mesh = _mesh_for(P)
+        if mesh is not None:
+            (encs_j, params_P, keys), _ = pop.shard_population((encs_j, params_P, keys), mesh)
         d = self.data
         result = pop.train_population(
             self.model.apply, params_P, encs_j, self.optimizer, d.train_x, d.train_y, d.val_x, d.val_y,
