@@ -18,6 +18,7 @@ in neither raises :class:`ModelNotAvailableError` within seconds.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -29,8 +30,8 @@ from typing import Literal
 
 import huggingface_hub
 import torch
-from filelock import FileLock
 import transformers
+from filelock import FileLock
 from huggingface_hub.errors import RepositoryNotFoundError
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers import models as tok_models
@@ -125,11 +126,17 @@ def load_model(
     name = str(name_or_path)
     if name == EMBEDDED_MODEL:
         folder = smollm2_cache_dir()
-        locks = cache_root() / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        # One conversion at a time: a second process waits for the first one's cache instead of converting too.
-        with FileLock(str(locks / f"{EMBEDDED_MODEL}.lock"), timeout=CONVERSION_LOCK_TIMEOUT_S):
-            if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+
+        def cached() -> bool:
+            return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+        lock = contextlib.nullcontext()
+        if not cached():
+            # One conversion at a time: a second process waits for the first one's cache instead of converting too.
+            (cache_root() / "locks").mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(cache_root() / "locks" / f"{EMBEDDED_MODEL}.lock"), timeout=CONVERSION_LOCK_TIMEOUT_S)
+        with lock:
+            if cached():
                 source = f"cache:{folder}"
                 model, tokenizer = _from_pretrained(folder, local_files_only=True, dtype=dtype,
                                                     trust_remote_code=False)

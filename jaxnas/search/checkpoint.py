@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxnas.distributed import barrier
+from jaxnas.distributed import barrier, is_primary
 
 
 def _is_key(leaf) -> bool:
@@ -117,7 +117,7 @@ class RunCheckpoints:
                 unreadable.append(step)
         if unreadable:
             # Set aside (not deleted: someone may want to look), so the resumed run can write these steps anew.
-            if jax.process_index() == 0:
+            if is_primary():
                 aside = self.directory.parent / "checkpoints_unreadable"
                 aside.mkdir(exist_ok=True)
                 for step in unreadable:

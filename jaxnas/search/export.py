@@ -22,6 +22,7 @@ from flax import nnx
 from interop._atomic import atomic_write_text
 from interop.config import from_dict, to_dict
 from jaxnas.config import SpaceConfig
+from jaxnas.distributed import is_primary
 from jaxnas.search.checkpoint import json_safe, load_arrays, save_arrays
 from jaxnas.search.models import SearchModel, build_space, model_for
 
@@ -42,7 +43,7 @@ def export_model(folder: str | Path, model: SearchModel, space_cfg: SpaceConfig,
         "num_classes": model.num_classes,
         **record,
     }
-    if jax.process_index() == 0:  # the state above is written by every process together (Orbax)
+    if is_primary():  # the state above is written by every process together (Orbax)
         atomic_write_text(folder / "arch.json", json.dumps(json_safe(meta), indent=2) + "\n")
 
 

@@ -115,8 +115,7 @@ class SearchRun:
         start = time.perf_counter()
         params, losses = train_supernet(self.cfg, self.model, self.dataset)
         save_arrays(folder / "params", params)  # every process takes part (Orbax's multi-host rules)
-        if distributed.is_primary():
-            atomic_write_text(folder / "losses.json", json.dumps({"mean_loss_per_epoch": losses}) + "\n")
+        _write(folder / "losses.json", json.dumps({"mean_loss_per_epoch": losses}) + "\n")
         self.log(f"supernet: {self.cfg.supernet.epochs} epochs in {time.perf_counter() - start:.1f} s, "
                  f"mean loss per epoch {', '.join(f'{v:.3f}' for v in losses)}")
         return params
@@ -242,8 +241,6 @@ class SearchRun:
         return ["generation", "index", "arch", "status", "fitness", *metrics, "cached_from"]
 
     def _write_tables(self, archive: dict) -> None:
-        if not distributed.is_primary():
-            return
         _write_csv(self.out / "history.csv", self._columns(), archive["candidates"])
         _write_csv(self.out / "generations.csv", GENERATION_COLUMNS, archive["generations"])
 
@@ -320,9 +317,7 @@ class SearchRun:
         cfg = self.cfg
         rows = [r for r in archive["candidates"] if r["status"] in EVALUATED and math.isfinite(r["fitness"])]
         pareto = self._pareto(archive)
-        primary = distributed.is_primary()
-        if primary:
-            atomic_write_text(self.out / "pareto.json", json.dumps(json_safe(pareto), indent=2) + "\n")
+        _write(self.out / "pareto.json", json.dumps(json_safe(pareto), indent=2) + "\n")
         summary = {
             "mode": cfg.mode,
             "strategy": cfg.search.strategy,
@@ -338,8 +333,7 @@ class SearchRun:
         if not rows:
             summary["best_arch"] = None
             self.log("no feasible candidate was evaluated: relax the constraints or raise search.budget")
-            if primary:
-                atomic_write_text(self.out / "best.json", json.dumps({"arch": None}) + "\n")
+            _write(self.out / "best.json", json.dumps({"arch": None}) + "\n")
         else:
             best = max(rows, key=lambda r: r["fitness"])
             record = {"arch": best["arch"], "fitness": best["fitness"], "generation": best["generation"],
@@ -352,13 +346,12 @@ class SearchRun:
                                best_val_accuracy=best.get("val_accuracy"))
                 if record["final"]:
                     summary["test_accuracy"] = record["final"]["test_accuracy"]
-            if primary:
-                atomic_write_text(self.out / "best.json", json.dumps(json_safe(record), indent=2) + "\n")
+            _write(self.out / "best.json", json.dumps(json_safe(record), indent=2) + "\n")
         summary["seconds"] = round(time.perf_counter() - started, 2)  # this process: set-up, search, final
         if jax.process_count() > 1:
             summary["processes"] = jax.process_count()
-        if primary:
-            atomic_write_text(self.out / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
+        _write(self.out / "summary.json", json.dumps(json_safe(summary), indent=2) + "\n")
+        if distributed.is_primary():
             write_report(self.out)
         distributed.barrier("jaxnas-run-written")  # no process leaves (and shuts down) before the files exist
         return summary
@@ -412,6 +405,12 @@ def _diversity(space, encs):
     return option_entropy(space, encs)
 
 
+def _write(path: Path, text: str) -> None:
+    """Write a run-folder file atomically; only process 0 writes (the others hold the same content)."""
+    if distributed.is_primary():
+        atomic_write_text(path, text)
+
+
 def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     """Rows as CSV (only ``columns``, empty cells for missing values), written atomically."""
     buf = io.StringIO()
@@ -419,7 +418,7 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: _cell(row.get(k)) for k in columns})
-    atomic_write_text(path, buf.getvalue())
+    _write(path, buf.getvalue())
 
 
 def _cell(value):
@@ -431,13 +430,14 @@ def _cell(value):
 
 
 def _progress(cfg: RunConfig, done: int):
-    if cfg.progress and distributed.is_primary():
+    enabled = cfg.progress and distributed.is_primary()
+    if enabled:
         from tqdm.auto import tqdm
     else:
         from tqdm import tqdm  # disabled: tqdm.auto would still warn in a notebook without ipywidgets
 
     return tqdm(total=cfg.search.budget, initial=done, desc=f"search ({cfg.search.strategy}, {cfg.mode})",
-                unit="eval", disable=not (cfg.progress and distributed.is_primary()), dynamic_ncols=True)
+                unit="eval", disable=not enabled, dynamic_ncols=True)
 
 
 def run_search(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
