@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from flax import nnx
 
 from jaxnas.data import epoch_indices, load_dataset
+from jaxnas.exact import evaluate_exact
 from jaxnas.population import evaluate_population, evaluate_shared, init_population, tile_population, train_population
 from jaxnas.spaces import macro_space
 from jaxnas.supernet import ConvSupernet, MLPSupernet
@@ -84,6 +85,7 @@ CONV_SPACE = {"max_stages": 2, "max_depth": 2, "channels": (16, 32), "kernels": 
 QUICK_CONV_SPACE = {"max_stages": 2, "max_depth": 1, "channels": (4, 8), "kernels": (1, 3), "expansions": (1, 2)}
 STEM_STRIDE = 2
 BN_BATCHES = 4  # training batches (of --batch-size) for each subnet's BatchNorm statistics in (a)
+EXACT_BATCH = 1000  # examples per batch of the exact arm (no padding skew: its statistics are recalibrated)
 CONV_EVAL_BATCH = 125  # vmapped conv evaluation batch: P x batch x the largest patch matrix must fit in memory
 
 
@@ -536,7 +538,8 @@ def bn_batches(train, batch_size: int) -> np.ndarray:
 
 
 def bench_evaluation(
-    supernet, params, encs, val, bn_images: np.ndarray, repeats: int, peak: float, buckets: Sequence[Bucket] = ()
+    supernet, params, encs, val, bn_images: np.ndarray, repeats: int, peak: float, buckets: Sequence[Bucket] = (),
+    fresh: np.ndarray | None = None,
 ) -> dict:
     """(a): vmapped shared-weight evaluation vs per-architecture compiled twins vs torch eager, interleaved; with
     ``buckets``, also the population evaluated bucket by bucket (`width_buckets`)."""
@@ -556,17 +559,32 @@ def bench_evaluation(
     def bucketed():
         return bucketed_eval_accuracies(buckets, params, x, y, bn_x)
 
+    def exact():
+        out = evaluate_exact(supernet, params, encs, x, y, bn_batches=bn_x if conv else None, batch_size=EXACT_BATCH)
+        return out["accuracy"]
+
     first, acc_vmapped = timed(vmapped)
+    first_exact, acc_exact = timed(exact)  # compiles the layer programs this population needs
+    # A new population of other architectures, as a search's next generation: only layer programs of
+    # configurations not seen yet compile.
+    fresh_exact = None
+    if fresh is not None:
+        fresh_exact, _ = timed(
+            lambda: evaluate_exact(supernet, params, fresh, x, y, bn_batches=bn_x if conv else None,
+                                   batch_size=EXACT_BATCH)["accuracy"]
+        )
     if buckets:
         first_bucketed, acc_bucketed = timed(bucketed)
     # Also the warm-up of torch and of the twins' recalibration.
     max_diff = check_torch_matches_twin(
         supernet, params, weights, encs[:3], val.images[:64], recalibrate, bn_x, torch_bn_x
     )
-    times = {"vmapped": [], "twin": [], "torch": []} | ({"bucketed": []} if buckets else {})
+    times = {"vmapped": [], "exact": [], "twin": [], "torch": []} | ({"bucketed": []} if buckets else {})
     for _ in range(repeats):
         t, _ = timed(vmapped)
         times["vmapped"].append(t)
+        t, acc_exact = timed(exact)
+        times["exact"].append(t)
         if buckets:
             t, acc_bucketed = timed(bucketed)
             times["bucketed"].append(t)
@@ -581,18 +599,25 @@ def bench_evaluation(
         "examples": n,
         "bn_recalibration_examples": recalibrated,
         "first_call_s": first,
+        "exact_first_call_s": first_exact,
+        "exact_new_population_s": fresh_exact,
         "times": {arm: summary(ts) for arm, ts in times.items()},
-        "accuracy": {"vmapped": acc_vmapped.tolist(), "twin": acc_twin.tolist(), "torch": acc_torch.tolist()},
-        "accuracy_mean": {
-            "vmapped": float(acc_vmapped.mean()), "twin": float(acc_twin.mean()), "torch": float(acc_torch.mean())
+        "accuracy": {
+            "vmapped": acc_vmapped.tolist(), "exact": acc_exact.tolist(), "twin": acc_twin.tolist(),
+            "torch": acc_torch.tolist(),
         },
-        "accuracy_max_abs_diff": float(np.abs(acc_vmapped - np.stack([acc_twin, acc_torch])).max()),
+        "accuracy_mean": {
+            "vmapped": float(acc_vmapped.mean()), "exact": float(acc_exact.mean()), "twin": float(acc_twin.mean()),
+            "torch": float(acc_torch.mean()),
+        },
+        "accuracy_max_abs_diff": float(np.abs(acc_vmapped - np.stack([acc_exact, acc_twin, acc_torch])).max()),
         "torch_vs_twin_max_logit_diff": max_diff,
         **flops,
         "useful_flops": useful,
     }
     result["useful_flops_per_s"] = {arm: useful / result["times"][arm]["median"] for arm in times}
     result["useful_flops_per_s"]["vmapped_first_call"] = useful / first
+    result["useful_flops_per_s"]["exact_first_call"] = useful / first_exact
     if buckets:
         padded = sum(b.supernet.macs(np.asarray(b.supernet.largest(e))) for b in buckets for e in b.encs)
         result["bucketed"] = {
@@ -683,6 +708,12 @@ def print_evaluation(p: int, r: dict) -> None:
     vmapped = "vmapped recalibrate_bn + evaluate_population" if conv else "vmapped evaluate_shared"
     print(f"  {vmapped + ', first call':<{LABEL}} {first:>9.3f}   (compile included, once per search)")
     print(row(vmapped + ", steady state", t["vmapped"]))
+    print(f"  {'exact layer programs, first call':<{LABEL}} {r['exact_first_call_s']:>9.3f}   (compiles "
+          "this population's new layer programs)")
+    if r["exact_new_population_s"] is not None:
+        print(f"  {'exact, then a new population of P others':<{LABEL}} {r['exact_new_population_s']:>9.3f}   "
+              "(its unseen layer configurations compile)")
+    print(row("exact layer programs, steady state", t["exact"]))
     print(row("per-arch compiled twin (extract + jit)", t["twin"]))
     print(row("PyTorch eager, one by one", t["torch"]))
     if r["bn_recalibration_examples"]:
@@ -695,9 +726,18 @@ def print_evaluation(p: int, r: dict) -> None:
     print(f"  ratio vmapped (first call) vs per-arch compile: {t['twin']['median'] / first:.2f}x")
     print(f"  ratio vmapped (steady) vs PyTorch eager: {t['torch']['median'] / vm:.2f}x")
     print(f"  ratio vmapped (first call) vs PyTorch eager: {t['torch']['median'] / first:.2f}x")
+    ex, first_ex = t["exact"]["median"], r["exact_first_call_s"]
+    print(f"  ratio exact (steady) vs vmapped (steady): {vm / ex:.2f}x")
+    print(f"  ratio exact (steady) vs per-arch compile: {t['twin']['median'] / ex:.2f}x")
+    print(f"  ratio exact (first call) vs per-arch compile: {t['twin']['median'] / first_ex:.2f}x")
+    if r["exact_new_population_s"] is not None:
+        print(f"  ratio exact (new population) vs per-arch compile: "
+              f"{t['twin']['median'] / r['exact_new_population_s']:.2f}x")
+    print(f"  ratio exact (steady) vs PyTorch eager: {t['torch']['median'] / ex:.2f}x")
     acc = r["accuracy_mean"]
     print(
-        f"  accuracy mean: vmapped {acc['vmapped']:.4f}, twin {acc['twin']:.4f}, torch {acc['torch']:.4f} "
+        f"  accuracy mean: vmapped {acc['vmapped']:.4f}, exact {acc['exact']:.4f}, twin {acc['twin']:.4f}, "
+        f"torch {acc['torch']:.4f} "
         f"(max |diff| {r['accuracy_max_abs_diff']:.4f}; "
         f"torch vs JAX twin logits {r['torch_vs_twin_max_logit_diff']:.1e})"
     )
@@ -850,7 +890,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(f"\n=== {family.upper() if family in ('mlp', 'cnn') else family} family, P = {p} ===")
             print(describe(supernet))
             buckets = width_buckets(supernet, options, encs) if args.bucket and family != "mlp" else ()
-            evaluation = bench_evaluation(supernet, params, encs, val, bn_images, args.repeats, peak, buckets)
+            # Disjoint from encs: sampled from another key, rows already in encs dropped.
+            others = distinct_population(supernet.space, jax.random.fold_in(jax.random.key(args.seed + 1), p), 2 * p)
+            seen = {supernet.space.to_string(e) for e in encs}
+            fresh = np.stack([e for e in others if supernet.space.to_string(e) not in seen][:p])
+            evaluation = bench_evaluation(
+                supernet, params, encs, val, bn_images, args.repeats, peak, buckets, fresh=fresh
+            )
             print_evaluation(p, evaluation)
             results[family][str(p)] = {"evaluation": evaluation,
                                        "architectures": [supernet.space.to_string(e) for e in encs]}

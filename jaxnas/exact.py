@@ -1,0 +1,441 @@
+"""Shared-weight evaluation of a population at every candidate's exact sizes: no masks, no padded FLOPs.
+
+`jaxnas.population.evaluate_shared` runs a whole population as one vmapped program over masks: on GPU / TPU
+that is the fastest form, but on CPU the masked program computes every block at the largest width, depth and
+kernel (only ~18-24% of its FLOPs are the candidates' own in the macro space, see SPEC.md) and every activation
+of a `lax.switch`. `evaluate_exact` is the CPU formulation of the same function:
+
+- each candidate is a chain of **layer programs** (`Op`: one block at its real input / output widths, kernel,
+  activation, norm and skip, weights sliced from the supernet inside the program). A layer program is compiled
+  once per distinct layer configuration and cached for the process, so compiles are bounded by the space's
+  layer configurations, not by the number of architectures (a search's later generations compile nothing);
+- the population is a **prefix tree**: candidates whose first blocks agree share those blocks' outputs (the
+  fixed conv stem is computed once for the whole population), and sibling blocks that read the same input
+  with the same weights but different output widths share one matmul at their widest (an MLP population's
+  first layer, the largest, is one ``x @ W1`` for everyone): elastic width keeps the first units, so a narrower
+  candidate's pre-activations are a slice of the wider one's;
+- BatchNorm statistics are recalibrated per subnet on the given training batches (the mean of the batch
+  means and variances, exactly `ConvSupernet.recalibrate_bn`), also once per tree node.
+
+The results equal `evaluate_shared` (MLP) / recalibrated `evaluate_population` (conv) to float tolerance;
+tests/test_exact.py checks both, and benchmarks/population.py times the formulations side by side.
+
+    out = evaluate_exact(supernet, params, encs, x, y, bn_batches=x_batches)   # {"loss", "accuracy"}: [P]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxnas.supernet.conv import NORM_EPSILON as BN_EPSILON
+from jaxnas.supernet.conv import STEM_KERNEL, ConvSupernet
+from jaxnas.supernet.mlp import ACTIVATION_FNS, NORM_EPSILON, MLPSupernet
+from jaxnas.supernet.ops import conv2d, depthwise_conv2d
+
+Path = tuple  # keys from the supernet's params root to an op's weights
+ACTIVATION_NAMES = tuple(ACTIVATION_FNS)
+# Measured on our CPU (SPEC.md's machine), 16 mobilenet candidates: lax's grouped convolution made the depthwise
+# layers ~4x slower than the whole torch evaluation; shifted slices are elementwise work XLA fuses.
+DEPTHWISE_FORMULATION = {"lax": "slices", "slices": "slices"}
+
+
+def _activation(index: jax.Array, z: jax.Array) -> jax.Array:
+    """The activation ``ACTIVATION_NAMES[index]`` of z: a runtime choice (one branch runs, outside vmap)."""
+    return jax.lax.switch(index, [ACTIVATION_FNS[name] for name in ACTIVATION_NAMES], z)
+
+
+def _at(tree, path: Path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------- ops
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """An MLP block at its real sizes: ``act(LN(h[:, :n_in] @ W[:n_in, :n_out] + b))`` (+ h when ``skip``)."""
+
+    path: Path
+    n_in: int
+    n_out: int
+    activation: str
+    norm: bool
+    skip: bool
+    uses_stats = False
+
+    @property
+    def linear_key(self):
+        """Siblings with this key read the same input through the same weights: one matmul at their widest."""
+        return (self.path, self.n_in)
+
+    def linear(self, w: dict, h: jax.Array) -> jax.Array:
+        h = h.reshape(h.shape[0], -1)  # the first block reads images [B, H, W, C] as [B, D]
+        return h @ w["dense"]["kernel"][: self.n_in, : self.n_out] + w["dense"]["bias"][: self.n_out]
+
+    @property
+    def program(self) -> Dense:
+        """The compiled program's static part: sizes only (activation, norm and skip are runtime arguments)."""
+        return dataclasses.replace(self, path=(), activation="", norm=False, skip=False)
+
+    @property
+    def arguments(self) -> np.ndarray:
+        return np.array([ACTIVATION_NAMES.index(self.activation), self.norm, self.skip], np.int32)
+
+    def run(self, w: dict, h: jax.Array, stats, args, z=None):
+        z = self.linear(w, h) if z is None else z
+
+        def normed(z):  # flax's LayerNorm (use_fast_variance=False) over the real units, as the twin
+            mean = z.mean(-1, keepdims=True)
+            centred = z - mean
+            var = (centred * centred).mean(-1, keepdims=True)
+            scale, bias = (w["norm"][v][: self.n_out] for v in ("scale", "bias"))
+            return centred * jax.lax.rsqrt(var + NORM_EPSILON) * scale + bias
+
+        z = jax.lax.cond(args[1] > 0, normed, lambda z: z, z)
+        a = _activation(args[0], z)
+        if self.n_in == self.n_out and h.ndim == 2:
+            a = jax.lax.cond(args[2] > 0, lambda a: h + a, lambda a: a, a)
+        return a, {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """The classifier on the last features: ``h @ W[:n_in] + b`` (``pool``: after global average pooling)."""
+
+    path: Path
+    n_in: int
+    pool: bool = False
+    uses_stats = False
+    linear_key = None
+
+    @property
+    def program(self):
+        return dataclasses.replace(self, path=())
+
+    arguments = np.zeros(0, np.int32)
+
+    def run(self, w: dict, h: jax.Array, stats, args):
+        if self.pool:
+            h = h.mean((1, 2))
+        return h @ w["kernel"][: self.n_in] + w["bias"], {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stem:
+    """The conv families' fixed stem: 3x3 conv, bias, relu."""
+
+    path: Path
+    stride: int
+    formulation: str
+    uses_stats = False
+    linear_key = None
+
+    @property
+    def program(self):
+        return dataclasses.replace(self, path=())
+
+    arguments = np.zeros(0, np.int32)
+
+    def run(self, w: dict, h: jax.Array, stats, args):
+        return jax.nn.relu(conv2d(h, w["kernel"], self.stride, self.formulation) + w["bias"]), {}
+
+
+def _batch_norm(name: str, z: jax.Array, w: dict, stats, recorded: dict, on: jax.Array) -> jax.Array:
+    """BatchNorm over the real channels of z with the given statistics, or (``stats`` None) with the batch's;
+    z itself where ``on`` is false (the statistics are recorded either way: one program for both)."""
+    c = z.shape[-1]
+    if stats is None:
+        mean = z.mean((0, 1, 2))
+        var = jnp.square(z - mean).mean((0, 1, 2))
+    else:
+        mean, var = stats[name]["mean"], stats[name]["var"]
+    recorded[name] = {"mean": mean, "var": var}
+    scale, bias = w[name]["scale"][:c], w[name]["bias"][:c]
+    return jnp.where(on, (z - mean) * (jax.lax.rsqrt(var + BN_EPSILON) * scale) + bias, z)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvBlock:
+    """One cnn / resnet / mobilenet block at its real channels, centre-cropped kernel and expansion
+    (the layout of `jaxnas.supernet.conv`; ``first``: block 1 of its stage)."""
+
+    path: Path
+    family: str
+    ci: int
+    co: int
+    kernel: int
+    max_kernel: int
+    stride: int
+    expansion: int
+    activation: str
+    norm: bool
+    skip: bool
+    first: bool
+    formulation: str
+    linear_key = None
+
+    uses_stats = True
+
+    @property
+    def program(self) -> ConvBlock:
+        """The compiled program's static part: sizes (activation, norm and skip are runtime arguments)."""
+        return dataclasses.replace(self, path=(), activation="", norm=False, skip=False)
+
+    @property
+    def arguments(self) -> np.ndarray:
+        return np.array([ACTIVATION_NAMES.index(self.activation), self.norm, self.skip], np.int32)
+
+    def _conv(self, layer: dict, h, n_in, n_out, stride=1, elastic=False, depthwise=False):
+        kernel = layer["kernel"]
+        if elastic:
+            lo = (self.max_kernel - self.kernel) // 2
+            kernel = kernel[lo : lo + self.kernel, lo : lo + self.kernel]
+        kernel = kernel[:, :, : 1 if depthwise else n_in, :n_out]
+        if depthwise:  # XLA:CPU's grouped convolution is slow; K * K shifted multiply-adds are not
+            return depthwise_conv2d(h, kernel, stride, DEPTHWISE_FORMULATION[self.formulation]) + layer["bias"][:n_out]
+        return conv2d(h, kernel, stride, self.formulation) + layer["bias"][:n_out]
+
+    def run(self, w: dict, h: jax.Array, stats, args):
+        recorded: dict = {}
+
+        def act(z):
+            return _activation(args[0], z)
+
+        def bn(name, z):
+            return _batch_norm(name, z, w, stats, recorded, args[1] > 0)
+
+        ci, co = self.ci, self.co
+        if self.family == "cnn":
+            a = act(bn("norm", self._conv(w["conv"], h, ci, co, self.stride, elastic=True)))
+            out = jnp.where(args[2] > 0, h + a, a) if not self.first and self.ci == self.co else a
+        elif self.family == "resnet":
+            a = act(bn("norm1", self._conv(w["conv1"], h, ci, co, self.stride, elastic=True)))
+            z = bn("norm2", self._conv(w["conv2"], a, co, co, elastic=True))
+            shortcut = self._conv(w["shortcut"], h, ci, co, self.stride) if self.first else h
+            out = act(z + shortcut)
+        else:
+            hidden = ci * self.expansion
+            a = act(bn("expand_norm", self._conv(w["expand"], h, ci, hidden)))
+            a = self._conv(w["depthwise"], a, hidden, hidden, self.stride, elastic=True, depthwise=True)
+            a = act(bn("depthwise_norm", a))
+            z = bn("project_norm", self._conv(w["project"], a, hidden, co))
+            out = z if self.first else h + z
+        return out, recorded
+
+
+Op = Dense | Head | Stem | ConvBlock
+
+
+# ---------------------------------------------------------------------------------------------- ops of a candidate
+def mlp_ops(supernet: MLPSupernet, enc, prefix: Path = ()) -> tuple[Op, ...]:
+    """The layer programs of MLP candidate ``enc`` [n_choices], in order (the head last)."""
+    ops: list[Op] = []
+    width = supernet.in_features
+    for k, stage in enumerate(supernet.arch(enc).stages):
+        for j in range(stage.depth):
+            path = (*prefix, "stages", k, j)
+            ops.append(Dense(path, width, stage.width, stage.activation, stage.norm, stage.skip and j > 0))
+            width = stage.width
+    return (*ops, Head((*prefix, "head"), width))
+
+
+def conv_ops(supernet: ConvSupernet, enc, prefix: Path = (), formulation: str = "lax") -> tuple[Op, ...]:
+    """The layer programs of conv candidate ``enc`` [n_choices], in order (stem first, head last).
+
+    ``formulation``: how each exact-size convolution runs (`jaxnas.supernet.ops`); ``"lax"`` (XLA's own
+    convolution) is the fast one for a single network of real sizes on CPU, unlike under vmap.
+    """
+    arch = supernet.arch(enc)
+    root = (*prefix, arch.family)
+    ops: list[Op] = [Stem((*root, "stem"), supernet.stem_stride, formulation)]
+    width = supernet.stem_width
+    for k, stage in enumerate(arch.stages):
+        for j in range(stage.depth):
+            ops.append(
+                ConvBlock(
+                    (*root, "stages", k, j), arch.family, width, stage.width, stage.kernel, supernet.max_kernel,
+                    2 if k > 0 and j == 0 else 1, stage.expansion or 1, stage.activation, stage.norm,
+                    bool(stage.skip) and j > 0, j == 0, formulation,
+                )
+            )
+            width = stage.width
+    return (*ops, Head((*root, "head"), width, pool=True))
+
+
+def ops_for(model, enc, formulation: str = "lax") -> tuple[Op, ...]:
+    """Layer programs of ``enc`` for an `MLPSupernet`, a `ConvSupernet`, or a search model holding them
+    (``model.mlp`` / ``model.conv`` with params ``{"mlp": ..., "conv": ...}``)."""
+    if isinstance(model, MLPSupernet):
+        return mlp_ops(model, enc)
+    if isinstance(model, ConvSupernet):
+        return conv_ops(model, enc, formulation=formulation)
+    family = model.space["family"].options[int(np.asarray(enc)[model.space.index("family")])]
+    if family == "mlp" and getattr(model, "mlp", None) is not None:
+        return mlp_ops(model.mlp, enc, ("mlp",))
+    if getattr(model, "conv", None) is not None:
+        return conv_ops(model.conv, enc, ("conv",), formulation)
+    raise TypeError(f"no exact-size layer programs for {type(model).__name__}; use population.evaluate_shared")
+
+
+def supports(model) -> bool:
+    """Whether `evaluate_exact` handles ``model`` (MLP / conv supernets of the macro space, or a model of them)."""
+    if isinstance(model, MLPSupernet | ConvSupernet):
+        return True
+    return hasattr(model, "mlp") and hasattr(model, "conv") and (model.mlp is not None or model.conv is not None)
+
+
+# ---------------------------------------------------------------------------------------------- compiled pieces
+# Each is compiled once per ``op.program`` (sizes) and input shape; the weights, the op's runtime arguments
+# (activation, norm, skip) and the statistics are arguments, so every layer position and choice shares it.
+@functools.partial(jax.jit, static_argnums=0)
+def _run(program, w, h, stats, args):
+    return program.run(w, h, stats, args)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run_on(program, w, h, stats, args, z):
+    return program.run(w, h, stats, args, z=z)[0]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _linear(program, w, h):
+    return program.linear(w, h)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _recalibrate(program, w, hs, args):
+    """Outputs [n, B, ...] of the op on every batch of hs [n, B, ...] with the batch's statistics, and the mean
+    of the statistics over the batches (what `ConvSupernet.recalibrate_bn` computes)."""
+    out, stats = jax.vmap(lambda h: program.run(w, h, None, args))(hs)
+    return out, jax.tree.map(lambda a: a.mean(0), stats)
+
+
+@jax.jit
+def _sums(logits, y, weight):
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return jnp.sum(loss * weight), jnp.sum((jnp.argmax(logits, -1) == y) * weight)
+
+
+# ---------------------------------------------------------------------------------------------- the prefix tree
+class _Node:
+    __slots__ = ("children", "leaves", "stats")
+
+    def __init__(self):
+        self.children: dict[Op, _Node] = {}
+        self.leaves: list[int] = []  # candidates whose chain ends here (after their head)
+        self.stats = None
+
+
+def _tree(chains: Sequence[tuple[Op, ...]]) -> _Node:
+    root = _Node()
+    for i, chain in enumerate(chains):
+        node = root
+        for op in chain:
+            node = node.children.setdefault(op, _Node())
+        node.leaves.append(i)
+    return root
+
+
+def _children_outputs(node: _Node, params, h, run):
+    """(op, child, output) for every child of ``node``; siblings with one ``linear_key`` share one matmul."""
+    groups: dict = {}
+    for op in node.children:
+        if op.linear_key is not None:
+            groups.setdefault(op.linear_key, []).append(op)
+    shared = {}
+    for ops in groups.values():
+        if len(ops) > 1:
+            widest = max(ops, key=lambda o: o.n_out)
+            z = _linear(widest.program, _at(params, widest.path), h)
+            for op in ops:
+                shared[op] = z if op.n_out == widest.n_out else z[..., : op.n_out]
+    for op, child in node.children.items():
+        if op in shared:
+            yield op, child, _run_on(op.program, _at(params, op.path), h, child.stats, op.arguments, shared[op])
+        else:
+            yield op, child, run(op, child, h)
+
+
+def _recalibrate_tree(node: _Node, params, hs) -> None:
+    """Fill every node's BatchNorm statistics from the batches hs [n, B, ...] flowing through its prefix."""
+    for op, child in node.children.items():
+        if not child.children:  # a head: nothing after it needs statistics
+            continue
+        out, child.stats = _recalibrate(op.program, _at(params, op.path), hs, op.arguments)
+        _recalibrate_tree(child, params, out)
+
+
+def _needs_stats(node: _Node) -> bool:
+    return any(op.uses_stats or _needs_stats(child) for op, child in node.children.items())
+
+
+def _evaluate_tree(node: _Node, params, h, y, weight, totals) -> None:
+    def run(op, child, h):
+        return _run(op.program, _at(params, op.path), h, child.stats, op.arguments)
+
+    for _, child, out in _children_outputs(node, params, h, run):
+        if child.leaves:
+            loss, correct = _sums(out, y, weight)
+            for i in child.leaves:
+                totals[i].append((loss, correct))
+        if child.children:
+            _evaluate_tree(child, params, out, y, weight, totals)
+
+
+def evaluate_exact(
+    model,
+    params,
+    encs,
+    x,
+    y,
+    *,
+    bn_batches=None,
+    batch_size: int = 1000,
+    formulation: str = "lax",
+) -> dict[str, np.ndarray]:
+    """Loss and accuracy of every encoding in ``encs`` [P, n_choices] with one shared ``params``, each candidate
+    computed at its own sizes (see the module docstring).
+
+    ``model``: an `MLPSupernet`, a `ConvSupernet`, or a search model holding them; x [N, ...], y [N] int labels;
+    ``bn_batches`` [n, B, H, W, C]: training batches for each candidate's BatchNorm statistics (needed when a
+    candidate uses BatchNorm); ``batch_size``: examples per evaluation batch (the last one is padded and the
+    padding ignored). Returns numpy ``{"loss": [P] mean cross-entropy, "accuracy": [P]}``, as `evaluate_shared`.
+    """
+    encs = np.asarray(encs)
+    if encs.ndim != 2 or len(encs) == 0:
+        raise ValueError(f"encs must be a non-empty [P, n_choices] array, got shape {encs.shape}")
+    x, y = jnp.asarray(x), jnp.asarray(y, jnp.int32)
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"x has {x.shape[0]} examples and y {y.shape[0]} labels; they must match and be > 0")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    root = _tree([ops_for(model, e, formulation) for e in encs])
+    if _needs_stats(root):
+        if bn_batches is None:
+            raise ValueError(
+                "candidates use BatchNorm, so evaluate_exact needs training batches for their statistics: pass "
+                "bn_batches=[n, B, H, W, C] (the same batches recalibrate_bn takes)"
+            )
+        _recalibrate_tree(root, params, jnp.asarray(bn_batches))
+    n = x.shape[0]
+    totals: list[list] = [[] for _ in range(len(encs))]
+    for start in range(0, n, batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        real = xb.shape[0]
+        if real < batch_size and n > batch_size:  # pad to the batch size: no new program shape for the tail
+            xb = jnp.pad(xb, [(0, batch_size - real)] + [(0, 0)] * (xb.ndim - 1))
+            yb = jnp.pad(yb, (0, batch_size - real))
+        weight = (jnp.arange(xb.shape[0]) < real).astype(jnp.float32)
+        _evaluate_tree(root, params, xb, yb, weight, totals)
+    # float32 like evaluate_shared (the same division, so equal counts give bit-equal accuracies)
+    loss = np.array([sum(float(t[0]) for t in ts) for ts in totals], np.float32) / np.float32(n)
+    correct = np.array([sum(float(t[1]) for t in ts) for ts in totals], np.float32)
+    return {"loss": loss, "accuracy": correct / np.float32(n)}
+
