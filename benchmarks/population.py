@@ -11,6 +11,11 @@ a conv family uses a CPU-sized `ConvSupernet` (28 x 28 MNIST, stem stride 2, cha
       statistics from ``BN_BATCHES`` training batches) followed by `evaluate_population` of
       `ConvSupernet.apply_recalibrated`; one compile for the whole population. Its first call (compile included,
       paid once per search) and its steady state (every later population of the same size) are reported;
+    - exact: `jaxnas.exact.evaluate_exact`, every candidate at its own sizes through layer programs compiled
+      once per layer size (the CPU formulation; the search uses it in mode oneshot on CPU). Its first call
+      compiles the layer programs the population needs; then a *new* population of P other architectures is
+      timed once (only its unseen layer sizes compile: what a search's next generation costs), then the
+      steady state;
     - per-architecture compile: `extract` the standalone twin and `jax.jit` it, per architecture, compile
       included (in a search every architecture is new, so every twin is a fresh compile); a conv twin takes its
       statistics from one jitted `recalibrate_bn` (compiled once, before timing);
@@ -893,7 +898,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             # Disjoint from encs: sampled from another key, rows already in encs dropped.
             others = distinct_population(supernet.space, jax.random.fold_in(jax.random.key(args.seed + 1), p), 2 * p)
             seen = {supernet.space.to_string(e) for e in encs}
-            fresh = np.stack([e for e in others if supernet.space.to_string(e) not in seen][:p])
+            fresh = [e for e in others if supernet.space.to_string(e) not in seen][:p]
+            fresh = np.stack(fresh) if fresh else None
             evaluation = bench_evaluation(
                 supernet, params, encs, val, bn_images, args.repeats, peak, buckets, fresh=fresh
             )

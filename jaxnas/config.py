@@ -117,6 +117,13 @@ class SupernetConfig:
     batch_size: int = _field(64, "Supernet training batch size.", min=1)
     learning_rate: float = _field(1e-3, "Adam learning rate.", min=0.0)
     bn_batches: int = _field(4, "Training batches used to recalibrate each subnet's BatchNorm statistics.", min=1)
+    scoring: Literal["auto", "exact", "vmapped"] = _field(
+        "auto",
+        "How mode oneshot scores candidates with the shared weights: exact (each at its own sizes through cached "
+        "layer programs, jaxnas.exact: the fast form on CPU), vmapped (one masked program for the whole "
+        "population: the form for GPU / TPU and sharded populations), auto (exact for macro spaces on a CPU "
+        "backend in one process, else vmapped). Both give the same scores to float tolerance.",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,4 +212,9 @@ class RunConfig:
         if self.mode == "table" and self.space.name != "nb201" and self.table.path == "nb201_analog":
             raise ValueError(
                 f"mode table with the shipped nb201_analog table needs space.name=nb201, got {self.space.name!r}"
+            )
+        if self.supernet.scoring == "exact" and self.space.name != "macro":
+            raise ValueError(
+                f"supernet.scoring=exact covers the macro space only, got space.name={self.space.name!r}; "
+                "use supernet.scoring=auto or vmapped"
             )

@@ -26,6 +26,9 @@ def test_population_benchmark_quick_prints_every_arm_ratio_and_equal_accuracies(
     mlp, cnn = text.split("=== MLP family, P = 4 ===")[1].split("=== CNN family, P = 4 ===")
     assert re.search(r"stem stride 2 .*channels \(4, 8\), kernels \(1, 3\), <= 2 stages x <= 1 blocks", cnn)
     common = (
+        "exact layer programs, first call",
+        "exact, then a new population of P others",
+        "exact layer programs, steady state",
         "per-arch compiled twin (extract + jit)",
         "PyTorch eager, one by one",
         "vmapped train_population, first call",
@@ -40,6 +43,10 @@ def test_population_benchmark_quick_prints_every_arm_ratio_and_equal_accuracies(
             "vmapped (steady) vs per-arch compile",
             "vmapped (first call) vs per-arch compile",
             "vmapped (steady) vs PyTorch eager",
+            "exact (steady) vs vmapped (steady)",
+            "exact (steady) vs per-arch compile",
+            "exact (new population) vs per-arch compile",
+            "exact (steady) vs PyTorch eager",
             "vmapped (steady) vs PyTorch sequential",
             "vmapped (first call) vs PyTorch sequential",
         ):
@@ -48,13 +55,13 @@ def test_population_benchmark_quick_prints_every_arm_ratio_and_equal_accuracies(
         assert len(re.findall(rf"padded fraction \(candidate MACs / max-width MACs\): {NUMBER}", section)) == 2
         # The three evaluation arms score the same networks with the same weights (and, for the CNN, the same
         # BatchNorm statistics, each arm recalibrating its own): equal accuracies.
-        assert re.search(r"accuracy mean: vmapped (\S+), twin \1, torch \1 \(max \|diff\| 0\.0000", section)
+        assert re.search(r"accuracy mean: vmapped (\S+), exact \1, twin \1, torch \1 \(max \|diff\| 0\.0000", section)
     assert "BatchNorm recalibration on 256 training images" in cnn
 
     results = json.loads(out_json.read_text())
     for family in FAMILIES:
         evaluation, training = results[family]["4"]["evaluation"], results[family]["4"]["training"]
-        assert set(evaluation["times"]) == {"vmapped", "twin", "torch"}
+        assert set(evaluation["times"]) == {"vmapped", "exact", "twin", "torch"}
         assert set(training["times"]) == {"vmapped", "torch"}
         assert len(training["accuracy"]["vmapped"]) == len(training["accuracy"]["torch"]) == 4
         assert len(set(results[family]["4"]["architectures"])) == 4

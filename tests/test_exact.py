@@ -149,3 +149,11 @@ def test_bad_inputs_are_refused_with_the_fix():
         exact.evaluate_exact(supernet, params, encs[0], x, y)
     with pytest.raises(ValueError, match="must match"):
         exact.evaluate_exact(supernet, params, encs, x, y[:3])
+
+
+def test_exact_scoring_of_a_space_it_does_not_cover_is_refused_by_the_config():
+    from interop.config import ConfigError, load_config
+    from jaxnas.config import RunConfig
+
+    with pytest.raises(ConfigError, match="macro space only"):
+        load_config(RunConfig, None, ["space.name=nb201", "supernet.scoring=exact"])

@@ -156,3 +156,18 @@ def test_latency_objective_is_measured_on_the_twin_and_its_constraint_filters_be
                  "objectives.latency_repeats=3", "search.generations=1"]) == 0
     rows = _rows(strict / "history.csv")
     assert rows and all(r["status"] == "infeasible" and r["val_accuracy"] == "" for r in rows)
+
+
+def test_oneshot_scores_exact_and_vmapped_alike(tmp_path):
+    """supernet.scoring=exact (each candidate at its own sizes) and vmapped (one masked program) give one search."""
+    overrides = [o for o in TINY if not o.startswith(("final.", "search.budget"))] + ["final.top_k=0", "search.budget=4"]
+    histories = {}
+    for scoring in ("exact", "vmapped"):
+        out = tmp_path / scoring
+        assert main([f"output={out}", "mode=oneshot", f"supernet.scoring={scoring}", *overrides]) == 0
+        histories[scoring] = _rows(out / "history.csv")
+    exact, vmapped = histories["exact"], histories["vmapped"]
+    assert [r["arch"] for r in exact] == [r["arch"] for r in vmapped] and len(exact) == 4
+    for a, b in zip(exact, vmapped):
+        assert float(a["val_accuracy"]) == pytest.approx(float(b["val_accuracy"]), abs=1e-6)
+        assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-4)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxnas import exact
 from jaxnas import population as pop
 from jaxnas.config import RunConfig
 from jaxnas.data.core import Dataset
@@ -221,11 +222,28 @@ class OneShotEvaluator(_Trained):
     def __init__(self, cfg: RunConfig, model: SearchModel, dataset: Dataset, supernet_params):
         super().__init__(cfg, model, dataset)
         self.params = supernet_params
+        self.exact = _use_exact(cfg.supernet.scoring, model)
 
     def evaluate(self, encs: np.ndarray, generation: int) -> list[dict]:
+        if self.exact:  # every candidate at its own sizes; no padding to P needed (nothing is recompiled)
+            d = self.data
+            scores = exact.evaluate_exact(
+                self.model, self.params, encs, d.val_x, d.val_y, bn_batches=d.bn_batches, batch_size=EXACT_BATCH
+            )
+            return self._rows(None, scores, len(encs))
         padded = _padded(encs, self.population)
         scores = self.score(self.params, padded, self.data.val_x, self.data.val_y, shared=True)
         return self._rows(None, scores, len(encs))
+
+
+EXACT_BATCH = 500  # validation examples per batch of exact scoring (activations of one tree path stay small)
+
+
+def _use_exact(scoring: str, model) -> bool:
+    """Whether mode oneshot scores through `jaxnas.exact` (see ``supernet.scoring``)."""
+    if scoring == "auto":
+        return exact.supports(model) and jax.default_backend() == "cpu" and jax.process_count() == 1
+    return scoring == "exact"
 
 
 def train_supernet(cfg: RunConfig, model: SearchModel, dataset: Dataset):
