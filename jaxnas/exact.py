@@ -2,13 +2,14 @@
 
 `jaxnas.population.evaluate_shared` runs a whole population as one vmapped program over masks: on GPU / TPU
 that is the fastest form, but on CPU the masked program computes every block at the largest width, depth and
-kernel (only ~18-24% of its FLOPs are the candidates' own in the macro space, see SPEC.md) and every activation
+kernel (only ~18-24% of its FLOPs are the candidates' own in the macro space, benchmarks/population.py) and every activation
 of a `lax.switch`. `evaluate_exact` is the CPU formulation of the same function:
 
 - each candidate is a chain of **layer programs** (`Op`: one block at its real input / output widths, kernel,
   activation, norm and skip, weights sliced from the supernet inside the program). A layer program is compiled
-  once per distinct layer configuration and cached for the process, so compiles are bounded by the space's
-  layer configurations, not by the number of architectures (a search's later generations compile nothing);
+  once per distinct layer size and cached for the process (activation, norm and skip are runtime arguments),
+  so compiles are bounded by the space's layer sizes, not by the number of architectures: a search's next
+  generation compiles only sizes it has not met before;
 - the population is a **prefix tree**: candidates whose first blocks agree share those blocks' outputs (the
   fixed conv stem is computed once for the whole population), and sibling blocks that read the same input
   with the same weights but different output widths share one matmul at their widest (an MLP population's
