@@ -2,8 +2,8 @@
 
 `jaxnas.population.evaluate_shared` runs a whole population as one vmapped program over masks: on GPU / TPU
 that is the fastest form, but on CPU the masked program computes every block at the largest width, depth and
-kernel (only ~18-24% of its FLOPs are the candidates' own in the macro space, benchmarks/population.py) and every activation
-of a `lax.switch`. `evaluate_exact` is the CPU formulation of the same function:
+kernel (only ~18-24% of its FLOPs are the candidates' own in the macro space, benchmarks/population.py) and
+every activation of a `lax.switch`. `evaluate_exact` is the CPU formulation of the same function:
 
 - each candidate is a chain of **layer programs** (`Op`: one block at its real input / output widths, kernel,
   activation, norm and skip, weights sliced from the supernet inside the program). A layer program is compiled
