@@ -12,9 +12,10 @@ every activation of a `lax.switch`. `evaluate_exact` is the CPU formulation of t
   generation compiles only sizes it has not met before;
 - the population is a **prefix tree**: candidates whose first blocks agree share those blocks' outputs (the
   fixed conv stem is computed once for the whole population), and sibling blocks that read the same input
-  with the same weights but different output widths share one matmul at their widest (an MLP population's
-  first layer, the largest, is one ``x @ W1`` for everyone): elastic width keeps the first units, so a narrower
-  candidate's pre-activations are a slice of the wider one's;
+  with the same weights but different output widths share one matmul / convolution at their widest (an MLP
+  population's first layer, the largest, is one ``x @ W1`` for everyone; the first convolution after a conv
+  population's stem is one per kernel size): elastic width keeps the first units, so a narrower candidate's
+  pre-activations are a slice of the wider one's;
 - BatchNorm statistics are recalibrated per subnet on the given training batches (the mean of the batch
   means and variances, exactly `ConvSupernet.recalibrate_bn`), also once per tree node.
 
@@ -75,6 +76,10 @@ class Dense:
     def linear_key(self):
         """Siblings with this key read the same input through the same weights: one matmul at their widest."""
         return (self.path, self.n_in)
+
+    @property
+    def linear_width(self) -> int:
+        return self.n_out
 
     def linear(self, w: dict, h: jax.Array) -> jax.Array:
         h = h.reshape(h.shape[0], -1)  # the first block reads images [B, H, W, C] as [B, D]
@@ -180,9 +185,25 @@ class ConvBlock:
     skip: bool
     first: bool
     formulation: str
-    linear_key = None
 
     uses_stats = True
+
+    @property
+    def linear_key(self):
+        """Siblings with this key apply the same first convolution to the same input (cnn conv / resnet conv1 /
+        mobilenet expand): computed once at their widest output, each takes its first channels."""
+        if self.family == "mobilenet":
+            return (self.path, self.ci)  # a 1x1 expansion: kernel and stride play no part
+        return (self.path, self.ci, self.kernel, self.stride)
+
+    @property
+    def linear_width(self) -> int:
+        return self.ci * self.expansion if self.family == "mobilenet" else self.co
+
+    def linear(self, w: dict, h: jax.Array) -> jax.Array:
+        if self.family == "mobilenet":
+            return self._conv(w["expand"], h, self.ci, self.linear_width)
+        return self._conv(w["conv" if self.family == "cnn" else "conv1"], h, self.ci, self.co, self.stride, elastic=True)
 
     @property
     def program(self) -> ConvBlock:
@@ -203,8 +224,9 @@ class ConvBlock:
             return depthwise_conv2d(h, kernel, stride, DEPTHWISE_FORMULATION[self.formulation]) + layer["bias"][:n_out]
         return conv2d(h, kernel, stride, self.formulation) + layer["bias"][:n_out]
 
-    def run(self, w: dict, h: jax.Array, stats, args):
+    def run(self, w: dict, h: jax.Array, stats, args, z=None):
         recorded: dict = {}
+        z = self.linear(w, h) if z is None else z  # the block's first convolution
 
         def act(z):
             return _activation(args[0], z)
@@ -214,16 +236,16 @@ class ConvBlock:
 
         ci, co = self.ci, self.co
         if self.family == "cnn":
-            a = act(bn("norm", self._conv(w["conv"], h, ci, co, self.stride, elastic=True)))
+            a = act(bn("norm", z))
             out = jnp.where(args[2] > 0, h + a, a) if not self.first and self.ci == self.co else a
         elif self.family == "resnet":
-            a = act(bn("norm1", self._conv(w["conv1"], h, ci, co, self.stride, elastic=True)))
+            a = act(bn("norm1", z))
             z = bn("norm2", self._conv(w["conv2"], a, co, co, elastic=True))
             shortcut = self._conv(w["shortcut"], h, ci, co, self.stride) if self.first else h
             out = act(z + shortcut)
         else:
             hidden = ci * self.expansion
-            a = act(bn("expand_norm", self._conv(w["expand"], h, ci, hidden)))
+            a = act(bn("expand_norm", z))
             a = self._conv(w["depthwise"], a, hidden, hidden, self.stride, elastic=True, depthwise=True)
             a = act(bn("depthwise_norm", a))
             z = bn("project_norm", self._conv(w["project"], a, hidden, co))
@@ -353,10 +375,10 @@ def _children_outputs(node: _Node, params, h, run):
     shared = {}
     for ops in groups.values():
         if len(ops) > 1:
-            widest = max(ops, key=lambda o: o.n_out)
+            widest = max(ops, key=lambda o: o.linear_width)
             z = _linear(widest.program, _at(params, widest.path), h)
             for op in ops:
-                shared[op] = z if op.n_out == widest.n_out else z[..., : op.n_out]
+                shared[op] = z if op.linear_width == widest.linear_width else z[..., : op.linear_width]
     for op, child in node.children.items():
         if op in shared:
             yield op, child, _run_on(op.program, _at(params, op.path), h, child.stats, op.arguments, shared[op])

@@ -94,6 +94,10 @@ def test_conv_population_with_recalibrated_batchnorm_equals_the_masked_program(f
     supernet = ConvSupernet(space, IMAGE, CLASSES, formulation="lax")
     params = _perturbed(supernet.init(jax.random.key(0)), jax.random.key(1))
     encs = _distinct(space, 3, 8)
+    # The first blocks after the shared stem include siblings that share one first convolution at the widest.
+    (stem,) = exact._tree([exact.ops_for(supernet, e) for e in encs]).children.values()
+    keys = [op.linear_key for op in stem.children]
+    assert len(set(keys)) < len(keys)
     x, y, bn = _data()
     got = exact.evaluate_exact(supernet, params, encs, x, y, bn_batches=bn, batch_size=75)
     _assert_equal_scores(got, _masked_scores(supernet, params, encs, x, y, bn))
