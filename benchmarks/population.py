@@ -564,9 +564,9 @@ def bench_evaluation(
     def bucketed():
         return bucketed_eval_accuracies(buckets, params, x, y, bn_x)
 
-    def exact():
-        out = evaluate_exact(supernet, params, encs, x, y, bn_batches=bn_x if conv else None, batch_size=EXACT_BATCH)
-        return out["accuracy"]
+    def exact(population=encs):
+        bn = bn_x if conv else None
+        return evaluate_exact(supernet, params, population, x, y, bn_batches=bn, batch_size=EXACT_BATCH)["accuracy"]
 
     first, acc_vmapped = timed(vmapped)
     first_exact, acc_exact = timed(exact)  # compiles the layer programs this population needs
@@ -574,10 +574,7 @@ def bench_evaluation(
     # configurations not seen yet compile.
     fresh_exact = None
     if fresh is not None:
-        fresh_exact, _ = timed(
-            lambda: evaluate_exact(supernet, params, fresh, x, y, bn_batches=bn_x if conv else None,
-                                   batch_size=EXACT_BATCH)["accuracy"]
-        )
+        fresh_exact, _ = timed(lambda: exact(fresh))
     if buckets:
         first_bucketed, acc_bucketed = timed(bucketed)
     # Also the warm-up of torch and of the twins' recalibration.

@@ -111,21 +111,25 @@ class Dense:
         return a, {}
 
 
-@dataclasses.dataclass(frozen=True)
-class Head:
-    """The classifier on the last features: ``h @ W[:n_in] + b`` (``pool``: after global average pooling)."""
+class _Fixed:
+    """Ops with nothing searched inside: no runtime arguments, no statistics, no sharable first layer."""
 
-    path: Path
-    n_in: int
-    pool: bool = False
     uses_stats = False
     linear_key = None
+    arguments = np.zeros(0, np.int32)
 
     @property
     def program(self):
         return dataclasses.replace(self, path=())
 
-    arguments = np.zeros(0, np.int32)
+
+@dataclasses.dataclass(frozen=True)
+class Head(_Fixed):
+    """The classifier on the last features: ``h @ W[:n_in] + b`` (``pool``: after global average pooling)."""
+
+    path: Path
+    n_in: int
+    pool: bool = False
 
     def run(self, w: dict, h: jax.Array, stats, args):
         if self.pool:
@@ -134,20 +138,12 @@ class Head:
 
 
 @dataclasses.dataclass(frozen=True)
-class Stem:
+class Stem(_Fixed):
     """The conv families' fixed stem: 3x3 conv, bias, relu."""
 
     path: Path
     stride: int
     formulation: str
-    uses_stats = False
-    linear_key = None
-
-    @property
-    def program(self):
-        return dataclasses.replace(self, path=())
-
-    arguments = np.zeros(0, np.int32)
 
     def run(self, w: dict, h: jax.Array, stats, args):
         return jax.nn.relu(conv2d(h, w["kernel"], self.stride, self.formulation) + w["bias"]), {}
@@ -299,8 +295,7 @@ def ops_for(model, enc, formulation: str = "lax") -> tuple[Op, ...]:
         return mlp_ops(model, enc)
     if isinstance(model, ConvSupernet):
         return conv_ops(model, enc, formulation=formulation)
-    family = model.space["family"].options[int(np.asarray(enc)[model.space.index("family")])]
-    if family == "mlp" and getattr(model, "mlp", None) is not None:
+    if getattr(model, "mlp", None) is not None and model.family(enc) == "mlp":
         return mlp_ops(model.mlp, enc, ("mlp",))
     if getattr(model, "conv", None) is not None:
         return conv_ops(model.conv, enc, ("conv",), formulation)
