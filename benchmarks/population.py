@@ -24,6 +24,8 @@ a conv family uses a CPU-sized `ConvSupernet` (28 x 28 MNIST, stem stride 2, cha
       timing, its logits are checked against the JAX twin's on a few architectures.
 (b) training P candidates from the same initial weights for one epoch (same batches, Adam, same lr):
     - vmapped: `train_population` (one compile, reported separately from the steady-state epoch);
+    - exact (MLP family): `jaxnas.exact_train.train_population_exact`, every candidate at its real sizes in one
+      program per population (its compile, paid once per population, reported as the first call);
     - PyTorch eager: the same networks trained one after another (BatchNorm with the batch's statistics, as
       `ConvSupernet.apply` trains, and as `train_population` validates: the same validation batches).
     Both sides score the validation split after the epoch; their final accuracies are printed to show the work
@@ -65,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
+from jaxnas import exact_train
 from jaxnas.data import epoch_indices, load_dataset
 from jaxnas.exact import evaluate_exact
 from jaxnas.population import evaluate_population, evaluate_shared, init_population, tile_population, train_population
@@ -659,14 +662,26 @@ def bench_training(supernet, encs, data, repeats: int, batch_size: int, lr: floa
     def sequential(weights=init_weights, encs=encs, steps=None):
         return torch_train(supernet, weights, encs, tx, ty, tvx, tvy, index, lr, eval_batch, steps)
 
+    def exact():
+        result = exact_train.train_population_exact(
+            supernet, params_P, encs, optimizer, x, y, vx, vy, epochs=1, batch_size=batch_size, seed=seed,
+            eval_batch_size=eval_batch,
+        )
+        return result.history[-1]
+
+    arms = {"vmapped": vmapped, "torch": sequential}
+    if exact_train.supports(supernet):
+        arms = {"vmapped": vmapped, "exact": exact, "torch": sequential}
     sequential(init_weights[:1], encs[:1], steps=5)  # warm-up, one architecture
-    first, acc_vmapped = timed(vmapped)
-    times = {"vmapped": [], "torch": []}
+    first, accuracy = {}, {}
+    for arm in ("vmapped", "exact"):
+        if arm in arms:
+            first[arm], accuracy[arm] = timed(arms[arm])
+    times = {arm: [] for arm in arms}
     for _ in range(repeats):
-        t, acc_vmapped = timed(vmapped)
-        times["vmapped"].append(t)
-        t, acc_torch = timed(sequential)
-        times["torch"].append(t)
+        for arm, fn in arms.items():
+            t, accuracy[arm] = timed(fn)
+            times[arm].append(t)
     flops = flop_counts(supernet, encs)
     trained = index.size
     # Forward + backward of a layer is 3 convolutions / matmuls of its size; the validation pass after the epoch is 1.
@@ -676,12 +691,13 @@ def bench_training(supernet, encs, data, repeats: int, batch_size: int, lr: floa
         "steps": int(index.shape[0]),
         "batch_size": batch_size,
         "lr": lr,
-        "first_call_s": first,
-        "compile_s": first - summary(times["vmapped"])["median"],
+        "first_call_s": first["vmapped"],
+        "compile_s": first["vmapped"] - summary(times["vmapped"])["median"],
+        "first_call": first,
         "times": {arm: summary(ts) for arm, ts in times.items()},
-        "accuracy": {"vmapped": acc_vmapped.tolist(), "torch": acc_torch.tolist()},
-        "accuracy_mean": {"vmapped": float(acc_vmapped.mean()), "torch": float(acc_torch.mean())},
-        "accuracy_max_abs_diff": float(np.abs(acc_vmapped - acc_torch).max()),
+        "accuracy": {arm: acc.tolist() for arm, acc in accuracy.items()},
+        "accuracy_mean": {arm: float(acc.mean()) for arm, acc in accuracy.items()},
+        "accuracy_max_abs_diff": float(np.abs(accuracy["vmapped"] - accuracy["torch"]).max()),
         **flops,
         "useful_flops": useful,
     }
@@ -768,14 +784,20 @@ def print_training(p: int, r: dict) -> None:
     first = r["first_call_s"]
     print(f"  {'vmapped train_population, first call':<{LABEL}} {first:>9.3f}   (compile ≈ {r['compile_s']:.3f} s)")
     print(row("vmapped train_population, steady epoch", t["vmapped"]))
+    if "exact" in t:
+        ex_first = r["first_call"]["exact"]
+        print(f"  {'exact train_population_exact, first call (compiles)':<{LABEL}} {ex_first:>9.3f}")
+        print(row("exact train_population_exact, steady epoch", t["exact"]))
     print(row("PyTorch eager, one after another", t["torch"]))
     print(f"  ratio vmapped (steady) vs PyTorch sequential: {t['torch']['median'] / t['vmapped']['median']:.2f}x")
     print(f"  ratio vmapped (first call) vs PyTorch sequential: {t['torch']['median'] / first:.2f}x")
+    if "exact" in t:
+        print(f"  ratio exact (steady) vs PyTorch sequential: {t['torch']['median'] / t['exact']['median']:.2f}x")
+        print(f"  ratio exact (first call) vs PyTorch sequential: {t['torch']['median'] / ex_first:.2f}x")
+        print(f"  ratio exact (steady) vs vmapped (steady): {t['vmapped']['median'] / t['exact']['median']:.2f}x")
     acc = r["accuracy_mean"]
-    print(
-        f"  final accuracy mean: vmapped {acc['vmapped']:.4f}, torch {acc['torch']:.4f} "
-        f"(max |diff| per candidate {r['accuracy_max_abs_diff']:.4f})"
-    )
+    means = ", ".join(f"{arm} {v:.4f}" for arm, v in acc.items())
+    print(f"  final accuracy mean: {means} (vmapped vs torch max |diff| per candidate {r['accuracy_max_abs_diff']:.4f})")
     print_flops(r)
 
 

@@ -105,6 +105,13 @@ class TrainConfig:
     fast_epochs: int = _field(1, "Fast mode: epochs per candidate in the first fast_generations.", min=1)
     augment_shift: int = _field(0, "Augmentation: random translations of up to this many pixels (0: off).", min=0, max=8)
     warm_start: bool = _field(False, "Start candidates from the trained supernet's weights (oneshot supernet first).")
+    formulation: Literal["auto", "exact", "vmapped"] = _field(
+        "auto",
+        "How a population of candidates is trained: exact (each MLP at its own sizes, one program per population, "
+        "jaxnas.exact_train: the fast form on CPU; MLP-only macro spaces), vmapped (one masked program for every "
+        "population: the form for GPU / TPU, sharded populations and conv families), auto (exact for MLP-only "
+        "macro spaces on a CPU backend on one device, else vmapped). Both train the same networks.",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +219,11 @@ class RunConfig:
         if self.mode == "table" and self.space.name != "nb201" and self.table.path == "nb201_analog":
             raise ValueError(
                 f"mode table with the shipped nb201_analog table needs space.name=nb201, got {self.space.name!r}"
+            )
+        if self.train.formulation == "exact" and (self.space.name != "macro" or set(self.space.families) != {"mlp"}):
+            raise ValueError(
+                f"train.formulation=exact trains MLP-only macro spaces, got space.name={self.space.name!r} with "
+                f"families {list(self.space.families)}; use space.families=[mlp], or train.formulation=auto or vmapped"
             )
         if self.supernet.scoring == "exact" and self.space.name != "macro":
             raise ValueError(

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnas import exact
+from jaxnas import exact, exact_train
 from jaxnas import population as pop
 from jaxnas.config import RunConfig
 from jaxnas.data.core import Dataset
@@ -151,11 +151,19 @@ class _Trained:
         if mesh is not None:
             (encs_j, params_P, keys), _ = pop.shard_population((encs_j, params_P, keys), mesh)
         d = self.data
-        result = pop.train_population(
-            self.model.apply, params_P, encs_j, self.optimizer, d.train_x, d.train_y, d.val_x, d.val_y,
-            epochs=epochs, batch_size=self.cfg.train.batch_size, seed=seed, patience=patience, keys=keys,
-            shift=self.cfg.train.augment_shift,
-        )
+        if _train_exact(self.cfg.train.formulation, self.model, mesh):
+            result = exact_train.train_population_exact(
+                self.model.mlp, params_P["mlp"], encs_j, self.optimizer, d.train_x, d.train_y, d.val_x, d.val_y,
+                epochs=epochs, batch_size=self.cfg.train.batch_size, seed=seed, patience=patience, keys=keys,
+                shift=self.cfg.train.augment_shift,
+            )
+            result = dataclasses.replace(result, params={"mlp": result.params})
+        else:
+            result = pop.train_population(
+                self.model.apply, params_P, encs_j, self.optimizer, d.train_x, d.train_y, d.val_x, d.val_y,
+                epochs=epochs, batch_size=self.cfg.train.batch_size, seed=seed, patience=patience, keys=keys,
+                shift=self.cfg.train.augment_shift,
+            )
         scores = {k: v[:P] for k, v in self._score(result.params, encs_j, d.val_x, d.val_y, shared=False).items()}
         if len(encs_j) != P:
             result = dataclasses.replace(
@@ -237,6 +245,14 @@ class OneShotEvaluator(_Trained):
 
 
 EXACT_BATCH = 500  # validation examples per batch of exact scoring (activations of one tree path stay small)
+
+
+def _train_exact(formulation: str, model, mesh) -> bool:
+    """Whether candidates train through `jaxnas.exact_train` (see ``train.formulation``)."""
+    if formulation == "auto":
+        mlp_only = isinstance(model, SearchModel) and model.conv is None and model.mlp is not None
+        return mlp_only and jax.default_backend() == "cpu" and jax.process_count() == 1 and mesh is None
+    return formulation == "exact"
 
 
 def _use_exact(scoring: str, model) -> bool:

@@ -1,0 +1,122 @@
+"""jaxnas.exact_train: MLP population training at exact sizes equals the masked vmapped `train_population`.
+
+With SGD the two agree to float tolerance (weights, histories, losses). Tiny space on the 8x8 digits; the
+population covers depth-1 and depth-2 stages, norm, skip, two activations and dropout.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxnas import exact_train
+from jaxnas import population as pop
+from jaxnas.data import load_dataset
+from jaxnas.spaces import macro_space
+from jaxnas.supernet import ConvSupernet, MLPSupernet
+
+IN_FEATURES, CLASSES = 64, 10
+SPACE = macro_space(
+    families=("mlp",), max_stages=2, max_depth=2, units=(8, 16), activations=("relu", "gelu"), dropouts=(0.0, 0.3)
+)
+OPTIMIZER = optax.sgd(0.1)  # exact agreement with the masked program (see the module docstring of exact_train)
+P = 5
+
+
+@pytest.fixture(scope="module")
+def setup():
+    supernet = MLPSupernet(SPACE, IN_FEATURES, CLASSES)
+    encs = np.asarray(SPACE.sample(jax.random.key(3), 64))
+    rows = np.unique([SPACE.to_string(e) for e in encs], return_index=True)[1][:P]
+    encs = encs[np.sort(rows)]
+    # The population covers what the exact programs must get right.
+    archs = [supernet.arch(e) for e in encs]
+    assert any(s.depth == 2 and s.skip for a in archs for s in a.stages)
+    assert any(s.norm for a in archs for s in a.stages) and any(a.dropout > 0 for a in archs)
+    params = pop.init_population(supernet.init, jax.random.key(4), P)
+    ds = load_dataset("digits")
+    data = (ds.train.images[:256], ds.train.labels[:256], ds.validation.images[:96], ds.validation.labels[:96])
+    return supernet, encs, params, data
+
+
+def _both(setup, *, params=None, epochs=2, patience=None, val=None, optimizer=OPTIMIZER):
+    supernet, encs, params0, (tx, ty, vx, vy) = setup
+    vx, vy = val or (vx, vy)
+    params = params0 if params is None else params
+    kw = dict(epochs=epochs, batch_size=64, seed=5, patience=patience, eval_batch_size=40)
+    masked = pop.train_population(supernet.apply, params, encs, optimizer, tx, ty, vx, vy, **kw)
+    exact = exact_train.train_population_exact(supernet, params, encs, optimizer, tx, ty, vx, vy, **kw)
+    return masked, exact
+
+
+@pytest.fixture(scope="module")
+def trained(setup):
+    return _both(setup)
+
+
+def test_exact_training_equals_masked_population_training(trained):
+    masked, exact = trained
+    assert list(exact.status) == ["ok"] * P and exact.opt_state is None
+    chex.assert_shape([exact.history, exact.train_loss], [(2, P), (2, P)])
+    chex.assert_trees_all_close(exact.params, masked.params, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(exact.train_loss, masked.train_loss, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(exact.history, masked.history, atol=1e-6)
+    np.testing.assert_array_equal(exact.best_epoch, masked.best_epoch)
+    assert (exact.train_loss[-1] < exact.train_loss[0]).all()  # and they did learn
+
+
+def test_plans_of_a_few_candidates_give_the_same_result(setup, trained, monkeypatch):
+    monkeypatch.setattr(exact_train, "CHUNK", 2)
+    supernet, encs, *_ = setup
+    assert [p.members for p in exact_train.plans_for(supernet, encs, 2)] == [(0, 1), (2, 3), (4,)]
+    _, exact = trained
+    supernet, encs, params, (tx, ty, vx, vy) = setup
+    chunked = exact_train.train_population_exact(
+        supernet, params, encs, OPTIMIZER, tx, ty, vx, vy, epochs=2, batch_size=64, seed=5, eval_batch_size=40,
+    )
+    chex.assert_trees_all_close(chunked.params, exact.params, atol=1e-6, rtol=1e-6)
+    np.testing.assert_array_equal(chunked.history, exact.history)
+
+
+def test_candidate_with_nan_weights_is_failed_and_the_others_are_unaffected(setup, trained):
+    _, _, params, _ = setup
+    poisoned = jax.tree.map(lambda a: a.at[2].set(jnp.nan), params)
+    masked, exact = _both(setup, params=poisoned)
+    assert list(exact.status) == list(masked.status) == ["ok", "ok", "failed", "ok", "ok"]
+    chex.assert_trees_all_equal(jax.tree.map(lambda a: a[2], exact.params), jax.tree.map(lambda a: a[2], poisoned))
+    for p in (0, 1, 3, 4):
+        chex.assert_trees_all_close(jax.tree.map(lambda a, p=p: a[p], exact.params),
+                                    jax.tree.map(lambda a, p=p: a[p], trained[1].params), atol=1e-6, rtol=1e-6)
+
+
+def test_early_stopping_matches_the_masked_program(setup):
+    *_, (_, _, vx, _) = setup
+    noise = (vx, np.random.default_rng(0).integers(0, CLASSES, len(vx)).astype(np.int32))
+    masked, exact = _both(setup, epochs=4, patience=1, val=noise)
+    assert (exact.status == "early_stopped").any(), exact.history
+    np.testing.assert_array_equal(exact.status, masked.status)
+    np.testing.assert_array_equal(exact.best_epoch, masked.best_epoch)
+    chex.assert_trees_all_close(exact.params, masked.params, atol=2e-5, rtol=2e-5)
+
+
+def test_adam_training_agrees_in_accuracy(setup):
+    masked, exact = _both(setup, epochs=2, optimizer=optax.adam(1e-2))
+    assert list(exact.status) == ["ok"] * P
+    np.testing.assert_allclose(exact.history, masked.history, atol=0.05)
+
+
+def test_bad_inputs_are_refused_with_the_fix(setup):
+    supernet, encs, params, (tx, ty, vx, vy) = setup
+    args = (supernet, params, encs, OPTIMIZER, tx, ty, vx, vy)
+    with pytest.raises(ValueError, match="cannot take opt_state"):
+        exact_train.train_population_exact(*args, epochs=1, batch_size=64, opt_state=jax.vmap(OPTIMIZER.init)(params))
+    with pytest.raises(ValueError, match="shift=1"):
+        exact_train.train_population_exact(*args, epochs=1, batch_size=64, shift=1)
+    with pytest.raises(ValueError, match="population axis P = 3"):
+        exact_train.train_population_exact(supernet, params, encs[:3], OPTIMIZER, tx, ty, vx, vy, epochs=1, batch_size=64)
+    conv = ConvSupernet(macro_space(families=("cnn",), max_stages=1, max_depth=1, channels=(4,)), (8, 8, 1), CLASSES)
+    with pytest.raises(TypeError, match="MLPSupernet"):
+        exact_train.train_population_exact(conv, params, encs, OPTIMIZER, tx, ty, vx, vy, epochs=1, batch_size=64)
+    assert exact_train.supports(supernet) and exact_train.supports(supernet.apply) and not exact_train.supports(conv)
