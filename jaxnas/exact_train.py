@@ -14,17 +14,18 @@ function for the MLP family:
   for all its epochs; a new population (a search's next generation) compiles its own plans.
 - Measured on our CPU (benchmarks/population.py), batching same-shape layers of different candidates into
   one batched matmul was no faster than the candidates' own matmuls and compiled slower, so candidates are
-  not grouped; populations are cut into plans of `CHUNK` because XLA's compile time grows faster than linearly
-  with the program.
+  not grouped. Populations are cut into plans of `CHUNK`: XLA compiles a plan at ~2 s per candidate, but one
+  64-candidate program was still compiling after 4 minutes (four plans of 16: under 3 minutes).
 - The semantics are `train_population`'s: the same batches (``epoch_indices``), the same dropout keys and
-  masks (drawn at the largest width and cut to the candidate's), per-candidate early stopping with patience
-  and NaN / inf isolation (a failing candidate is frozen at its last finite weights; the others train on
-  unaffected), the same `PopulationResult`. Weights outside a candidate's sizes are returned
-  as given (a masked Adam / SGD step leaves them unchanged too). tests/test_exact_train.py checks the result
-  against `train_population` (to float tolerance with SGD; with Adam, float-rounding differences of near-zero
-  gradients become sign flips of Adam's first steps, so trained networks agree in accuracy, not bit for bit).
+  masks (drawn at the largest width and cut to the candidate's) and ``shift`` translations, per-candidate
+  early stopping with patience and NaN / inf isolation (a failing candidate is frozen at its last finite
+  weights; the others train on unaffected), the same `PopulationResult`. Weights outside a candidate's sizes
+  are returned as given (a masked Adam / SGD step leaves them unchanged too). tests/test_exact_train.py checks
+  the result against `train_population` (to float tolerance with SGD; with Adam, float-rounding differences of
+  near-zero gradients become sign flips of Adam's first steps, so trained networks agree in accuracy, not bit
+  for bit).
 
-Differences: the optimiser states live in the candidates' own layout for the call and is not returned
+Differences: the optimiser states live in the candidates' own layout for the call and are not returned
 (``PopulationResult.opt_state`` is None, and ``opt_state`` cannot be passed in). Only the MLP family.
 
     result = train_population_exact(supernet, params_P, encs, optax.adam(1e-3), x, y, vx, vy, epochs=3, batch_size=64)
@@ -50,13 +51,14 @@ from jaxnas.population import (
     _all_finite,
     _batched,
     _check_population,
+    _shifted,
     candidate_keys,
 )
 from jaxnas.supernet.mlp import ACTIVATION_FNS, NORM_EPSILON, MLPSupernet
 
 
 
-CHUNK = 16  # candidates per compiled program: XLA's compile time grows faster than linearly with program size
+CHUNK = 16  # candidates per compiled program (see the module docstring: compile time of bigger programs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,28 +164,35 @@ def _forward_one(chain: tuple[_Layer, ...], rate: float, max_width: int, w: dict
     return h @ w["head"]["kernel"] + w["head"]["bias"]
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "optimizer"))
-def _epoch(plan: _Plan, optimizer, exact, opt_states, keys, failed, running, x, y, index):
+@functools.partial(jax.jit, static_argnames=("plan", "optimizer", "shift"))
+def _epoch(plan: _Plan, optimizer, exact, opt_states, keys, failed, running, x, y, index, shift=0):
     """One epoch of the plan's members over batches ``index`` [n_batches, B].
 
     ``exact`` / ``opt_states``: lists over the members; ``keys``, ``failed``, ``running`` [n_members]. Returns
     (exact, opt_states, keys, failed) and the per-step losses [n_batches, n_members].
     """
 
-    def loss_fn(exact, xb, yb, dropout_keys):
+    def loss_fn(exact, xbs, yb, dropout_keys):
         losses = jnp.stack([
             optax.softmax_cross_entropy_with_integer_labels(
                 _forward_one(chain, rate, plan.max_width, w, xb, key), yb).mean()
-            for chain, rate, w, key in zip(plan.chains, plan.rates, exact, dropout_keys, strict=True)
+            for chain, rate, w, xb, key in zip(plan.chains, plan.rates, exact, xbs, dropout_keys, strict=True)
         ])
         # A sum of independent candidates' losses: each one's gradient is its own loss's.
         return losses.sum(), losses
 
     def step(carry, rows):
         exact, opt_states, keys, failed = carry
-        split = jax.vmap(jax.random.split)(keys)
-        keys, dropout_keys = split[:, 0], split[:, 1]
-        (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(exact, x[rows], y[rows], list(dropout_keys))
+        xb = x[rows]
+        if shift:  # each candidate's own translations, from its own key (as train_population draws them)
+            split = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
+            keys, dropout_keys = split[:, 0], split[:, 1]
+            xbs = [_shifted(k, xb, shift) for k in split[:, 2]]
+        else:
+            split = jax.vmap(jax.random.split)(keys)
+            keys, dropout_keys = split[:, 0], split[:, 1]
+            xbs = [xb] * len(plan.members)
+        (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(exact, xbs, y[rows], list(dropout_keys))
         new_exact, new_states = [], []
         for i, (w, g, state) in enumerate(zip(exact, grads, opt_states, strict=True)):
             updates, new_state = optimizer.update(g, state, w)
@@ -254,7 +263,7 @@ def train_population_exact(
     """`jaxnas.population.train_population` for MLP candidates at their exact sizes (see the module docstring).
 
     Arguments as there, with the supernet itself instead of its ``apply``. ``opt_state`` must be None (the
-    optimiser starts fresh; the result's ``opt_state`` is None) and ``shift`` 0 (MLPs take flattened inputs).
+    optimiser starts fresh; the result's ``opt_state`` is None).
     """
     if not isinstance(supernet, MLPSupernet):
         raise TypeError(
@@ -266,8 +275,9 @@ def train_population_exact(
             "train_population_exact starts every optimiser state fresh and cannot take opt_state; to resume an "
             "optimiser state use jaxnas.population.train_population(supernet.apply, ..., opt_state=...)"
         )
-    if shift:
-        raise ValueError(f"shift={shift}: translation augmentation is for conv images; the MLP family takes shift=0")
+    if shift < 0 or (shift and jnp.ndim(train_x) != 4):
+        raise ValueError(f"shift must be >= 0 pixels and needs images [N, H, W, C]; got shift={shift} for inputs "
+                         f"of shape {jnp.shape(train_x)}")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if patience is not None and patience < 1:
@@ -302,7 +312,7 @@ def train_population_exact(
             members = np.asarray(plan.members)
             (exact[i], opt_states[i], keys[i], failed[i]), loss = _epoch(
                 plan, optimizer, exact[i], opt_states[i], keys[i], failed[i], jnp.asarray(running[members]),
-                train_x, train_y, index,
+                train_x, train_y, index, shift,
             )
             losses.append(to_host(loss).mean(0))
         accuracy = evaluate_plans(plans, exact, val_x, val_y, eval_batch_size)["accuracy"]

@@ -41,11 +41,11 @@ def setup():
     return supernet, encs, params, data
 
 
-def _both(setup, *, params=None, epochs=2, patience=None, val=None, optimizer=OPTIMIZER):
+def _both(setup, *, params=None, epochs=2, patience=None, val=None, optimizer=OPTIMIZER, shift=0):
     supernet, encs, params0, (tx, ty, vx, vy) = setup
     vx, vy = val or (vx, vy)
     params = params0 if params is None else params
-    kw = dict(epochs=epochs, batch_size=64, seed=5, patience=patience, eval_batch_size=40)
+    kw = dict(epochs=epochs, batch_size=64, seed=5, patience=patience, eval_batch_size=40, shift=shift)
     masked = pop.train_population(supernet.apply, params, encs, optimizer, tx, ty, vx, vy, **kw)
     exact = exact_train.train_population_exact(supernet, params, encs, optimizer, tx, ty, vx, vy, **kw)
     return masked, exact
@@ -101,6 +101,12 @@ def test_early_stopping_matches_the_masked_program(setup):
     chex.assert_trees_all_close(exact.params, masked.params, atol=2e-5, rtol=2e-5)
 
 
+def test_shift_augmentation_matches_the_masked_program(setup):
+    masked, exact = _both(setup, epochs=1, shift=2)  # the same translations, drawn from each candidate's key
+    chex.assert_trees_all_close(exact.params, masked.params, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(exact.train_loss, masked.train_loss, atol=1e-5, rtol=1e-5)
+
+
 def test_adam_training_agrees_in_accuracy(setup):
     masked, exact = _both(setup, epochs=2, optimizer=optax.adam(1e-2))
     assert list(exact.status) == ["ok"] * P
@@ -112,8 +118,8 @@ def test_bad_inputs_are_refused_with_the_fix(setup):
     args = (supernet, params, encs, OPTIMIZER, tx, ty, vx, vy)
     with pytest.raises(ValueError, match="cannot take opt_state"):
         exact_train.train_population_exact(*args, epochs=1, batch_size=64, opt_state=jax.vmap(OPTIMIZER.init)(params))
-    with pytest.raises(ValueError, match="shift=1"):
-        exact_train.train_population_exact(*args, epochs=1, batch_size=64, shift=1)
+    with pytest.raises(ValueError, match="shift must be >= 0 pixels"):
+        exact_train.train_population_exact(*args, epochs=1, batch_size=64, shift=-1)
     with pytest.raises(ValueError, match="population axis P = 3"):
         exact_train.train_population_exact(supernet, params, encs[:3], OPTIMIZER, tx, ty, vx, vy, epochs=1, batch_size=64)
     conv = ConvSupernet(macro_space(families=("cnn",), max_stages=1, max_depth=1, channels=(4,)), (8, 8, 1), CLASSES)
