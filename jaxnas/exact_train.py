@@ -12,10 +12,10 @@ function for the MLP family:
   to `CHUNK` candidates, plus a jitted validation pass and one conversion each way between the supernet layout
   (``params_P`` leaves ``[P, ...]`` at the largest sizes) and the candidates' own. A population compiles once
   for all its epochs; a new population (a search's next generation) compiles its own plans.
-- Measured on our CPU (16 MLPs of the macro space, one epoch), batching same-shape layers of different candidates into
-  one batched matmul was no faster than the candidates' own matmuls and compiled slower, so candidates are
-  not grouped. Populations are cut into plans of `CHUNK`: XLA compiles a plan at ~2 s per candidate, but one
-  64-candidate program was still compiling after 4 minutes (four plans of 16: under 3 minutes).
+- Measured on our CPU (16 MLPs of the macro space, one epoch), batching same-shape layers of different
+  candidates into one batched matmul was no faster than the candidates' own matmuls and compiled slower, so
+  candidates are not grouped. Populations are cut into plans of `CHUNK`: XLA compiles a plan at ~2 s per
+  candidate, but one 64-candidate program was still compiling after 4 minutes (four plans of 16: under 3).
 - The semantics are `train_population`'s: the same batches (``epoch_indices``), the same dropout keys and
   masks (drawn at the largest width and cut to the candidate's) and ``shift`` translations, per-candidate
   early stopping with patience and NaN / inf isolation (a failing candidate is frozen at its last finite
