@@ -44,15 +44,13 @@ import optax
 from jaxnas.data import epoch_indices
 from jaxnas.distributed import to_host
 from jaxnas.population import (
-    STATUS_EARLY_STOPPED,
-    STATUS_FAILED,
-    STATUS_OK,
     PopulationResult,
     _all_finite,
     _batched,
     _check_population,
     _shifted,
     candidate_keys,
+    run_epochs,
 )
 from jaxnas.supernet.mlp import ACTIVATION_FNS, NORM_EPSILON, MLPSupernet
 
@@ -297,15 +295,8 @@ def train_population_exact(
     opt_states = [[optimizer.init(w) for w in ws] for ws in exact]
     keys = [keys[jnp.asarray(plan.members)] for plan in plans]
     failed = [jnp.zeros(len(plan.members), bool) for plan in plans]
-    running = np.ones(population, bool)
-    stopped = np.zeros(population, bool)
-    best_accuracy = np.full(population, -np.inf)
-    best_epoch = np.full(population, -1)
-    waited = np.zeros(population, int)
-    history, train_loss = [], []
-    for epoch in range(epochs):
-        if not running.any():
-            break
+
+    def run_epoch(epoch, running):
         index = jnp.asarray(epoch_indices(train_x.shape[0], batch_size, seed, epoch))
         losses = []
         for i, plan in enumerate(plans):
@@ -316,28 +307,10 @@ def train_population_exact(
             )
             losses.append(to_host(loss).mean(0))
         accuracy = evaluate_plans(plans, exact, val_x, val_y, eval_batch_size)["accuracy"]
-        history.append(accuracy)
-        train_loss.append(np.concatenate(losses))
-        running &= ~np.concatenate([to_host(f) for f in failed])
-        improved = running & (accuracy > best_accuracy)
-        best_accuracy = np.where(improved, accuracy, best_accuracy)
-        best_epoch = np.where(improved, epoch, best_epoch)
-        waited = np.where(improved, 0, waited + 1)
-        if patience is not None:
-            stop = running & (waited >= patience)
-            stopped |= stop
-            running &= ~stop
-    failed = np.concatenate([to_host(f) for f in failed])
-    status = np.where(failed, STATUS_FAILED, np.where(stopped, STATUS_EARLY_STOPPED, STATUS_OK))
+        return accuracy, np.concatenate(losses), np.concatenate([to_host(f) for f in failed])
+
+    outcome = run_epochs(population, epochs, patience, run_epoch)
     params = params_P
     for plan, w in zip(plans, exact, strict=True):
         params = from_plan(plan, w, params)
-    return PopulationResult(
-        params=params,
-        opt_state=None,
-        status=status,
-        best_epoch=best_epoch,
-        best_accuracy=best_accuracy,
-        history=np.stack(history),
-        train_loss=np.stack(train_loss),
-    )
+    return PopulationResult(params=params, opt_state=None, **outcome)

@@ -277,8 +277,27 @@ def train_population(
         opt_state, failed = jax.device_put((opt_state, failed), sharding)
     state = PopulationState(params_P, opt_state, keys, jnp.asarray(failed))
 
+    def run_epoch(epoch, running):
+        nonlocal state
+        index = jnp.asarray(epoch_indices(train_x.shape[0], batch_size, seed, epoch))
+        state, losses = _train_epoch(apply, optimizer, state, jnp.asarray(running), encs, train_x, train_y, index, shift)
+        accuracy = to_host(evaluate_population(apply, state.params, encs, val_x, val_y, eval_batch_size)["accuracy"])
+        return accuracy, to_host(losses).mean(0), to_host(state.failed)
+
+    outcome = run_epochs(population, epochs, patience, run_epoch)
+    return PopulationResult(params=state.params, opt_state=state.opt_state, **outcome)
+
+
+def run_epochs(population: int, epochs: int, patience: int | None, run_epoch) -> dict[str, np.ndarray]:
+    """The per-candidate bookkeeping of a population's training: early stopping with ``patience``, failures.
+
+    ``run_epoch(epoch, running [P] bool) -> (validation accuracy [P], mean training loss [P], failed [P] bool)``
+    trains the candidates still running for one epoch. Returns `PopulationResult`'s ``status``, ``best_epoch``,
+    ``best_accuracy``, ``history`` and ``train_loss``; the loop ends early once no candidate trains.
+    """
     running = np.ones(population, bool)  # neither failed nor stopped
     stopped = np.zeros(population, bool)
+    failed = np.zeros(population, bool)
     best_accuracy = np.full(population, -np.inf)
     best_epoch = np.full(population, -1)
     waited = np.zeros(population, int)
@@ -286,12 +305,10 @@ def train_population(
     for epoch in range(epochs):
         if not running.any():
             break
-        index = jnp.asarray(epoch_indices(train_x.shape[0], batch_size, seed, epoch))
-        state, losses = _train_epoch(apply, optimizer, state, jnp.asarray(running), encs, train_x, train_y, index, shift)
-        accuracy = to_host(evaluate_population(apply, state.params, encs, val_x, val_y, eval_batch_size)["accuracy"])
+        accuracy, loss, failed = run_epoch(epoch, running)
         history.append(accuracy)
-        train_loss.append(to_host(losses).mean(0))
-        running &= ~to_host(state.failed)
+        train_loss.append(loss)
+        running &= ~failed
         improved = running & (accuracy > best_accuracy)
         best_accuracy = np.where(improved, accuracy, best_accuracy)
         best_epoch = np.where(improved, epoch, best_epoch)
@@ -300,16 +317,9 @@ def train_population(
             stop = running & (waited >= patience)
             stopped |= stop
             running &= ~stop
-    status = np.where(to_host(state.failed), STATUS_FAILED, np.where(stopped, STATUS_EARLY_STOPPED, STATUS_OK))
-    return PopulationResult(
-        params=state.params,
-        opt_state=state.opt_state,
-        status=status,
-        best_epoch=best_epoch,
-        best_accuracy=best_accuracy,
-        history=np.stack(history),
-        train_loss=np.stack(train_loss),
-    )
+    status = np.where(failed, STATUS_FAILED, np.where(stopped, STATUS_EARLY_STOPPED, STATUS_OK))
+    return {"status": status, "best_epoch": best_epoch, "best_accuracy": best_accuracy,
+            "history": np.stack(history), "train_loss": np.stack(train_loss)}
 
 
 def _shifted(key: jax.Array, images: jax.Array, shift: int) -> jax.Array:
