@@ -107,10 +107,10 @@ class TrainConfig:
     warm_start: bool = _field(False, "Start candidates from the trained supernet's weights (oneshot supernet first).")
     formulation: Literal["auto", "exact", "vmapped"] = _field(
         "auto",
-        "How a population of candidates is trained: exact (each MLP at its own sizes, one program per population, "
-        "jaxnas.exact_train: the fast form on CPU; MLP-only macro spaces), vmapped (one masked program for every "
-        "population: the form for GPU / TPU, sharded populations and conv families), auto (exact for MLP-only "
-        "macro spaces on a CPU backend on one device, else vmapped). Both train the same networks.",
+        "How a population of candidates is trained: exact (each candidate at its own sizes, one program per "
+        "population, jaxnas.exact_train: the fast form on CPU; macro space), vmapped (one masked program for every "
+        "population: the form for GPU / TPU and sharded populations), auto (exact for the macro space on a CPU "
+        "backend on one device, else vmapped). Both train the same networks.",
     )
 
 
@@ -220,10 +220,10 @@ class RunConfig:
             raise ValueError(
                 f"mode table with the shipped nb201_analog table needs space.name=nb201, got {self.space.name!r}"
             )
-        if self.train.formulation == "exact" and (self.space.name != "macro" or set(self.space.families) != {"mlp"}):
+        if self.train.formulation == "exact" and self.space.name != "macro":
             raise ValueError(
-                f"train.formulation=exact trains MLP-only macro spaces, got space.name={self.space.name!r} with "
-                f"families {list(self.space.families)}; use space.families=[mlp], or train.formulation=auto or vmapped"
+                f"train.formulation=exact trains macro-space candidates, got space.name={self.space.name!r}; "
+                "use train.formulation=auto or vmapped"
             )
         if self.supernet.scoring == "exact" and self.space.name != "macro":
             raise ValueError(

@@ -48,9 +48,32 @@ ACTIVATION_NAMES = tuple(ACTIVATION_FNS)
 DEPTHWISE_FORMULATION = {"lax": "slices", "slices": "slices"}
 
 
+# An op's runtime arguments (activation index, norm, skip) are either traced (one compiled layer program serves
+# every choice: evaluation) or concrete numpy values (plain ops, decided while tracing: `jaxnas.exact_train`).
+def _static(flag) -> bool:
+    return isinstance(flag, bool | int | np.bool_ | np.integer)
+
+
 def _activation(index: jax.Array, z: jax.Array) -> jax.Array:
     """The activation ``ACTIVATION_NAMES[index]`` of z: a runtime choice (one branch runs, outside vmap)."""
+    if _static(index):
+        return ACTIVATION_FNS[ACTIVATION_NAMES[int(index)]](z)
     return jax.lax.switch(index, [ACTIVATION_FNS[name] for name in ACTIVATION_NAMES], z)
+
+
+def _if(flag, yes, no, *operands):
+    """``yes(*operands)`` where ``flag`` else ``no(*operands)``: decided now for a concrete flag, else lax.cond."""
+    if _static(flag):
+        return yes(*operands) if flag else no(*operands)
+    return jax.lax.cond(flag, yes, no, *operands)
+
+
+def _crop(full: tuple[int, ...], own: tuple[int, ...]) -> tuple[slice, ...]:
+    """The slices of a supernet leaf of shape ``full`` holding an op's own ``own``-shaped weights: leading slices,
+    and for a conv kernel [K, K, Ci, Co] the centred k x k taps (Once-for-All's elastic kernel)."""
+    own = tuple(f if o is None else o for f, o in zip(full, own, strict=True))  # None: the whole axis
+    starts = [(f - o) // 2 if len(full) == 4 and axis < 2 else 0 for axis, (f, o) in enumerate(zip(full, own))]
+    return tuple(slice(a, a + o) for a, o in zip(starts, own, strict=True))
 
 
 def _at(tree, path: Path):
@@ -104,11 +127,22 @@ class Dense:
             scale, bias = (w["norm"][v][: self.n_out] for v in ("scale", "bias"))
             return centred * jax.lax.rsqrt(var + NORM_EPSILON) * scale + bias
 
-        z = jax.lax.cond(args[1] > 0, normed, lambda z: z, z)
+        z = _if(args[1] > 0, normed, lambda z: z, z)
         a = _activation(args[0], z)
         if self.n_in == self.n_out and h.ndim == 2:
-            a = jax.lax.cond(args[2] > 0, lambda a: h + a, lambda a: a, a)
+            a = _if(args[2] > 0, lambda a: h + a, lambda a: a, a)
         return a, {}
+
+    def weight_shapes(self) -> dict:
+        """Shapes of the weights this block reads (under ``path``), at its own sizes."""
+        shapes = {"dense": {"kernel": (self.n_in, self.n_out), "bias": (self.n_out,)}}
+        if self.norm:
+            shapes["norm"] = {"scale": (self.n_out,), "bias": (self.n_out,)}
+        return shapes
+
+    def own(self) -> Dense:
+        """This op run on weights already cut to `weight_shapes` (its slices are then the whole arrays)."""
+        return self
 
 
 class _Fixed:
@@ -121,6 +155,9 @@ class _Fixed:
     @property
     def program(self):
         return dataclasses.replace(self, path=())
+
+    def own(self):
+        return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +173,9 @@ class Head(_Fixed):
             h = h.mean((1, 2))
         return h @ w["kernel"][: self.n_in] + w["bias"], {}
 
+    def weight_shapes(self) -> dict:
+        return {"kernel": (self.n_in, None), "bias": (None,)}  # None: the whole axis (the classes)
+
 
 @dataclasses.dataclass(frozen=True)
 class Stem(_Fixed):
@@ -148,11 +188,16 @@ class Stem(_Fixed):
     def run(self, w: dict, h: jax.Array, stats, args):
         return jax.nn.relu(conv2d(h, w["kernel"], self.stride, self.formulation) + w["bias"]), {}
 
+    def weight_shapes(self) -> dict:
+        return {"kernel": (None, None, None, None), "bias": (None,)}
+
 
 def _batch_norm(name: str, z: jax.Array, w: dict, stats, recorded: dict, on: jax.Array) -> jax.Array:
     """BatchNorm over the real channels of z with the given statistics, or (``stats`` None) with the batch's;
     z itself where ``on`` is false (the statistics are recorded either way: one program for both)."""
     c = z.shape[-1]
+    if _static(on) and not on:  # a block without BatchNorm (its weights need not even exist: exact_train)
+        return z
     if stats is None:
         mean = z.mean((0, 1, 2))
         var = jnp.square(z - mean).mean((0, 1, 2))
@@ -160,7 +205,8 @@ def _batch_norm(name: str, z: jax.Array, w: dict, stats, recorded: dict, on: jax
         mean, var = stats[name]["mean"], stats[name]["var"]
     recorded[name] = {"mean": mean, "var": var}
     scale, bias = w[name]["scale"][:c], w[name]["bias"][:c]
-    return jnp.where(on, (z - mean) * (jax.lax.rsqrt(var + BN_EPSILON) * scale) + bias, z)
+    normed = (z - mean) * (jax.lax.rsqrt(var + BN_EPSILON) * scale) + bias
+    return normed if _static(on) else jnp.where(on, normed, z)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +279,7 @@ class ConvBlock:
         ci, co = self.ci, self.co
         if self.family == "cnn":
             a = act(bn("norm", z))
-            out = jnp.where(args[2] > 0, h + a, a) if not self.first and self.ci == self.co else a
+            out = _if(args[2] > 0, lambda: h + a, lambda: a) if not self.first and self.ci == self.co else a
         elif self.family == "resnet":
             a = act(bn("norm1", z))
             z = bn("norm2", self._conv(w["conv2"], a, co, co, elastic=True))
@@ -247,6 +293,34 @@ class ConvBlock:
             z = bn("project_norm", self._conv(w["project"], a, hidden, co))
             out = z if self.first else h + z
         return out, recorded
+
+    def weight_shapes(self) -> dict:
+        """Shapes of the weights this block reads (under ``path``), at its own sizes (BatchNorm only when on)."""
+        k, ci, co = self.kernel, self.ci, self.co
+
+        def conv(kernel, n_in, n_out):
+            return {"kernel": (kernel, kernel, n_in, n_out), "bias": (n_out,)}
+
+        def norm(c):
+            return {"scale": (c,), "bias": (c,)} if self.norm else None
+
+        if self.family == "cnn":
+            shapes = {"conv": conv(k, ci, co), "norm": norm(co)}
+        elif self.family == "resnet":
+            shapes = {"conv1": conv(k, ci, co), "norm1": norm(co), "conv2": conv(k, co, co), "norm2": norm(co)}
+            if self.first:
+                shapes["shortcut"] = conv(1, ci, co)
+        else:
+            hidden = ci * self.expansion
+            shapes = {
+                "expand": conv(1, ci, hidden), "expand_norm": norm(hidden), "depthwise": conv(k, 1, hidden),
+                "depthwise_norm": norm(hidden), "project": conv(1, hidden, co), "project_norm": norm(co),
+            }
+        return {name: leaves for name, leaves in shapes.items() if leaves is not None}
+
+    def own(self) -> ConvBlock:
+        """This op run on weights already cut to `weight_shapes` (kernels centre-cropped: nothing left to crop)."""
+        return dataclasses.replace(self, max_kernel=self.kernel)
 
 
 Op = Dense | Head | Stem | ConvBlock

@@ -253,21 +253,8 @@ def train_population(
     others' numbers are the same as in a run without them. The loop ends early once no candidate trains.
     """
     encs = jnp.asarray(encs, jnp.int32)
-    _check_population(encs, params_P)
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if shift < 0 or (shift and jnp.ndim(train_x) != 4):
-        raise ValueError(f"shift must be >= 0 pixels and needs images [N, H, W, C]; got shift={shift} for inputs "
-                         f"of shape {jnp.shape(train_x)}")
-    if patience is not None and patience < 1:
-        raise ValueError(f"patience must be >= 1 epoch (or None to never stop early), got {patience}")
+    train_x, train_y, keys = check_training(encs, params_P, train_x, train_y, epochs, patience, shift, keys, seed)
     population = encs.shape[0]
-    train_x, train_y = jnp.asarray(train_x), jnp.asarray(train_y, jnp.int32)
-    if train_x.shape[0] != train_y.shape[0]:
-        raise ValueError(f"train_x has {train_x.shape[0]} examples but train_y {train_y.shape[0]} labels")
-    keys = candidate_keys(jax.random.key(seed), population) if keys is None else keys
-    if keys.shape != (population,):
-        raise ValueError(f"keys must be [P] = [{population}] PRNG keys (one per candidate), got shape {keys.shape}")
     if opt_state is None:
         opt_state = jax.vmap(optimizer.init)(params_P)
     failed = np.zeros(population, bool)
@@ -320,6 +307,27 @@ def run_epochs(population: int, epochs: int, patience: int | None, run_epoch) ->
     status = np.where(failed, STATUS_FAILED, np.where(stopped, STATUS_EARLY_STOPPED, STATUS_OK))
     return {"status": status, "best_epoch": best_epoch, "best_accuracy": best_accuracy,
             "history": np.stack(history), "train_loss": np.stack(train_loss)}
+
+
+def check_training(encs, params_P, train_x, train_y, epochs: int, patience, shift: int, keys, seed: int):
+    """The arguments every population trainer shares, checked (ValueError naming the fix); returns (train_x,
+    train_y int32, keys [P]: the given ones or ``candidate_keys(key(seed), P)``)."""
+    _check_population(encs, params_P)
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if shift < 0 or (shift and jnp.ndim(train_x) != 4):
+        raise ValueError(f"shift must be >= 0 pixels and needs images [N, H, W, C]; got shift={shift} for inputs "
+                         f"of shape {jnp.shape(train_x)}")
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be >= 1 epoch (or None to never stop early), got {patience}")
+    population = jnp.shape(encs)[0]
+    train_x, train_y = jnp.asarray(train_x), jnp.asarray(train_y, jnp.int32)
+    if train_x.shape[0] != train_y.shape[0]:
+        raise ValueError(f"train_x has {train_x.shape[0]} examples but train_y {train_y.shape[0]} labels")
+    keys = candidate_keys(jax.random.key(seed), population) if keys is None else keys
+    if keys.shape != (population,):
+        raise ValueError(f"keys must be [P] = [{population}] PRNG keys (one per candidate), got shape {keys.shape}")
+    return train_x, train_y, keys
 
 
 def _shifted(key: jax.Array, images: jax.Array, shift: int) -> jax.Array:

@@ -14,8 +14,9 @@ import pytest
 from jaxnas import exact_train
 from jaxnas import population as pop
 from jaxnas.data import load_dataset
-from jaxnas.spaces import macro_space
+from jaxnas.spaces import macro_space, nb201_space
 from jaxnas.supernet import ConvSupernet, MLPSupernet
+from jaxnas.supernet.nb201 import NB201Supernet
 
 IN_FEATURES, CLASSES = 64, 10
 SPACE = macro_space(
@@ -122,7 +123,67 @@ def test_bad_inputs_are_refused_with_the_fix(setup):
         exact_train.train_population_exact(*args, epochs=1, batch_size=64, shift=-1)
     with pytest.raises(ValueError, match="population axis P = 3"):
         exact_train.train_population_exact(supernet, params, encs[:3], OPTIMIZER, tx, ty, vx, vy, epochs=1, batch_size=64)
+    cell = NB201Supernet(nb201_space(), (8, 8, 1), CLASSES, channels=4, cells=1)
+    with pytest.raises(TypeError, match="macro-space supernets"):
+        exact_train.train_population_exact(cell, params, encs, OPTIMIZER, tx, ty, vx, vy, epochs=1, batch_size=64)
     conv = ConvSupernet(macro_space(families=("cnn",), max_stages=1, max_depth=1, channels=(4,)), (8, 8, 1), CLASSES)
-    with pytest.raises(TypeError, match="MLPSupernet"):
-        exact_train.train_population_exact(conv, params, encs, OPTIMIZER, tx, ty, vx, vy, epochs=1, batch_size=64)
-    assert exact_train.supports(supernet) and exact_train.supports(supernet.apply) and not exact_train.supports(conv)
+    assert exact_train.supports(supernet) and exact_train.supports(supernet.apply) and exact_train.supports(conv)
+    assert not exact_train.supports(cell)
+
+
+# ---------------------------------------------------------------------------------------------- conv families
+CONV_SPACE = macro_space(
+    families=("cnn", "resnet", "mobilenet"), max_stages=2, max_depth=2, channels=(4, 8), kernels=(1, 3),
+    expansions=(1, 2), activations=("relu", "silu"), dropouts=(0.0, 0.3),
+)
+CONV_P = 6
+
+
+@pytest.fixture(scope="module")
+def conv_setup():
+    """Each family alone (one supernet per family, as the benchmark buckets them) and all three in one."""
+    ds = load_dataset("digits")
+    data = (ds.train.images[:192], ds.train.labels[:192], ds.validation.images[:64], ds.validation.labels[:64])
+    encs = np.asarray(CONV_SPACE.sample(jax.random.key(7), 256))
+    rows = np.unique([CONV_SPACE.to_string(e) for e in encs], return_index=True)[1]
+    encs = encs[np.sort(rows)]
+    family = encs[:, CONV_SPACE.index("family")]
+    picked = np.concatenate([encs[family == f][:2] for f in range(3)])  # two of each family
+    supernet = ConvSupernet(CONV_SPACE, ds.info.image_shape, CLASSES, stem_stride=1)
+    archs = [supernet.arch(e) for e in picked]
+    assert any(s.norm for a in archs for s in a.stages) and any(not s.norm for a in archs for s in a.stages)
+    assert any(s.kernel == 1 for a in archs for s in a.stages) and any(a.dropout > 0 for a in archs)
+    return supernet, picked, pop.init_population(supernet.init, jax.random.key(8), CONV_P), data
+
+
+def test_conv_exact_training_equals_masked_population_training(conv_setup):
+    supernet, encs, params, (tx, ty, vx, vy) = conv_setup
+    kw = dict(epochs=2, batch_size=32, seed=3, eval_batch_size=40)
+    masked = pop.train_population(supernet.apply, params, encs, OPTIMIZER, tx, ty, vx, vy, **kw)
+    exact = exact_train.train_population_exact(supernet, params, encs, OPTIMIZER, tx, ty, vx, vy, **kw)
+    assert list(exact.status) == ["ok"] * CONV_P
+    # BatchNorm of the batch's statistics (training, and validation without stored statistics), centre-cropped
+    # kernels, 1x1 kernels of a 3x3 supernet, projection shortcuts, depthwise layers: the same networks.
+    chex.assert_trees_all_close(exact.params, masked.params, atol=5e-5, rtol=5e-5)
+    np.testing.assert_allclose(exact.train_loss, masked.train_loss, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(exact.history, masked.history, atol=1e-6)
+    assert (exact.train_loss[-1] < exact.train_loss[0]).all()
+
+
+def test_search_model_with_mlp_and_conv_families_trains_exactly(conv_setup):
+    """A search model (both parts, params {"mlp", "conv"}) trains each candidate in its own family's layout."""
+    from jaxnas.search.models import SearchModel
+
+    _, _, _, (tx, ty, vx, vy) = conv_setup
+    space = macro_space(families=("mlp", "cnn"), max_stages=1, max_depth=2, channels=(4, 8), units=(8, 16),
+                        kernels=(3,), activations=("relu",), dropouts=(0.0, 0.3))
+    model = SearchModel(space, (8, 8, 1), CLASSES)
+    encs = np.asarray(space.sample(jax.random.key(1), 64))
+    family = encs[:, space.index("family")]
+    encs = np.concatenate([encs[family == 0][:2], encs[family == 1][:2]])
+    params = pop.init_population(model.init, jax.random.key(2), len(encs))
+    kw = dict(epochs=1, batch_size=32, seed=4, eval_batch_size=64)
+    masked = pop.train_population(model.apply, params, encs, OPTIMIZER, tx, ty, vx, vy, **kw)
+    exact = exact_train.train_population_exact(model, params, encs, OPTIMIZER, tx, ty, vx, vy, **kw)
+    chex.assert_trees_all_close(exact.params, masked.params, atol=5e-5, rtol=5e-5)
+    np.testing.assert_allclose(exact.history, masked.history, atol=1e-6)

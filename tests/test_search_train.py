@@ -174,10 +174,11 @@ def test_oneshot_scores_exact_and_vmapped_alike(tmp_path):
         assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-4)
 
 
-def test_mlp_search_trains_exact_and_vmapped_alike(tmp_path):
-    """train.formulation=exact (each MLP at its own sizes) and vmapped (one masked program) train the same networks."""
-    overrides = [o for o in TINY if not o.startswith(("space.families", "search.budget", "final."))]
-    overrides += ["space.families=[mlp]", "search.strategy=random", "search.budget=4", "final.top_k=1", "final.epochs=2"]
+def test_search_trains_exact_and_vmapped_alike(tmp_path):
+    """train.formulation=exact (each candidate at its own sizes) and vmapped (one masked program) train the same
+    networks, MLPs and CNNs alike."""
+    overrides = [o for o in TINY if not o.startswith(("search.budget", "final."))]
+    overrides += ["search.strategy=random", "search.budget=4", "final.top_k=1", "final.epochs=2"]
     runs = {}
     for formulation in ("exact", "vmapped"):
         out = tmp_path / formulation
@@ -185,6 +186,7 @@ def test_mlp_search_trains_exact_and_vmapped_alike(tmp_path):
         runs[formulation] = (_rows(out / "history.csv"), json.loads((out / "best.json").read_text()))
     (exact, best_exact), (vmapped, best_vmapped) = runs["exact"], runs["vmapped"]
     assert [r["arch"] for r in exact] == [r["arch"] for r in vmapped] and len(exact) == 4
+    assert {r["arch"].split("|")[0] for r in exact} == {"mlp", "cnn"}  # both kinds of family were trained
     # Adam turns float-rounding differences of near-zero gradients into different first steps: close, not equal.
     for a, b in zip(exact, vmapped):
         assert a["status"] == b["status"] == "ok"
@@ -192,7 +194,8 @@ def test_mlp_search_trains_exact_and_vmapped_alike(tmp_path):
     assert abs(best_exact["fitness"] - best_vmapped["fitness"]) <= 0.05
 
 
-def test_exact_training_of_conv_families_is_refused(tmp_path, capsys):
-    assert main([f"output={tmp_path / 'r'}", "mode=train", "train.formulation=exact", *TINY]) == 2
-    assert "train.formulation=exact trains MLP-only macro spaces" in capsys.readouterr().err
+def test_exact_training_outside_the_macro_space_is_refused(tmp_path, capsys):
+    assert main([f"output={tmp_path / 'r'}", "mode=train", "train.formulation=exact", "space.name=nb201",
+                 *TINY[:1]]) == 2
+    assert "train.formulation=exact trains macro-space candidates" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

@@ -153,11 +153,10 @@ class _Trained:
         d = self.data
         if _train_exact(self.cfg.train.formulation, self.model, mesh):
             result = exact_train.train_population_exact(
-                self.model.mlp, params_P["mlp"], encs_j, self.optimizer, d.train_x, d.train_y, d.val_x, d.val_y,
+                self.model, params_P, encs_j, self.optimizer, d.train_x, d.train_y, d.val_x, d.val_y,
                 epochs=epochs, batch_size=self.cfg.train.batch_size, seed=seed, patience=patience, keys=keys,
                 shift=self.cfg.train.augment_shift,
             )
-            result = dataclasses.replace(result, params={"mlp": result.params})
         else:
             result = pop.train_population(
                 self.model.apply, params_P, encs_j, self.optimizer, d.train_x, d.train_y, d.val_x, d.val_y,
@@ -250,8 +249,8 @@ EXACT_BATCH = 500  # validation examples per batch of exact scoring (activations
 def _train_exact(formulation: str, model, mesh) -> bool:
     """Whether candidates train through `jaxnas.exact_train` (see ``train.formulation``)."""
     if formulation == "auto":
-        mlp_only = isinstance(model, SearchModel) and model.conv is None and model.mlp is not None
-        return mlp_only and jax.default_backend() == "cpu" and jax.process_count() == 1 and mesh is None
+        macro = isinstance(model, SearchModel) and exact_train.supports(model)
+        return macro and jax.default_backend() == "cpu" and jax.process_count() == 1 and mesh is None
     return formulation == "exact"
 
 
