@@ -24,8 +24,8 @@ a conv family uses a CPU-sized `ConvSupernet` (28 x 28 MNIST, stem stride 2, cha
       timing, its logits are checked against the JAX twin's on a few architectures.
 (b) training P candidates from the same initial weights for one epoch (same batches, Adam, same lr):
     - vmapped: `train_population` (one compile, reported separately from the steady-state epoch);
-    - exact (MLP family): `jaxnas.exact_train.train_population_exact`, every candidate at its real sizes in one
-      program per population (its compile, paid once per population, reported as the first call);
+    - exact: `jaxnas.exact_train.train_population_exact`, every candidate at its real sizes in one program per
+      population (its compile, paid once per population, reported as the first call);
     - PyTorch eager: the same networks trained one after another (BatchNorm with the batch's statistics, as
       `ConvSupernet.apply` trains, and as `train_population` validates: the same validation batches).
     Both sides score the validation split after the epoch; their final accuracies are printed to show the work

@@ -57,27 +57,29 @@ def test_population_benchmark_quick_prints_every_arm_ratio_and_equal_accuracies(
         # The three evaluation arms score the same networks with the same weights (and, for the CNN, the same
         # BatchNorm statistics, each arm recalibrating its own): equal accuracies.
         assert re.search(r"accuracy mean: vmapped (\S+), exact \1, twin \1, torch \1 \(max \|diff\| 0\.0000", section)
-    for label in ("exact train_population_exact, first call (compiles)", "exact train_population_exact, steady epoch"):
-        assert re.search(rf"^  {re.escape(label)} +{NUMBER}", mlp, flags=re.M), label
-    for ratio in ("exact (steady) vs PyTorch sequential", "exact (first call) vs PyTorch sequential",
-                  "exact (steady) vs vmapped (steady)"):
-        assert re.search(rf"ratio {re.escape(ratio)}: {NUMBER}x", mlp), ratio
-    assert "train_population_exact" not in cnn  # the exact training arm is the MLP family's
+    for section in (mlp, cnn):  # every family has the exact training arm
+        for label in ("exact train_population_exact, first call (compiles)",
+                      "exact train_population_exact, steady epoch"):
+            assert re.search(rf"^  {re.escape(label)} +{NUMBER}", section, flags=re.M), label
+        for ratio in ("exact (steady) vs PyTorch sequential", "exact (first call) vs PyTorch sequential",
+                      "exact (steady) vs vmapped (steady)"):
+            assert re.search(rf"ratio {re.escape(ratio)}: {NUMBER}x", section), ratio
     assert "BatchNorm recalibration on 256 training images" in cnn
 
     results = json.loads(out_json.read_text())
     for family in FAMILIES:
         evaluation, training = results[family]["4"]["evaluation"], results[family]["4"]["training"]
         assert set(evaluation["times"]) == {"vmapped", "exact", "twin", "torch"}
-        assert set(training["times"]) == ({"vmapped", "exact", "torch"} if family == "mlp" else {"vmapped", "torch"})
+        assert set(training["times"]) == {"vmapped", "exact", "torch"}
         assert all(len(acc) == 4 for acc in training["accuracy"].values())
         assert len(set(results[family]["4"]["architectures"])) == 4
         assert 0 < evaluation["padded_fraction"] <= 1
         accuracy = evaluation["accuracy"]
         assert accuracy["vmapped"] == pytest.approx(accuracy["twin"], abs=1e-6)
         assert accuracy["vmapped"] == pytest.approx(accuracy["torch"], abs=1e-6)
-    trained = results["mlp"]["4"]["training"]["accuracy"]  # exact and vmapped train the same networks
-    assert np.abs(np.subtract(trained["exact"], trained["vmapped"])).max() <= 0.1
+    for family in FAMILIES:  # exact and vmapped train the same networks
+        trained = results[family]["4"]["training"]["accuracy"]
+        assert np.abs(np.subtract(trained["exact"], trained["vmapped"])).max() <= 0.1, family
     assert all(a.startswith("cnn|") for a in results["cnn"]["4"]["architectures"])
     assert results["cnn"]["4"]["evaluation"]["torch_vs_twin_max_logit_diff"] <= 1e-4
     assert results["cnn"]["4"]["evaluation"]["bn_recalibration_examples"] == 256
