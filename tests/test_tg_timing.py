@@ -1,8 +1,10 @@
 """torch_gating.timing: interleaving order, CI arithmetic, token counting of the workloads."""
 
+import inspect
 import json
 import math
 import statistics
+import warnings
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from torch_gating.timing import (
     interleaved_order,
     prefill_workload,
     student_t_ci,
+    with_cache,
 )
 
 T_975_DF4 = 2.7764451051977987  # Student-t 97.5% quantile, 4 degrees of freedom (statistical tables)
@@ -124,3 +127,17 @@ def test_prefill_counts_every_window_token_and_runs_each_window():
     assert shapes == [(1, 16)] * 3
     assert prefill_workload(model, windows, batch_size=2) == 48
     assert shapes[3:] == [(2, 16), (1, 16)]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+def test_decoding_passes_the_cache_under_the_installed_transformers_keyword(family):
+    """No deprecated keyword (transformers renamed ``past_key_values=`` to ``cache=``); the same tokens either way."""
+    model, tokenizer, _ = tiny_random_model(family, seed=7)
+    prompt = tokenizer("the cache keyword", return_tensors="pt").input_ids
+    keyword = next(iter(with_cache(model, None)))
+    assert keyword in inspect.signature(type(model).forward).parameters
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*deprecated.*")
+        ours = greedy_decode(model, prompt, 6)
+    theirs = model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours.tolist() == theirs[0, prompt.shape[1] :].tolist()

@@ -18,7 +18,9 @@ drift that both arms of one repeat share.
 
 from __future__ import annotations
 
+import functools
 import gc
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -81,6 +83,23 @@ class BenchmarkResult:
         for name, gain in self.gains.items():
             out["gains"][name].update(gain=gain.gain, gain_ci95=gain.gain_ci95)
         return out
+
+
+def with_cache(model: torch.nn.Module, cache) -> dict:
+    """``{keyword: cache}`` passing a KV cache to ``model``'s forward: ``cache=`` in current transformers,
+    ``past_key_values=`` in earlier releases (deprecated since; both are supported by our pin)."""
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_of(output):
+    """The KV cache a forward returned: ``output.cache`` (current transformers) or ``output.past_key_values``."""
+    cache = getattr(output, "cache", None)
+    return output.past_key_values if cache is None else cache
 
 
 def student_t_ci(samples: Iterable[float], confidence: float = 0.95) -> tuple[float, tuple[float, float]]:
@@ -205,7 +224,7 @@ def greedy_decode(
         generated.append(next_id)
         if (eos and next_id.item() in eos) or step + 1 == new_tokens:
             break
-        out = model(input_ids=next_id[:, None], past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=next_id[:, None], **with_cache(model, cache_of(out)), use_cache=True)
     return torch.cat(generated)
 
 

@@ -34,6 +34,7 @@ import torch
 from interop import BudgetController, ExperienceMemory, Fingerprinter, TransversalSelector
 from torch_gating.adapters import ModelAdapter
 from torch_gating.gated_mlp import GatedGPT2MLP, n_blocks
+from torch_gating.timing import cache_of, with_cache
 
 FINGERPRINT_DIM = 64
 TOP_K = 16
@@ -173,7 +174,7 @@ class SeqGatePolicy:
             evidence[l] = self.block_scores(l, values["unit_abs_mean"][0])
             hidden_in[l] = values["hidden_in"][0]
             ratio[l] = float(values["mlp_out_norm"][0] / values["residual_norm"][0].clamp_min(1e-12))
-        return Probe(out.logits, out.past_key_values, evidence, hidden_in, ratio)
+        return Probe(out.logits, cache_of(out), evidence, hidden_in, ratio)
 
     def block_scores(self, layer: int, unit_abs_mean: torch.Tensor) -> torch.Tensor:
         """``[n_blocks]`` block scores from one layer's mean |activation| per neuron ``[I]``:
@@ -254,7 +255,7 @@ class SeqGatePolicy:
             return probe.logits
         self.apply(self.decide(probe, ids.shape[1]))
         try:
-            rest = self.model(input_ids=ids[:, n_probe:], past_key_values=probe.cache, use_cache=True).logits
+            rest = self.model(input_ids=ids[:, n_probe:], **with_cache(self.model, probe.cache), use_cache=True).logits
         finally:
             self.adapter.reset()
         return torch.cat([probe.logits, rest], dim=1)
@@ -279,7 +280,7 @@ class SeqGatePolicy:
             probe = self.probe(ids[:, :n_probe], logits_to_keep=1)
             if n_probe < ids.shape[1]:
                 self.apply(self.decide(probe, ids.shape[1]))
-                self.model(input_ids=ids[:, n_probe:], past_key_values=probe.cache, use_cache=True, logits_to_keep=1)
+                self.model(input_ids=ids[:, n_probe:], **with_cache(self.model, probe.cache), use_cache=True, logits_to_keep=1)
                 self.adapter.reset()
         return windows.numel()
 
@@ -299,14 +300,14 @@ class SeqGatePolicy:
                 n_probe = min(self.probe_tokens, ids.shape[1] - 1)
                 probe = self.probe(ids[:, :n_probe], logits_to_keep=1)
                 self.apply(self.decide(probe, ids.shape[1] + new_tokens))
-                out = self.model(input_ids=ids[:, n_probe:], past_key_values=probe.cache, use_cache=True, logits_to_keep=1)
+                out = self.model(input_ids=ids[:, n_probe:], **with_cache(self.model, probe.cache), use_cache=True, logits_to_keep=1)
             generated = []
             for step in range(new_tokens):
                 next_id = out.logits[:, -1].argmax(dim=-1)
                 generated.append(next_id)
                 if step + 1 == new_tokens:
                     break
-                out = self.model(input_ids=next_id[:, None], past_key_values=out.past_key_values, use_cache=True)
+                out = self.model(input_ids=next_id[:, None], **with_cache(self.model, cache_of(out)), use_cache=True)
         finally:
             self.adapter.reset()
         return torch.cat(generated)
