@@ -100,45 +100,54 @@ def plans_for(model, encs, chunk: int | None = None) -> list[_Plan]:
 
 
 # ---------------------------------------------------------------------------------------------- layouts
-def _leaves(shapes: dict, prefix=()):
-    """(keys, own shape) of every leaf of an op's `weight_shapes`."""
-    for name, value in shapes.items():
-        if isinstance(value, dict):
-            yield from _leaves(value, (*prefix, name))
+def _cut(shapes: dict, full: dict, c: int) -> dict:
+    """Member ``c``'s weights of supernet-layout leaves ``full`` ([P, ...]) cut to an op's ``shapes`` tree."""
+    return {
+        name: _cut(shape, full[name], c) if isinstance(shape, dict)
+        else full[name][(c, *exact._crop(full[name].shape[1:], shape))]
+        for name, shape in shapes.items()
+    }
+
+
+def _paste(shapes: dict, full: dict, own: dict, c: int) -> dict:
+    """``full`` with member ``c``'s part of every leaf in ``shapes`` replaced by ``own`` (`_cut`'s inverse)."""
+    pasted = dict(full)
+    for name, shape in shapes.items():
+        if isinstance(shape, dict):
+            pasted[name] = _paste(shape, full[name], own[name], c)
         else:
-            yield (*prefix, name), value
+            pasted[name] = full[name].at[(c, *exact._crop(full[name].shape[1:], shape))].set(own[name])
+    return pasted
+
+
+def _replace_at(tree, path: exact.Path, fn):
+    """A copy of ``tree`` (nested dicts / lists) with the subtree at ``path`` replaced by ``fn(subtree)``."""
+    if not path:
+        return fn(tree)
+    copy = dict(tree) if isinstance(tree, dict) else list(tree)
+    copy[path[0]] = _replace_at(tree[path[0]], path[1:], fn)
+    return copy
 
 
 @functools.partial(jax.jit, static_argnames="plan")
 def to_plan(plan: _Plan, params_P) -> list[list[dict]]:
     """The plan's members' weights from supernet-layout ``params_P`` (leaves [P, ...]) cut to their own sizes:
     per member, per op, the op's `weight_shapes` tree of arrays."""
-    out = []
-    for c, chain in zip(plan.members, plan.chains, strict=True):
-        weights = []
-        for op in chain:
-            tree: dict = {}
-            for keys, shape in _leaves(op.weight_shapes()):
-                full = exact._at(params_P, (*op.path, *keys))
-                node = tree
-                for key in keys[:-1]:
-                    node = node.setdefault(key, {})
-                node[keys[-1]] = full[(c, *exact._crop(full.shape[1:], shape))]
-            weights.append(tree)
-        out.append(weights)
-    return out
+    return [
+        [_cut(op.weight_shapes(), exact._at(params_P, op.path), c) for op in chain]
+        for c, chain in zip(plan.members, plan.chains, strict=True)
+    ]
 
 
 @functools.partial(jax.jit, static_argnames="plan")
 def from_plan(plan: _Plan, own: list[list[dict]], params_P):
     """``params_P`` with the plan's members' own-size weights replaced by ``own`` (`to_plan`'s layout)."""
-    params_P = jax.tree.map(lambda a: a, params_P)  # a fresh dict tree to write into
     for c, chain, weights in zip(plan.members, plan.chains, own, strict=True):
-        for op, tree in zip(chain, weights, strict=True):
-            for keys, shape in _leaves(op.weight_shapes()):
-                parent = exact._at(params_P, (*op.path, *keys[:-1]))
-                full = parent[keys[-1]]
-                parent[keys[-1]] = full.at[(c, *exact._crop(full.shape[1:], shape))].set(exact._at(tree, keys))
+        for op, w in zip(chain, weights, strict=True):
+            def paste(full, op=op, w=w, c=c):
+                return _paste(op.weight_shapes(), full, w, c)
+
+            params_P = _replace_at(params_P, op.path, paste)
     return params_P
 
 
@@ -208,8 +217,8 @@ def _epoch(plan: _Plan, optimizer, own, opt_states, keys, failed, running, x, y,
 
     A Python loop over one jitted step, not a ``lax.scan``: measured on our CPU (16 CNNs, one epoch), XLA:CPU ran
     the convolutions inside a scan's loop body about 10x slower than the same step called from Python.
+    The step donates ``own`` and ``opt_states``: the caller's arrays are consumed.
     """
-    own, opt_states = jax.tree.map(jnp.copy, (own, opt_states))  # the step donates its inputs: keep the caller's
     losses = []
     for rows in index:
         own, opt_states, keys, failed, loss = _step(
@@ -291,7 +300,9 @@ def train_population_exact(
 
     plans = plans_for(model, encs)
     own = [to_plan(plan, params_P) for plan in plans]
-    opt_states = [[optimizer.init(w) for w in ws] for ws in own]
+    # The step donates its weights and optimiser states: own copies, so that no caller's array (nor an optimiser
+    # state aliasing a weight) is consumed.
+    own, opt_states = jax.tree.map(jnp.copy, (own, [[optimizer.init(w) for w in ws] for ws in own]))
     keys = [keys[jnp.asarray(plan.members)] for plan in plans]
     failed = [jnp.zeros(len(plan.members), bool) for plan in plans]
 
