@@ -14,7 +14,10 @@ families (MLP, CNN, ResNet, MobileNet; an `MLPSupernet`, a `ConvSupernet` or a s
   gradient being its own loss's) per **plan** of up to `CHUNK` candidates, called once per batch, plus a jitted
   validation batch and one conversion each way between the supernet layout (``params_P`` leaves ``[P, ...]`` at
   the largest sizes) and the candidates' own. A population compiles once for all its epochs; a new population
-  (a search's next generation) compiles its own plans.
+  (a search's next generation) compiles its own plans. With several local devices the plans are spread over
+  them (fewer candidates per plan, so that each device has one) and run side by side, each batch dispatching
+  every plan's step; on our 2-core CPU, two forced host devices measured no faster than one (XLA already uses
+  both cores inside one plan), so this is for hosts with real devices.
 - Measured on our CPU (one epoch, P = 16): batching same-shape layers of different candidates into one batched
   matmul was no faster than the candidates' own matmuls and compiled slower, so candidates are not grouped;
   XLA compiles a plan at ~2 s per MLP candidate and one 64-candidate program was still compiling after 4 minutes
@@ -31,7 +34,8 @@ families (MLP, CNN, ResNet, MobileNet; an `MLPSupernet`, a `ConvSupernet` or a s
   flips of Adam's first steps, so trained networks agree in accuracy, not bit for bit).
 
 Differences: the optimiser states live in the candidates' own layout for the call and are not returned
-(``PopulationResult.opt_state`` is None, and ``opt_state`` cannot be passed in); one device (no sharding).
+(``PopulationResult.opt_state`` is None, and ``opt_state`` cannot be passed in). Plans are spread over the
+local devices instead of sharding one program: each plan runs on one device, side by side with the others.
 
     result = train_population_exact(supernet, params_P, encs, optax.adam(1e-3), x, y, vx, vy, epochs=3, batch_size=64)
 """
@@ -83,10 +87,11 @@ def _part(model, enc):
     return model.mlp if model.family(enc) == "mlp" else model.conv
 
 
-def plans_for(model, encs, chunk: int | None = None) -> list[_Plan]:
-    """Plans of population ``encs`` [P, n_choices] of ``model``, ``chunk`` (default `CHUNK`) candidates each."""
-    chunk = CHUNK if chunk is None else chunk
+def plans_for(model, encs, chunk: int | None = None, devices: int = 1) -> list[_Plan]:
+    """Plans of population ``encs`` [P, n_choices] of ``model``, ``chunk`` candidates each (default: `CHUNK`, or
+    fewer so that every one of ``devices`` devices gets a plan)."""
     encs = np.asarray(encs)
+    chunk = min(CHUNK, -(-len(encs) // devices)) if chunk is None else chunk
     plans = []
     for first in range(0, len(encs), chunk):
         rows = encs[first : first + chunk]
@@ -211,20 +216,23 @@ def _step(plan: _Plan, optimizer, own, opt_states, keys, failed, running, x, y, 
     return new_own, new_states, keys, failed, losses
 
 
-def _epoch(plan: _Plan, optimizer, own, opt_states, keys, failed, running, x, y, index, shift=0):
-    """One epoch of the plan's members over batches ``index`` [n_batches, B]: (own, opt_states, keys, failed)
-    and the per-step losses [n_batches, n_members].
+def _epoch(plans: list[_Plan], optimizer, states: list[list], running: list, data: list, index, shift=0):
+    """One epoch of every plan over batches ``index`` [n_batches, B] (a numpy array); ``states[k]`` is plan k's
+    [own, opt_states, keys, failed], updated in place, ``running[k]`` its members' flags and ``data[k]`` its
+    (x, y, index) on its device. Returns each plan's mean step loss per member [n_members].
 
     A Python loop over one jitted step, not a ``lax.scan``: measured on our CPU (16 CNNs, one epoch), XLA:CPU ran
-    the convolutions inside a scan's loop body about 10x slower than the same step called from Python.
-    The step donates ``own`` and ``opt_states``: the caller's arrays are consumed.
+    the convolutions inside a scan's loop body about 10x slower than the same step called from Python. Each
+    batch dispatches every plan's step before the next batch's, so plans on different devices run side by side.
+    The step donates the weights and optimiser states: the arrays in ``states`` are consumed and replaced.
     """
-    losses = []
-    for rows in index:
-        own, opt_states, keys, failed, loss = _step(
-            plan, optimizer, own, opt_states, keys, failed, running, x, y, rows, shift)
-        losses.append(loss)
-    return (own, opt_states, keys, failed), jnp.stack(losses)
+    losses = [[] for _ in plans]
+    for b in range(len(index)):
+        for k, plan in enumerate(plans):
+            x, y, rows = data[k]
+            *states[k], loss = _step(plan, optimizer, *states[k], running[k], x, y, rows[b], shift)
+            losses[k].append(loss)
+    return [to_host(jnp.stack(ls)).mean(0) for ls in losses]
 
 
 @functools.partial(jax.jit, static_argnames="plan")
@@ -237,18 +245,38 @@ def _evaluate_batch(plan: _Plan, own, x, y, weight):
     return (loss * weight).sum(-1), (correct * weight).sum(-1)
 
 
-def evaluate_plans(plans: list[_Plan], own: list[list], x, y, batch_size: int = 256) -> dict[str, np.ndarray]:
+def evaluate_plans(
+    plans: list[_Plan], own: list[list], x, y, batch_size: int = 256, devices: list | None = None
+) -> dict[str, np.ndarray]:
     """{"loss", "accuracy"} [P] of the plans' members (weights ``own``, one list per plan) on (x, y), in the
-    padded batches `jaxnas.population.evaluate_population` uses (BatchNorm sees the same batches)."""
+    padded batches `jaxnas.population.evaluate_population` uses (BatchNorm sees the same batches).
+
+    ``devices``: the device of each plan's weights (the data is copied there; default: one device)."""
     xb, weight = _batched(jnp.asarray(x), batch_size)
     yb, _ = _batched(jnp.asarray(y, jnp.int32), batch_size)
-    loss, correct = [], []
-    for plan, w in zip(plans, own, strict=True):
-        sums = [_evaluate_batch(plan, w, xb[i], yb[i], weight[i]) for i in range(xb.shape[0])]
-        loss.append(to_host(sum(s[0] for s in sums)))
-        correct.append(to_host(sum(s[1] for s in sums)))
+    data = _on_devices((xb, yb, weight), devices or [None] * len(plans))
+    sums = [[] for _ in plans]
+    for i in range(xb.shape[0]):  # batch by batch, every plan: the devices' programs run side by side
+        for k, (plan, w) in enumerate(zip(plans, own, strict=True)):
+            xs, ys, ws = data[k]
+            sums[k].append(_evaluate_batch(plan, w, xs[i], ys[i], ws[i]))
     n = jnp.shape(y)[0]
-    return {"loss": np.concatenate(loss) / n, "accuracy": np.concatenate(correct) / n}
+    loss = np.concatenate([to_host(sum(s[0] for s in ss)) for ss in sums])
+    correct = np.concatenate([to_host(sum(s[1] for s in ss)) for ss in sums])
+    return {"loss": loss / n, "accuracy": correct / n}
+
+
+def _on_devices(tree, devices: list) -> list:
+    """``tree`` on each of ``devices`` (one copy per distinct device; None: left where it is)."""
+    copies: dict = {}
+    return [copies.setdefault(d, tree if d is None else jax.device_put(tree, d)) for d in devices]
+
+
+def _home(params_P):
+    """The device holding ``params_P`` when it is on exactly one, else None (the caller's own placement)."""
+    leaf = jax.tree.leaves(params_P)[0]
+    devices = leaf.devices() if isinstance(leaf, jax.Array) else set()
+    return next(iter(devices)) if len(devices) == 1 else None
 
 
 def supports(model) -> bool:
@@ -276,12 +304,14 @@ def train_population_exact(
     opt_state=None,
     eval_batch_size: int = 256,
     shift: int = 0,
+    devices=None,
 ) -> PopulationResult:
     """`jaxnas.population.train_population` with every candidate at its exact sizes (see the module docstring).
 
     Arguments as there, with the model itself (an `MLPSupernet`, a `ConvSupernet` or a search model holding
     them; ``params_P`` in its layout) instead of its ``apply``. ``opt_state`` must be None (the optimiser starts
-    fresh; the result's ``opt_state`` is None).
+    fresh; the result's ``opt_state`` is None). ``devices``: where the plans run, spread round-robin (default:
+    every local device; plans on different devices run side by side).
     """
     if not supports(model):
         raise TypeError(
@@ -298,29 +328,38 @@ def train_population_exact(
         jnp.asarray(encs), params_P, train_x, train_y, epochs, patience, shift, keys, seed)
     population = len(encs)
 
-    plans = plans_for(model, encs)
-    own = [to_plan(plan, params_P) for plan in plans]
-    # The step donates its weights and optimiser states: own copies, so that no caller's array (nor an optimiser
-    # state aliasing a weight) is consumed.
-    own, opt_states = jax.tree.map(jnp.copy, (own, [[optimizer.init(w) for w in ws] for ws in own]))
-    keys = [keys[jnp.asarray(plan.members)] for plan in plans]
-    failed = [jnp.zeros(len(plan.members), bool) for plan in plans]
+    devices = _devices(devices)
+    plans = plans_for(model, encs, devices=len(devices))
+    placed = [devices[k % len(devices)] for k in range(len(plans))]  # plan k runs on placed[k]
+    states = []
+    for plan, device in zip(plans, placed, strict=True):
+        own = jax.device_put(to_plan(plan, params_P), device)
+        # The step donates its weights and optimiser states: own copies, so that no caller's array (nor an
+        # optimiser state aliasing a weight) is consumed.
+        own, opt_state = jax.tree.map(jnp.copy, (own, [optimizer.init(w) for w in own]))
+        # Every input committed to the plan's device, as the step's outputs are: one compile, not two.
+        states.append(jax.device_put(
+            [own, opt_state, keys[jnp.asarray(plan.members)], jnp.zeros(len(plan.members), bool)], device))
+    data = _on_devices((train_x, train_y), placed)
 
     def run_epoch(epoch, running):
-        index = jnp.asarray(epoch_indices(train_x.shape[0], batch_size, seed, epoch))
-        losses = []
-        for i, plan in enumerate(plans):
-            members = np.asarray(plan.members)
-            (own[i], opt_states[i], keys[i], failed[i]), loss = _epoch(
-                plan, optimizer, own[i], opt_states[i], keys[i], failed[i], jnp.asarray(running[members]),
-                train_x, train_y, index, shift,
-            )
-            losses.append(to_host(loss).mean(0))
-        accuracy = evaluate_plans(plans, own, val_x, val_y, eval_batch_size)["accuracy"]
-        return accuracy, np.concatenate(losses), np.concatenate([to_host(f) for f in failed])
+        index = epoch_indices(train_x.shape[0], batch_size, seed, epoch)
+        on_device = [(*xy, jax.device_put(index, d)) for xy, d in zip(data, placed, strict=True)]
+        flags = [jax.device_put(running[np.asarray(plan.members)], d) for plan, d in zip(plans, placed, strict=True)]
+        losses = _epoch(plans, optimizer, states, flags, on_device, index, shift)
+        accuracy = evaluate_plans(plans, [s[0] for s in states], val_x, val_y, eval_batch_size, placed)["accuracy"]
+        return accuracy, np.concatenate(losses), np.concatenate([to_host(s[3]) for s in states])
 
     outcome = run_epochs(population, epochs, patience, run_epoch)
-    params = params_P
-    for plan, w in zip(plans, own, strict=True):
-        params = from_plan(plan, w, params)
+    params, home = params_P, _home(params_P)
+    for plan, state in zip(plans, states, strict=True):
+        params = from_plan(plan, state[0] if home is None else jax.device_put(state[0], home), params)
     return PopulationResult(params=params, opt_state=None, **outcome)
+
+
+def _devices(devices) -> list:
+    """The devices the plans are spread over: ``devices`` as given, else this process's local devices."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("devices must name at least one device (e.g. jax.local_devices()), got none")
+    return devices

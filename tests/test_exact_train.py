@@ -68,17 +68,20 @@ def test_exact_training_equals_masked_population_training(trained):
     assert (exact.train_loss[-1] < exact.train_loss[0]).all()  # and they did learn
 
 
-def test_plans_of_a_few_candidates_give_the_same_result(setup, trained, monkeypatch):
-    monkeypatch.setattr(exact_train, "CHUNK", 2)
-    supernet, encs, *_ = setup
-    assert [p.members for p in exact_train.plans_for(supernet, encs, 2)] == [(0, 1), (2, 3), (4,)]
-    _, exact = trained
+def test_plans_on_one_device_or_spread_over_devices_give_the_same_result(setup, trained):
     supernet, encs, params, (tx, ty, vx, vy) = setup
-    chunked = exact_train.train_population_exact(
+    assert jax.local_device_count() == 4  # conftest's host devices: the default spreads plans over them
+    assert [p.members for p in exact_train.plans_for(supernet, encs, devices=4)] == [(0, 1), (2, 3), (4,)]
+    assert [p.members for p in exact_train.plans_for(supernet, encs)] == [tuple(range(P))]
+    _, spread = trained
+    one = exact_train.train_population_exact(
         supernet, params, encs, OPTIMIZER, tx, ty, vx, vy, epochs=2, batch_size=64, seed=5, eval_batch_size=40,
+        devices=jax.devices()[:1],
     )
-    chex.assert_trees_all_close(chunked.params, exact.params, atol=1e-6, rtol=1e-6)
-    np.testing.assert_array_equal(chunked.history, exact.history)
+    chex.assert_trees_all_close(one.params, spread.params, atol=1e-6, rtol=1e-6)
+    np.testing.assert_array_equal(one.history, spread.history)
+    # The result is written back where params_P lives, whichever devices trained it.
+    assert {d for leaf in jax.tree.leaves(spread.params) for d in leaf.devices()} == {jax.devices()[0]}
 
 
 def test_candidate_with_nan_weights_is_failed_and_the_others_are_unaffected(setup, trained):
@@ -119,6 +122,8 @@ def test_bad_inputs_are_refused_with_the_fix(setup):
     args = (supernet, params, encs, OPTIMIZER, tx, ty, vx, vy)
     with pytest.raises(ValueError, match="cannot take opt_state"):
         exact_train.train_population_exact(*args, epochs=1, batch_size=64, opt_state=jax.vmap(OPTIMIZER.init)(params))
+    with pytest.raises(ValueError, match="devices must name at least one device"):
+        exact_train.train_population_exact(*args, epochs=1, batch_size=64, devices=[])
     with pytest.raises(ValueError, match="shift must be >= 0 pixels"):
         exact_train.train_population_exact(*args, epochs=1, batch_size=64, shift=-1)
     with pytest.raises(ValueError, match="population axis P = 3"):
