@@ -126,10 +126,11 @@ class SupernetConfig:
     bn_batches: int = _field(4, "Training batches used to recalibrate each subnet's BatchNorm statistics.", min=1)
     scoring: Literal["auto", "exact", "vmapped"] = _field(
         "auto",
-        "How mode oneshot scores candidates with the shared weights: exact (each at its own sizes through cached "
-        "layer programs, jaxnas.exact: the fast form on CPU), vmapped (one masked program for the whole "
-        "population: the form for GPU / TPU and sharded populations), auto (exact for macro spaces on a CPU "
-        "backend in one process, else vmapped). Both give the same scores to float tolerance.",
+        "How candidates are scored with recalibrated BatchNorm statistics (mode oneshot: the shared weights; "
+        "modes train / oneshot on one device: trained candidates and the final test too): exact (each at its own "
+        "sizes through cached layer programs, jaxnas.exact: the fast form on CPU), vmapped (one masked program for "
+        "the whole population: the form for GPU / TPU and sharded populations), auto (exact for macro spaces on a "
+        "CPU backend in one process, else vmapped). Both give the same scores to float tolerance.",
     )
 
 

@@ -491,9 +491,15 @@ def evaluate_exact(
     bn_batches=None,
     batch_size: int = 1000,
     formulation: str = "lax",
+    shared: bool = True,
 ) -> dict[str, np.ndarray]:
     """Loss and accuracy of every encoding in ``encs`` [P, n_choices] with one shared ``params``, each candidate
     computed at its own sizes (see the module docstring).
+
+    ``shared=False``: ``params`` holds every candidate's own weights (leaves [P, ...], e.g. a trained
+    population's); each candidate is then its own chain (no prefix is shared: the weights differ) and its
+    BatchNorm statistics are recalibrated on its own weights, as the masked program's per-candidate
+    statistics are. The layer programs are the same (compiled once per layer size).
 
     ``model``: an `MLPSupernet`, a `ConvSupernet`, or a search model holding them; x [N, ...], y [N] int labels;
     ``bn_batches`` [n, B, H, W, C]: training batches for each candidate's BatchNorm statistics (needed when a
@@ -508,6 +514,21 @@ def evaluate_exact(
         raise ValueError(f"x has {x.shape[0]} examples and y {y.shape[0]} labels; they must match and be > 0")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not shared:
+        sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(params)}
+        if sizes != {len(encs)}:
+            raise ValueError(
+                f"shared=False takes every candidate's own weights, leaves [P = {len(encs)}, ...]; got leading "
+                f"sizes {sorted(sizes, key=str)}; pass shared=True for one supernet's weights"
+            )
+        scores = [
+            evaluate_exact(
+                model, jax.tree.map(lambda a, c=c: a[c], params), encs[c : c + 1], x, y, bn_batches=bn_batches,
+                batch_size=batch_size, formulation=formulation,
+            )
+            for c in range(len(encs))
+        ]
+        return {k: np.concatenate([s[k] for s in scores]) for k in ("loss", "accuracy")}
     root = _tree([ops_for(model, e, formulation) for e in encs])
     if _needs_stats(root):
         if bn_batches is None:

@@ -351,9 +351,13 @@ def train_population_exact(
         return accuracy, np.concatenate(losses), np.concatenate([to_host(s[3]) for s in states])
 
     outcome = run_epochs(population, epochs, patience, run_epoch)
-    params, home = params_P, _home(params_P)
+    # Written back on one device, then placed as params_P was (e.g. sharded over a mesh).
+    home = _home(params_P) or devices[0]
+    params = jax.device_put(params_P, home)
     for plan, state in zip(plans, states, strict=True):
-        params = from_plan(plan, state[0] if home is None else jax.device_put(state[0], home), params)
+        params = from_plan(plan, jax.device_put(state[0], home), params)
+    params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding) if isinstance(old, jax.Array) else new,
+                          params, params_P)
     return PopulationResult(params=params, opt_state=None, **outcome)
 
 

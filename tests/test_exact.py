@@ -119,6 +119,30 @@ def test_a_mixed_search_model_population_equals_its_masked_scores():
     _assert_equal_scores(got, _masked_scores(model, params, encs, x, y, bn))
 
 
+def test_candidates_own_weights_are_scored_as_the_masked_program_scores_them():
+    """shared=False (a trained population's own weights, leaves [P, ...]): per-candidate recalibrated statistics,
+    as `_Trained._score` computes them through the masked program."""
+    space = macro_space(
+        families=("mlp", "cnn"), max_stages=2, max_depth=1, channels=(4, 8), units=(8, 16), kernels=(3,),
+        activations=("relu", "elu"), dropouts=(0.0,),
+    )
+    model = SearchModel(space, IMAGE, CLASSES)
+    encs = _distinct(space, 4, 6)
+    assert {model.family(e) for e in encs} == {"mlp", "cnn"}
+    params_P = jax.vmap(_perturbed)(pop.init_population(model.init, jax.random.key(0), len(encs)),
+                                    jax.random.split(jax.random.key(1), len(encs)))
+    x, y, bn = _data()
+    got = exact.evaluate_exact(model, params_P, encs, x, y, bn_batches=bn, shared=False)
+    stats = model.statistics(params_P, jnp.asarray(encs), bn, shared=False)
+    want = pop.evaluate_population(model.apply_eval, {"params": params_P, "bn_stats": stats}, jnp.asarray(encs), x, y)
+    _assert_equal_scores(got, want)
+    # Each candidate's own weights: its score alone, with shared weights, is the same.
+    alone = exact.evaluate_exact(model, jax.tree.map(lambda a: a[2], params_P), encs[2:3], x, y, bn_batches=bn)
+    assert alone["loss"][0] == got["loss"][2]
+    with pytest.raises(ValueError, match=r"leaves \[P = 5"):
+        exact.evaluate_exact(model, params_P, encs[:5], x, y, bn_batches=bn, shared=False)
+
+
 def test_new_architectures_of_seen_layer_configurations_compile_nothing():
     """Activation, norm and skip are runtime arguments of a layer program: a population of new architectures
     built from the same sizes reuses every compiled program."""

@@ -111,6 +111,7 @@ class _Trained:
         self.population = cfg.search.population
         self.data = _device_data(dataset, cfg.supernet.bn_batches, cfg.supernet.batch_size, cfg.seed)
         self.optimizer = optax.adam(cfg.train.learning_rate)
+        self.exact = _use_exact(cfg.supernet.scoring, model)  # score through jaxnas.exact where it applies
 
     def score(self, params, encs, x, y, *, shared: bool) -> dict[str, np.ndarray]:
         """{"accuracy", "loss"} [P] of candidates with their own recalibrated BatchNorm statistics.
@@ -118,8 +119,10 @@ class _Trained:
         With several devices (local, or global in a multi-process run) the candidates are sharded across them.
         """
         population = len(encs)
-        encs = jnp.asarray(encs, jnp.int32)
         mesh = _mesh_for(population)
+        if self.exact and mesh is None:  # on one CPU device: each candidate at its own sizes
+            return self._score_exact(params, encs, x, y, shared=shared)
+        encs = jnp.asarray(encs, jnp.int32)
         if mesh is not None:
             if shared:
                 (encs, _), params = pop.shard_population(encs, mesh), pop.replicate(params, mesh)
@@ -127,6 +130,13 @@ class _Trained:
                 (encs, params), _ = pop.shard_population((encs, params), mesh)
         out = self._score(params, encs, x, y, shared=shared)
         return {k: v[:population] for k, v in out.items()}
+
+    def _score_exact(self, params, encs, x, y, *, shared: bool) -> dict[str, np.ndarray]:
+        """`_score` through `jaxnas.exact` (the same scores to float tolerance; no masks, no padded FLOPs)."""
+        return exact.evaluate_exact(
+            self.model, params, np.asarray(encs), x, y, bn_batches=self.data.bn_batches, batch_size=EXACT_BATCH,
+            shared=shared,
+        )
 
     def _score(self, params, encs, x, y, *, shared: bool) -> dict[str, np.ndarray]:
         stats = self.model.statistics(params, encs, self.data.bn_batches, shared=shared)
@@ -151,7 +161,8 @@ class _Trained:
         if mesh is not None:
             (encs_j, params_P, keys), _ = pop.shard_population((encs_j, params_P, keys), mesh)
         d = self.data
-        if _train_exact(self.cfg.train.formulation, self.model, mesh):
+        trained_exact = _train_exact(self.cfg.train.formulation, self.model, mesh)
+        if trained_exact:
             result = exact_train.train_population_exact(
                 self.model, params_P, encs_j, self.optimizer, d.train_x, d.train_y, d.val_x, d.val_y,
                 epochs=epochs, batch_size=self.cfg.train.batch_size, seed=seed, patience=patience, keys=keys,
@@ -163,7 +174,8 @@ class _Trained:
                 epochs=epochs, batch_size=self.cfg.train.batch_size, seed=seed, patience=patience, keys=keys,
                 shift=self.cfg.train.augment_shift,
             )
-        scores = {k: v[:P] for k, v in self._score(result.params, encs_j, d.val_x, d.val_y, shared=False).items()}
+        score = self._score_exact if trained_exact and self.exact else self._score
+        scores = {k: v[:P] for k, v in score(result.params, encs_j, d.val_x, d.val_y, shared=False).items()}
         if len(encs_j) != P:
             result = dataclasses.replace(
                 result,
@@ -229,14 +241,10 @@ class OneShotEvaluator(_Trained):
     def __init__(self, cfg: RunConfig, model: SearchModel, dataset: Dataset, supernet_params):
         super().__init__(cfg, model, dataset)
         self.params = supernet_params
-        self.exact = _use_exact(cfg.supernet.scoring, model)
 
     def evaluate(self, encs: np.ndarray, generation: int) -> list[dict]:
         if self.exact:  # every candidate at its own sizes; no padding to P needed (nothing is recompiled)
-            d = self.data
-            scores = exact.evaluate_exact(
-                self.model, self.params, encs, d.val_x, d.val_y, bn_batches=d.bn_batches, batch_size=EXACT_BATCH
-            )
+            scores = self._score_exact(self.params, encs, self.data.val_x, self.data.val_y, shared=True)
             return self._rows(None, scores, len(encs))
         padded = _padded(encs, self.population)
         scores = self.score(self.params, padded, self.data.val_x, self.data.val_y, shared=True)
