@@ -5,6 +5,7 @@ import csv
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -199,3 +200,30 @@ def test_exact_training_outside_the_macro_space_is_refused(tmp_path, capsys):
                  *TINY[:1]]) == 2
     assert "train.formulation=exact trains macro-space candidates" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_exact_training_trains_only_the_real_candidates_of_a_short_generation(monkeypatch):
+    """A generation with fewer new candidates than search.population: the masked program pads it (one compiled
+    program for every generation); exact training, which compiles per population anyway, trains only the real
+    ones, with the same results for them (each candidate's keys do not depend on the population size)."""
+    from interop.config import load_config
+    from jaxnas.config import RunConfig
+    from jaxnas.search import evaluate
+    from jaxnas.search.models import build_space, model_for
+
+    cfg = load_config(RunConfig, None, [*TINY, "mode=train", "train.formulation=exact", "train.epochs=1"])
+    dataset = load_dataset(cfg.data)
+    space = build_space(cfg.space)
+    model = model_for(space, cfg.space, dataset.info.image_shape, dataset.info.num_classes)
+    evaluator = evaluate.TrainEvaluator(cfg, model, dataset)
+    encs = np.asarray(space.sample(jax.random.key(2), 3), np.int32)
+    trained = []
+    real = evaluator.train_candidates
+    monkeypatch.setattr(evaluator, "train_candidates", lambda e, *a, **k: trained.append(len(e)) or real(e, *a, **k))
+    short = evaluator.evaluate(encs[:3], generation=1)
+    full = evaluator.evaluate(evaluate._padded(encs[:3], cfg.search.population), generation=1)
+    assert trained == [3, 4] and len(short) == 3
+    for a, b in zip(short, full[:3]):
+        assert a["status"] == b["status"] == "ok"
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1e-6)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)

@@ -8,7 +8,8 @@
 
 ``evaluate(encs [m, n_choices] int32, generation) -> list of metric dicts`` (each with a ``status``). A batch
 is padded to the strategy's population size P with copies of its first row, so one compiled program serves
-every generation; the copies' results are dropped.
+every generation; the copies' results are dropped. (Exact forms need no padding: `jaxnas.exact` compiles per
+layer size, `jaxnas.exact_train` per population.)
 """
 
 from __future__ import annotations
@@ -230,8 +231,11 @@ class TrainEvaluator(_Trained):
     def evaluate(self, encs: np.ndarray, generation: int) -> list[dict]:
         t = self.cfg.train
         epochs = t.fast_epochs if generation < t.fast_generations else t.epochs
-        padded = _padded(encs, self.population)
-        result, scores = self.train_candidates(padded, epochs, t.patience, self.cfg.seed * 100_003 + generation, self.start)
+        # Padding keeps one masked program for every generation; exact training compiles per population anyway,
+        # so it trains only the real candidates (each one's keys and results are the same either way).
+        exact = _train_exact(t.formulation, self.model, _mesh_for(len(encs)))
+        batch = np.asarray(encs, np.int32) if exact else _padded(encs, self.population)
+        result, scores = self.train_candidates(batch, epochs, t.patience, self.cfg.seed * 100_003 + generation, self.start)
         return self._rows(result.status, scores, len(encs))
 
 
