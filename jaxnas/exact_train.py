@@ -114,46 +114,32 @@ def _cut(shapes: dict, full: dict, c: int) -> dict:
     }
 
 
-def _paste(shapes: dict, full: dict, own: dict, c: int) -> dict:
-    """``full`` with member ``c``'s part of every leaf in ``shapes`` replaced by ``own`` (`_cut`'s inverse)."""
-    pasted = dict(full)
+def _paste(shapes: dict, full: dict, own: dict, c: int) -> None:
+    """Write ``own`` into member ``c``'s part of every leaf of ``full`` (writable numpy arrays) in ``shapes``."""
     for name, shape in shapes.items():
         if isinstance(shape, dict):
-            pasted[name] = _paste(shape, full[name], own[name], c)
+            _paste(shape, full[name], own[name], c)
         else:
-            pasted[name] = full[name].at[(c, *exact._crop(full[name].shape[1:], shape))].set(own[name])
-    return pasted
+            full[name][(c, *exact._crop(full[name].shape[1:], shape))] = own[name]
 
 
-def _replace_at(tree, path: exact.Path, fn):
-    """A copy of ``tree`` (nested dicts / lists) with the subtree at ``path`` replaced by ``fn(subtree)``."""
-    if not path:
-        return fn(tree)
-    copy = dict(tree) if isinstance(tree, dict) else list(tree)
-    copy[path[0]] = _replace_at(tree[path[0]], path[1:], fn)
-    return copy
-
-
-@functools.partial(jax.jit, static_argnames="plan")
-def to_plan(plan: _Plan, params_P) -> list[list[dict]]:
-    """The plan's members' weights from supernet-layout ``params_P`` (leaves [P, ...]) cut to their own sizes:
-    per member, per op, the op's `weight_shapes` tree of arrays."""
+# The conversions run in numpy on the host: jitted, they compiled for ~5 s per population (to_plan 1.9 s and
+# from_plan 2.7 s of a 16-CNN population's 37 s first call), for what is copying of slices.
+def to_plan(plan: _Plan, host_P) -> list[list[dict]]:
+    """The plan's members' weights from supernet-layout ``host_P`` (numpy leaves [P, ...]) cut to their own
+    sizes: per member, per op, the op's `weight_shapes` tree of arrays."""
     return [
-        [_cut(op.weight_shapes(), exact._at(params_P, op.path), c) for op in chain]
+        [_cut(op.weight_shapes(), exact._at(host_P, op.path), c) for op in chain]
         for c, chain in zip(plan.members, plan.chains, strict=True)
     ]
 
 
-@functools.partial(jax.jit, static_argnames="plan")
-def from_plan(plan: _Plan, own: list[list[dict]], params_P):
-    """``params_P`` with the plan's members' own-size weights replaced by ``own`` (`to_plan`'s layout)."""
+def from_plan(plan: _Plan, own: list[list[dict]], host_P) -> None:
+    """Write the plan's members' own-size weights ``own`` (`to_plan`'s layout) into ``host_P`` (writable numpy
+    leaves [P, ...])."""
     for c, chain, weights in zip(plan.members, plan.chains, own, strict=True):
         for op, w in zip(chain, weights, strict=True):
-            def paste(full, op=op, w=w, c=c):
-                return _paste(op.weight_shapes(), full, w, c)
-
-            params_P = _replace_at(params_P, op.path, paste)
-    return params_P
+            _paste(op.weight_shapes(), exact._at(host_P, op.path), jax.tree.map(np.asarray, w), c)
 
 
 # ---------------------------------------------------------------------------------------------- programs
@@ -272,13 +258,6 @@ def _on_devices(tree, devices: list) -> list:
     return [copies.setdefault(d, tree if d is None else jax.device_put(tree, d)) for d in devices]
 
 
-def _home(params_P):
-    """The device holding ``params_P`` when it is on exactly one, else None (the caller's own placement)."""
-    leaf = jax.tree.leaves(params_P)[0]
-    devices = leaf.devices() if isinstance(leaf, jax.Array) else set()
-    return next(iter(devices)) if len(devices) == 1 else None
-
-
 def supports(model) -> bool:
     """Whether `train_population_exact` trains ``model``'s candidates: an `MLPSupernet` or `ConvSupernet` (or its
     bound ``apply``), or a search model holding them (``model.mlp`` / ``model.conv``)."""
@@ -331,9 +310,10 @@ def train_population_exact(
     devices = _devices(devices)
     plans = plans_for(model, encs, devices=len(devices))
     placed = [devices[k % len(devices)] for k in range(len(plans))]  # plan k runs on placed[k]
+    host = jax.tree.map(lambda a: np.array(to_host(a)), params_P)  # a writable copy: the result is written into it
     states = []
     for plan, device in zip(plans, placed, strict=True):
-        own = jax.device_put(to_plan(plan, params_P), device)
+        own = jax.device_put(to_plan(plan, host), device)
         # The step donates its weights and optimiser states: own copies, so that no caller's array (nor an
         # optimiser state aliasing a weight) is consumed.
         own, opt_state = jax.tree.map(jnp.copy, (own, [optimizer.init(w) for w in own]))
@@ -351,13 +331,12 @@ def train_population_exact(
         return accuracy, np.concatenate(losses), np.concatenate([to_host(s[3]) for s in states])
 
     outcome = run_epochs(population, epochs, patience, run_epoch)
-    # Written back on one device, then placed as params_P was (e.g. sharded over a mesh).
-    home = _home(params_P) or devices[0]
-    params = jax.device_put(params_P, home)
     for plan, state in zip(plans, states, strict=True):
-        params = from_plan(plan, jax.device_put(state[0], home), params)
-    params = jax.tree.map(lambda new, old: jax.device_put(new, old.sharding) if isinstance(old, jax.Array) else new,
-                          params, params_P)
+        from_plan(plan, state[0], host)
+    # Placed as params_P was (one device, or sharded over a mesh).
+    params = jax.tree.map(
+        lambda new, old: jax.device_put(new, old.sharding) if isinstance(old, jax.Array) else jnp.asarray(new),
+        host, params_P)
     return PopulationResult(params=params, opt_state=None, **outcome)
 
 
