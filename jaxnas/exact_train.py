@@ -324,7 +324,7 @@ def train_population_exact(
 
     def run_epoch(epoch, running):
         index = epoch_indices(train_x.shape[0], batch_size, seed, epoch)
-        on_device = [(*xy, jax.device_put(index, d)) for xy, d in zip(data, placed, strict=True)]
+        on_device = [(*xy, rows) for xy, rows in zip(data, _on_devices(index, placed), strict=True)]
         flags = [jax.device_put(running[np.asarray(plan.members)], d) for plan, d in zip(plans, placed, strict=True)]
         losses = _epoch(plans, optimizer, states, flags, on_device, index, shift)
         accuracy = evaluate_plans(plans, [s[0] for s in states], val_x, val_y, eval_batch_size, placed)["accuracy"]

@@ -91,6 +91,11 @@ def with_cache(model: torch.nn.Module, cache) -> dict:
     return {_cache_keyword(type(model)): cache}
 
 
+def forward_cached(model: torch.nn.Module, ids: torch.Tensor, cache, **kwargs):
+    """``model``'s output on ``ids`` following the tokens held in the KV ``cache`` (which it extends)."""
+    return model(input_ids=ids, **with_cache(model, cache), use_cache=True, **kwargs)
+
+
 @functools.cache
 def _cache_keyword(cls: type) -> str:
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
@@ -224,7 +229,7 @@ def greedy_decode(
         generated.append(next_id)
         if (eos and next_id.item() in eos) or step + 1 == new_tokens:
             break
-        out = model(input_ids=next_id[:, None], **with_cache(model, cache_of(out)), use_cache=True)
+        out = forward_cached(model, next_id[:, None], cache_of(out))
     return torch.cat(generated)
 
 

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from interop import ExperienceMemory
 from torch_gating.adapters import ModelAdapter
-from torch_gating.timing import cache_of, with_cache
 from torch_gating.seqgate.policy import FINGERPRINT_DIM, SeqGatePolicy, block_sums, down_column_norms, layer_key
+from torch_gating.timing import forward_cached
 
 # Fractions of the global budget Bg tried per calibration window (the outcome is the largest that held).
 LEVELS = (0.25, 0.5, 1.0)
@@ -150,7 +150,7 @@ def collect_experiences(
         ids = windows[row : row + 1]
         probe = policy.probe(ids[:, :n_probe], layers=all_layers)
         with adapter.record(policy.gated_layers, what=("unit_abs_mean",)) as rec:
-            rest = model(input_ids=ids[:, n_probe:], **with_cache(model, probe.cache), use_cache=True).logits
+            rest = forward_cached(model, ids[:, n_probe:], probe.cache).logits
         _rewind(probe.cache, n_probe)
         base = _rest_nll(rest, ids, n_probe)
         n_rest = ids.shape[1] - n_probe
@@ -163,7 +163,7 @@ def collect_experiences(
         outcome = 0.0
         for level in LEVELS:
             adapter.set_kept(policy.select(probe, Bg=level * policy.Bg))
-            gated = model(input_ids=ids[:, n_probe:], **with_cache(model, probe.cache), use_cache=True).logits
+            gated = forward_cached(model, ids[:, n_probe:], probe.cache).logits
             adapter.reset()
             _rewind(probe.cache, n_probe)
             if math.exp(_rest_nll(gated, ids, n_probe) - base) - 1.0 > guardrail:

@@ -34,7 +34,7 @@ import torch
 from interop import BudgetController, ExperienceMemory, Fingerprinter, TransversalSelector
 from torch_gating.adapters import ModelAdapter
 from torch_gating.gated_mlp import GatedGPT2MLP, n_blocks
-from torch_gating.timing import cache_of, with_cache
+from torch_gating.timing import cache_of, forward_cached
 
 FINGERPRINT_DIM = 64
 TOP_K = 16
@@ -255,14 +255,10 @@ class SeqGatePolicy:
             return probe.logits
         self.apply(self.decide(probe, ids.shape[1]))
         try:
-            rest = self._continue(ids[:, n_probe:], probe.cache).logits
+            rest = forward_cached(self.model, ids[:, n_probe:], probe.cache).logits
         finally:
             self.adapter.reset()
         return torch.cat([probe.logits, rest], dim=1)
-
-    def _continue(self, ids: torch.Tensor, cache, **kwargs):
-        """The model's output on ``ids`` following the tokens held in the KV ``cache`` (which it extends)."""
-        return self.model(input_ids=ids, **with_cache(self.model, cache), use_cache=True, **kwargs)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """``forward(ids [B, L]) -> logits [B, L, V]`` for ``sliding_window_ppl``; one decision per row."""
@@ -284,7 +280,7 @@ class SeqGatePolicy:
             probe = self.probe(ids[:, :n_probe], logits_to_keep=1)
             if n_probe < ids.shape[1]:
                 self.apply(self.decide(probe, ids.shape[1]))
-                self._continue(ids[:, n_probe:], probe.cache, logits_to_keep=1)
+                forward_cached(self.model, ids[:, n_probe:], probe.cache, logits_to_keep=1)
                 self.adapter.reset()
         return windows.numel()
 
@@ -304,14 +300,14 @@ class SeqGatePolicy:
                 n_probe = min(self.probe_tokens, ids.shape[1] - 1)
                 probe = self.probe(ids[:, :n_probe], logits_to_keep=1)
                 self.apply(self.decide(probe, ids.shape[1] + new_tokens))
-                out = self._continue(ids[:, n_probe:], probe.cache, logits_to_keep=1)
+                out = forward_cached(self.model, ids[:, n_probe:], probe.cache, logits_to_keep=1)
             generated = []
             for step in range(new_tokens):
                 next_id = out.logits[:, -1].argmax(dim=-1)
                 generated.append(next_id)
                 if step + 1 == new_tokens:
                     break
-                out = self._continue(next_id[:, None], cache_of(out))
+                out = forward_cached(self.model, next_id[:, None], cache_of(out))
         finally:
             self.adapter.reset()
         return torch.cat(generated)
