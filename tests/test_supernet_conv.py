@@ -203,6 +203,26 @@ def test_slices_convolutions_equal_lax_convolutions(k, stride):
     chex.assert_trees_all_close(out, depthwise_conv(x, depthwise, stride, "lax"), atol=1e-5)
 
 
+@pytest.mark.parametrize("n, size, k, stride", [(11, 7, 3, 1), (9, 8, 5, 2), (3, 9, 3, 3), (16, 6, 7, 2), (2, 5, 1, 2)])
+def test_depthwise_gradients_by_hand_equal_the_lax_convolutions(n, size, k, stride):
+    # The slices formulation's hand-written VJP (kernel gradient over chunks of examples, a batch that does not
+    # divide into chunks included; input gradient as one correlation of the spread output gradient) against
+    # autodiff of XLA's grouped convolution, alone and under vmap (the masked population programs).
+    x = jax.random.normal(jax.random.key(0), (n, size, size + 1, 3))
+    kernel = jax.random.normal(jax.random.key(1), (k, k, 1, 3))
+
+    def gradients(formulation):
+        def loss(x, kernel):
+            return jnp.sum(jnp.sin(depthwise_conv2d(x, kernel, stride, formulation)))
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+    chex.assert_trees_all_close(gradients("slices")(x, kernel), gradients("lax")(x, kernel), atol=1e-4, rtol=1e-5)
+    batched = jax.vmap(gradients("slices"))(jnp.stack([x, -x]), jnp.stack([kernel, 2 * kernel]))
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda leaf: leaf[1], batched), gradients("lax")(-x, 2 * kernel), atol=1e-4, rtol=1e-5)
+
+
 def test_supernet_in_slices_and_lax_formulations_gives_equal_logits(train_setup):
     slices, encs, _, _ = train_setup
     lax_supernet = ConvSupernet(TRAIN_SPACE, IMAGE, CLASSES, formulation="lax")
