@@ -197,6 +197,10 @@ def test_slices_convolutions_equal_lax_convolutions(k, stride):
     kernel = jax.random.normal(jax.random.key(1), (k, k, 3, 5))
     conv, depthwise_conv = (jax.jit(op, static_argnums=(2, 3)) for op in (conv2d, depthwise_conv2d))
     chex.assert_trees_all_close(conv(x, kernel, stride, "slices"), conv(x, kernel, stride, "lax"), atol=1e-5)
+    p = (k - 1) // 2  # both formulations run a 1 x 1 kernel as a matmul: against XLA's convolution itself
+    reference = jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(p, p), (p, p)],
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    chex.assert_trees_all_close(conv(x, kernel, stride, "slices"), reference, atol=1e-5)
     depthwise = jax.random.normal(jax.random.key(2), (k, k, 1, 3))
     out = depthwise_conv(x, depthwise, stride, "slices")
     chex.assert_shape(out, (2, -(-7 // stride), 8 // stride, 3))
