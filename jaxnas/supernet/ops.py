@@ -35,11 +35,13 @@ def _check(kernel: jax.Array, formulation: str) -> int:
     return k
 
 
-def _taps(x: jax.Array, k: int, stride: int) -> list[jax.Array]:
-    """The k * k shifted views [B, ceil(H / stride), ceil(W / stride), C] of x [B, H, W, C], row-major in (i, j)."""
+def _taps(x: jax.Array, k: int, stride: int, padded: bool = False) -> list[jax.Array]:
+    """The k * k shifted views [B, ceil(H / stride), ceil(W / stride), C] of x [B, H, W, C], row-major in (i, j)
+    (``padded``: x is already padded by (k - 1) // 2 on every side)."""
     p = (k - 1) // 2
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))) if p else x
-    ho, wo = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
+    xp = x if padded or not p else jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    h, w = (x.shape[1] - 2 * p, x.shape[2] - 2 * p) if padded else x.shape[1:3]
+    ho, wo = -(-h // stride), -(-w // stride)
     return [
         xp[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride, :]
         for i in range(k)
@@ -101,12 +103,13 @@ def _depthwise_slices_bwd(stride, residuals, g):
     k, p = kernel.shape[0], (kernel.shape[0] - 1) // 2
     (h, w), (ho, wo) = x.shape[1:3], g.shape[1:3]
     # The input's gradient: the output gradient spread back to stride 1 (stride - 1 zeros between its entries),
-    # padded so that every input position sees all K * K taps, correlated with the flipped kernel.
+    # padded to [B, H + 2p, W + 2p, C] so that every input position sees all K * K taps, correlated with the
+    # flipped kernel.
     spread = jax.lax.pad(g, jnp.zeros((), g.dtype), (
         (0, 0, 0), (p, h + p - stride * (ho - 1) - 1, stride - 1), (p, w + p - stride * (wo - 1) - 1, stride - 1),
         (0, 0, 0)))
     flipped = kernel[::-1, ::-1].reshape(k * k, -1)
-    dx = sum(spread[:, i : i + h, j : j + w, :] * flipped[i * k + j] for i in range(k) for j in range(k))
+    dx = sum(tap * flipped[t] for t, tap in enumerate(_taps(spread, k, 1, padded=True)))
     n, chunk = x.shape[0], min(DEPTHWISE_CHUNK, x.shape[0])
     pad = -n % chunk  # zero examples add nothing to the kernel's gradient
     if pad:
