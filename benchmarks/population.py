@@ -283,7 +283,8 @@ def torch_convnet(supernet: ConvSupernet, weights: dict, enc, *, trainable: bool
                 "norm": stage.norm, "skip": stage.skip and j > 0, "first": j == 0,
             })
             ci = co
-    tensors |= {"head_w": p["head"]["kernel"][:ci], "head_b": p["head"]["bias"]}
+    head = p["head"][len(arch.stages) - 1]  # one head per number of stages
+    tensors |= {"head_w": head["kernel"][:ci], "head_b": head["bias"]}
     if trainable:
         tensors = {name: t.clone().requires_grad_(True) for name, t in tensors.items()}
     return TorchConvNet(arch.family, tensors, blocks, supernet.stem_stride, arch.dropout)

@@ -45,6 +45,11 @@ class SpaceConfig:
         ("relu", "gelu", "silu", "elu", "leaky_relu"), "macro: activation options."
     )
     dropouts: tuple[float, ...] = _field((0.0, 0.1, 0.2), "macro: dropout rates before the classifier.")
+    batchnorm: tuple[bool, ...] = _field(
+        (False, True), "macro: options of every stage's BatchNorm choice ([true]: always on, as weight-sharing "
+        "searches usually fix it; a supernet shares weights poorly between normalised and raw paths)."
+    )
+    skip: tuple[bool, ...] = _field((False, True), "macro: options of the mlp / cnn stages' skip-connection choice.")
     stem_stride: int = _field(1, "macro conv families: stride of the fixed 3x3 stem (2 quarters the MACs).", min=1, max=2)
     max_layers: int = _field(4, "transformer: most layers.", min=1, max=48)
     hidden: tuple[int, ...] = _field((32, 64), "transformer: model width options.")
@@ -104,6 +109,13 @@ class TrainConfig:
     fast_generations: int = _field(0, "Fast mode: the first N generations train for fast_epochs instead.", min=0)
     fast_epochs: int = _field(1, "Fast mode: epochs per candidate in the first fast_generations.", min=1)
     augment_shift: int = _field(0, "Augmentation: random translations of up to this many pixels (0: off).", min=0, max=8)
+    fidelity: Literal["full", "successive_halving"] = _field(
+        "full", "Mode train: full (every candidate trains for epochs), or successive_halving (all for min_epochs, the "
+        "best 1/eta for eta times as many, ... the last rung for epochs; each rung from scratch; a candidate keeps "
+        "the score of the highest rung it reached)."
+    )
+    eta: int = _field(2, "successive_halving: 1/eta of a rung's candidates go on to the next.", min=2)
+    min_epochs: int = _field(1, "successive_halving: epochs of the first rung.", min=1)
     warm_start: bool = _field(False, "Start candidates from the trained supernet's weights (oneshot supernet first).")
     formulation: Literal["auto", "exact", "vmapped"] = _field(
         "auto",
@@ -122,7 +134,17 @@ class SupernetConfig:
     sampler: Literal["uniform", "sandwich"] = _field("sandwich", "Subnets per step: uniform, or largest + smallest + random.")
     subnets: int = _field(3, "Subnets trained per step.", min=1)
     batch_size: int = _field(64, "Supernet training batch size.", min=1)
-    learning_rate: float = _field(1e-3, "Adam learning rate.", min=0.0)
+    learning_rate: float = _field(1e-3, "Adam learning rate (the peak of the schedule).", min=0.0)
+    schedule: Literal["constant", "cosine"] = _field(
+        "cosine", "Learning-rate schedule: constant, or cosine (linear warm-up over warmup_epochs, then cosine decay "
+        "to zero at the last step)."
+    )
+    warmup_epochs: float = _field(0.5, "cosine: epochs of linear warm-up from zero.", min=0.0)
+    distill: float = _field(
+        0.0, "In-place distillation (sandwich rule): weight of the largest subnet's soft predictions in every other "
+        "subnet's loss (0: labels only; 1: the teacher only).", min=0.0, max=1.0,
+    )
+    augment_shift: int = _field(0, "Augmentation: random translations of up to this many pixels (0: off).", min=0, max=8)
     bn_batches: int = _field(4, "Training batches used to recalibrate each subnet's BatchNorm statistics.", min=1)
     scoring: Literal["auto", "exact", "vmapped"] = _field(
         "auto",
@@ -167,6 +189,19 @@ class FinalConfig:
     top_k: int = _field(2, "Architectures retrained from scratch (0: skip).", min=0)
     epochs: int = _field(10, "Epochs of the final retraining.", min=1)
     patience: int | None = _field(3, "Early stopping of the final retraining on validation accuracy.", min=1)
+    seeds: int = _field(2, "Independent retrainings (initialisation, batch order, dropout) of every final "
+                        "architecture; mean and spread are reported, the winner has the best mean validation accuracy.",
+                        min=1)
+    baselines: tuple[Literal["largest", "random"], ...] = _field(
+        ("largest", "random"),
+        "Baselines retrained with the final recipe next to the winner: largest (the largest network of the space), "
+        "random (mode oneshot: the best of search.budget random architectures by the same one-shot scores).",
+    )
+    reference: tuple[str, ...] = _field((), "Named reference architectures (canonical strings) retrained as baselines.")
+    control: int = _field(
+        8, "Ranking fidelity: candidates spread over the search's scores retrained stand-alone; Kendall tau / "
+        "Spearman between the two go to summary.json (0: off).", min=0,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

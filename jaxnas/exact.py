@@ -359,7 +359,7 @@ def conv_ops(supernet: ConvSupernet, enc, prefix: Path = (), formulation: str = 
                 )
             )
             width = stage.width
-    return (*ops, Head((*root, "head"), width, pool=True))
+    return (*ops, Head((*root, "head", len(arch.stages) - 1), width, pool=True))
 
 
 def ops_for(model, enc, formulation: str = "lax") -> tuple[Op, ...]:

@@ -24,7 +24,7 @@ QUICKSTART = dict(
     OVERRIDES=[
         "data.name=digits", "mode=train", "space.families=[mlp]", "space.units=[16,32]", "space.max_stages=2",
         "space.max_depth=1", "space.dropouts=[0.0]", "search.population=4", "search.budget=8", "train.epochs=2",
-        "train.learning_rate=0.01", "final.top_k=1", "final.epochs=2", "progress=false",
+        "train.learning_rate=0.01", "final.top_k=1", "final.epochs=2", "final.seeds=1", "final.control=0", "final.baselines=[]", "progress=false",
     ],
     OUTPUT="runs/quickstart",
     SHOW_IMAGES=4,

@@ -18,7 +18,7 @@ TINY = [
     "data.name=digits", "mode=train", "search.strategy=evolution", "space.families=[mlp]", "space.max_stages=1",
     "space.max_depth=1", "space.units=[16,32]", "space.activations=[relu,gelu]", "space.dropouts=[0.0]",
     "search.population=4", "search.budget=12", "train.epochs=1", "train.batch_size=64", "train.learning_rate=0.01",
-    "final.top_k=1", "final.epochs=1", "progress=false",
+    "final.top_k=1", "final.epochs=1", "final.seeds=1", "final.control=0", "final.baselines=[]", "progress=false",
     # Several processes train and score through the masked programs only; the one-process reference must too
     # (auto would take the exact forms for its one-candidate final retraining, equal only to float tolerance).
     "train.formulation=vmapped", "supernet.scoring=vmapped",

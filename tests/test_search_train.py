@@ -33,6 +33,9 @@ TINY = [
     "supernet.subnets=2",
     "final.top_k=2",
     "final.epochs=3",
+    "final.seeds=1",  # seeds, baselines and the control sample: tests/test_search_fidelity.py
+    "final.control=0",
+    "final.baselines=[]",
     "progress=false",
 ]
 
@@ -120,7 +123,8 @@ def test_transformer_space_searches_on_image_patches_and_exports_a_loadable_twin
     overrides = ["data.name=digits", "space.name=transformer", "space.max_layers=1", "space.hidden=[8,16]",
                  "space.heads=[1,2]", "space.ffn_mults=[1]", "space.transformer_activations=[gelu]",
                  "space.positions=[learned,rope]", "space.patch=4", "search.strategy=random", "search.population=2",
-                 "search.budget=4", "train.epochs=1", "final.top_k=1", "final.epochs=2", "progress=false"]
+                 "search.budget=4", "train.epochs=1", "final.top_k=1", "final.epochs=2", "final.seeds=1",
+                 "final.control=0", "final.baselines=[]", "progress=false"]
     assert main([f"output={out}", "mode=train", *overrides]) == 0
     final = json.loads((out / "best.json").read_text())["final"]
     model = load_model(out)
@@ -132,7 +136,8 @@ def test_nb201_cells_search_one_shot_on_images_and_export_a_loadable_twin(tmp_pa
     out = tmp_path / "cells"
     overrides = ["data.name=digits", "space.name=nb201", "space.cell_channels=4", "space.cells=1",
                  "search.strategy=random", "search.population=4", "search.budget=4", "supernet.epochs=1",
-                 "supernet.subnets=2", "final.top_k=1", "final.epochs=1", "progress=false"]
+                 "supernet.subnets=2", "final.top_k=1", "final.epochs=1", "final.seeds=1",
+                 "final.control=0", "final.baselines=[]", "progress=false"]
     assert main([f"output={out}", "mode=oneshot", *overrides]) == 0
     final = json.loads((out / "best.json").read_text())["final"]
     assert final["arch"].startswith("|") and final["arch"].count("~") == 6
@@ -179,7 +184,8 @@ def test_search_trains_exact_and_vmapped_alike(tmp_path):
     """train.formulation=exact (each candidate at its own sizes) and vmapped (one masked program) train the same
     networks, MLPs and CNNs alike."""
     overrides = [o for o in TINY if not o.startswith(("search.budget", "final."))]
-    overrides += ["search.strategy=random", "search.budget=4", "final.top_k=1", "final.epochs=2"]
+    overrides += ["search.strategy=random", "search.budget=4", "final.top_k=1", "final.epochs=2", "final.seeds=1",
+                  "final.control=0", "final.baselines=[]"]
     runs = {}
     for formulation in ("exact", "vmapped"):
         out = tmp_path / formulation

@@ -172,8 +172,9 @@ def test_weights_beyond_the_width_and_kernel_change_nothing(twin_setup):
     block = params["cnn"]["stages"][0][1]["conv"]
     kernel = block["kernel"].at[:, :, 4:].set(1e6).at[:, :, :, 4:].set(-1e6).at[0].set(1e6).at[:, 6].set(-1e6)
     changed["cnn"]["stages"][0][1]["conv"] = {"kernel": kernel, "bias": block["bias"].at[4:].set(1e6)}
-    head = params["cnn"]["head"]
-    changed["cnn"]["head"] = {"kernel": head["kernel"].at[4:].set(1e6), "bias": head["bias"]}
+    for k, head in params["cnn"]["head"].items():  # rows beyond the width of every head; the other heads entirely
+        kernel = head["kernel"].at[4:].set(1e6) if k == 0 else head["kernel"] + 1e6
+        changed["cnn"]["head"] = {**changed["cnn"]["head"], k: {"kernel": kernel, "bias": head["bias"] + (k > 0) * 1e6}}
     clean = apply(params, enc, x, train=False, bn_stats=stats)
     assert np.array_equal(np.asarray(apply(changed, enc, x, train=False, bn_stats=stats)), np.asarray(clean))
 

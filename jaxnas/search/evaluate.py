@@ -27,6 +27,7 @@ from jaxnas import population as pop
 from jaxnas.config import RunConfig
 from jaxnas.data.core import Dataset
 from jaxnas.distributed import to_host, tree_to_host
+from jaxnas.search import halving
 from jaxnas.search.models import SearchModel
 from jaxnas.tables import QueryCounter, Table
 
@@ -197,28 +198,40 @@ class _Trained:
             rows.append({"status": status, "val_accuracy": acc, "val_loss": loss})
         return rows
 
-    def final(self, encs: np.ndarray) -> dict:
-        """Retrain ``encs`` [k, n] from scratch (train split, early stopping on validation), score validation and
-        test with recalibrated statistics, and return everything plus the winner (best validation accuracy)."""
+    def final(self, encs: np.ndarray, seeds: int = 1, contenders: int | None = None) -> dict:
+        """Retrain ``encs`` [k, n] from scratch ``seeds`` times (train split, early stopping on validation), score
+        validation and test with recalibrated statistics, and return everything plus the winner.
+
+        The winner is the row among the first ``contenders`` (default: all) with the best mean validation
+        accuracy over the seeds; the rows after them (baselines, control samples) are trained and reported
+        alike but never win. Per-seed lists are [seeds][k]; ``params`` / ``bn_stats`` are the winner's from
+        the first seed (what gets exported; its test accuracy is ``test_accuracy[0][winner]``).
+        """
         cfg = self.cfg.final
-        result, val = self.train_candidates(encs, cfg.epochs, cfg.patience, self.cfg.seed + 7919)
+        contenders = len(encs) if contenders is None else contenders
+        if not 1 <= contenders <= len(encs) or seeds < 1:
+            raise ValueError(f"final: need 1 <= contenders <= {len(encs)} and seeds >= 1, got {contenders}, {seeds}")
         d = self.data
-        test = self.score(result.params, encs, d.test_x, d.test_y, shared=False)
-        val_acc = np.where(result.status == pop.STATUS_FAILED, -np.inf, val["accuracy"])
-        winner = int(np.argmax(val_acc))
-        params = tree_to_host(jax.tree.map(lambda a: a[winner], result.params))  # every process holds the winner
+        out = {"status": [], "epochs_run": [], "val_accuracy": [], "test_accuracy": [], "test_loss": []}
+        first = None
+        for s in range(seeds):
+            result, val = self.train_candidates(encs, cfg.epochs, cfg.patience, self.cfg.seed + 7919 + 1_000_003 * s)
+            test = self.score(result.params, encs, d.test_x, d.test_y, shared=False)
+            failed = result.status == pop.STATUS_FAILED
+            out["status"].append([str(x) for x in result.status])
+            out["epochs_run"].append([int(result.history.shape[0])] * len(encs))
+            out["val_accuracy"].append(np.where(failed, np.nan, val["accuracy"]).tolist())
+            out["test_accuracy"].append(np.where(failed, np.nan, test["accuracy"]).tolist())
+            out["test_loss"].append(np.where(failed, np.nan, test["loss"]).tolist())
+            if first is None:
+                first = result.params
+            del result
+        val_mean = np.nanmean(np.asarray(out["val_accuracy"], float)[:, :contenders], axis=0) if seeds else None
+        winner = int(np.argmax(np.where(np.isfinite(val_mean), val_mean, -np.inf)))
+        params = tree_to_host(jax.tree.map(lambda a: a[winner], first))  # every process holds the winner
         stats = self.model.statistics(params, jnp.asarray(encs[winner : winner + 1]), d.bn_batches, shared=True)
         stats = None if stats is None else jax.tree.map(lambda a: a[0], stats)
-        return {
-            "status": [str(s) for s in result.status],
-            "epochs_run": [int(result.history.shape[0])] * len(encs),
-            "val_accuracy": val["accuracy"].tolist(),
-            "test_accuracy": test["accuracy"].tolist(),
-            "test_loss": test["loss"].tolist(),
-            "winner": winner,
-            "params": params,
-            "bn_stats": stats,
-        }
+        return {**out, "winner": winner, "params": params, "bn_stats": stats}
 
 
 class TrainEvaluator(_Trained):
@@ -233,9 +246,20 @@ class TrainEvaluator(_Trained):
         epochs = t.fast_epochs if generation < t.fast_generations else t.epochs
         # Padding keeps one masked program for every generation; exact training compiles per population anyway,
         # so it trains only the real candidates (each one's keys and results are the same either way).
-        exact = _train_exact(t.formulation, self.model, _mesh_for(len(encs)))
+        seed = self.cfg.seed * 100_003 + generation
+        if t.fidelity == "successive_halving" and generation >= t.fast_generations:
+            def train(indices, rung_epochs):
+                rows = self._train_rows(encs[list(indices)], rung_epochs, seed)
+                return [(r["val_accuracy"], {**r, "epochs": rung_epochs}) for r in rows]
+
+            done = halving.successive_halving(len(encs), train, max_epochs=epochs, eta=t.eta, min_epochs=t.min_epochs)
+            return list(done.rows)
+        return [{**r, "epochs": epochs} for r in self._train_rows(encs, epochs, seed)]
+
+    def _train_rows(self, encs: np.ndarray, epochs: int, seed: int) -> list[dict]:
+        exact = _train_exact(self.cfg.train.formulation, self.model, _mesh_for(len(encs)))
         batch = np.asarray(encs, np.int32) if exact else _padded(encs, self.population)
-        result, scores = self.train_candidates(batch, epochs, t.patience, self.cfg.seed * 100_003 + generation, self.start)
+        result, scores = self.train_candidates(batch, epochs, self.cfg.train.patience, seed, self.start)
         return self._rows(result.status, scores, len(encs))
 
 
@@ -278,20 +302,30 @@ def train_supernet(cfg: RunConfig, model: SearchModel, dataset: Dataset):
     s = cfg.supernet
     sampler = pop.SubnetSampler(
         model.space, s.subnets, s.sampler,
-        _Ends(model, "largest") if s.sampler == "sandwich" else None,
-        _Ends(model, "smallest") if s.sampler == "sandwich" else None,
+        Ends(model, "largest") if s.sampler == "sandwich" else None,
+        Ends(model, "smallest") if s.sampler == "sandwich" else None,
     )
     params = model.init(jax.random.key(cfg.seed))
     params, _, losses = pop.train_supernet(
-        model.apply, params, optax.adam(s.learning_rate), sampler,
+        model.apply, params, optax.adam(supernet_schedule(s, len(dataset.train.labels))), sampler,
         jnp.asarray(dataset.train.images), jnp.asarray(dataset.train.labels),
-        epochs=s.epochs, batch_size=s.batch_size, seed=cfg.seed,
+        epochs=s.epochs, batch_size=s.batch_size, seed=cfg.seed, distill=s.distill, shift=s.augment_shift,
     )
     return params, losses.mean(axis=(1, 2)).tolist()
 
 
+def supernet_schedule(s, n_train: int):
+    """The supernet's learning rate: a float (constant) or an optax schedule over its steps (see SupernetConfig)."""
+    if s.schedule == "constant":
+        return s.learning_rate
+    steps_per_epoch = n_train // s.batch_size
+    total = max(1, s.epochs * steps_per_epoch)
+    warmup = min(int(round(s.warmup_epochs * steps_per_epoch)), total - 1)
+    return optax.warmup_cosine_decay_schedule(0.0, s.learning_rate, warmup, total, end_value=0.0)
+
+
 @dataclasses.dataclass(frozen=True)
-class _Ends:
+class Ends:
     """The sandwich rule's largest / smallest map over every family of the model (each family's own map)."""
 
     model: SearchModel

@@ -36,7 +36,8 @@ from jaxnas.config import RunConfig
 from jaxnas.data import load_dataset
 from jaxnas.search import objectives as obj
 from jaxnas.search.checkpoint import RunCheckpoints, json_safe, load_arrays, save_arrays
-from jaxnas.search.evaluate import OneShotEvaluator, TableEvaluator, TrainEvaluator, train_supernet
+from jaxnas.search import fidelity
+from jaxnas.search.evaluate import OneShotEvaluator, TableEvaluator, TrainEvaluator, Ends, train_supernet
 from jaxnas.search.export import export_model
 from jaxnas.search.models import build_space, model_for
 from jaxnas.search.pareto import default_reference, hypervolume, knee_point, pareto_mask
@@ -236,6 +237,8 @@ class SearchRun:
     # ------------------------------------------------------------------ outputs
     def _columns(self) -> list[str]:
         metrics = ["signal", "report"] if self.cfg.mode == "table" else [*obj.TRAINED, *obj.CHEAP]
+        if self.cfg.mode == "train":
+            metrics.append("epochs")  # the fidelity a candidate was scored at (fast mode, successive halving)
         if self.needs_latency:
             metrics.append("latency_ms")
         return ["generation", "index", "arch", "status", "fitness", *metrics, "cached_from"]
@@ -345,7 +348,16 @@ class SearchRun:
                 summary.update(best_arch=record["final"]["arch"] if record["final"] else best["arch"],
                                best_val_accuracy=best.get("val_accuracy"))
                 if record["final"]:
-                    summary["test_accuracy"] = record["final"]["test_accuracy"]
+                    f = record["final"]
+                    summary.update(test_accuracy=f["test_accuracy"], test_accuracy_mean=f["test_accuracy_mean"],
+                                   test_accuracy_std=f["test_accuracy_std"])
+                    summary["baselines"] = {k: {"arch": b["arch"], "test_accuracy_mean": b["test_accuracy"]["mean"],
+                                                "test_accuracy_std": b["test_accuracy"]["std"]}
+                                            for k, b in f["baselines"].items()}
+                    if f["ranking"]:
+                        summary["ranking"] = {k: f["ranking"][k] for k in
+                                              ("kendall_tau", "spearman", "n", "params_kendall_tau", "warning")
+                                              if k in f["ranking"]}
             _write(self.out / "best.json", json.dumps(json_safe(record), indent=2) + "\n")
         summary["seconds"] = round(time.perf_counter() - started, 2)  # this process: set-up, search, final
         if jax.process_count() > 1:
@@ -357,41 +369,129 @@ class SearchRun:
         return summary
 
     def _final(self, rows: list[dict]) -> dict | None:
-        """Retrain the top-k (by fitness) from scratch, test them, export the winner by validation accuracy."""
-        k = self.cfg.final.top_k
-        if k == 0:
+        """Retrain the top-k (by fitness), the baselines and the control sample from scratch over final.seeds,
+        test them, export the winner (best mean validation accuracy among the top-k) and measure ranking fidelity."""
+        fc = self.cfg.final
+        if fc.top_k == 0:
             return None
-        top = sorted(rows, key=lambda r: r["fitness"], reverse=True)[:k]
-        encs = np.stack([self.space.from_string(r["arch"]) for r in top])
+        top = sorted(rows, key=lambda r: r["fitness"], reverse=True)[: fc.top_k]
+        baselines = self._baselines()
+        control = [rows[i] for i in fidelity.control_sample([r["fitness"] for r in rows], fc.control)]
+        archs = list(dict.fromkeys([r["arch"] for r in top] + list(baselines.values()) + [r["arch"] for r in control]))
+        encs = np.stack([self.space.from_string(a) for a in archs])
         start = time.perf_counter()
-        result = self.evaluator.final(encs)
+        result = self.evaluator.final(encs, seeds=fc.seeds, contenders=len(top))
         w = result["winner"]
+        per_arch = {
+            arch: {
+                "val_accuracy": fidelity.seed_summary([v[i] for v in result["val_accuracy"]]),
+                "test_accuracy": fidelity.seed_summary([t[i] for t in result["test_accuracy"]]),
+                "status": [st[i] for st in result["status"]],
+            }
+            for i, arch in enumerate(archs)
+        }
         test_x, test_y = self.dataset.test.images, self.dataset.test.labels
         logits = pop.predict(self.model.apply_eval, {"params": result["params"], "bn_stats": result["bn_stats"]},
                              jnp.asarray(encs[w]), jnp.asarray(test_x))
         report = pop.classification_report(logits, jnp.asarray(test_y), self.dataset.info.num_classes)
+        winner = per_arch[archs[w]]
         final = {
-            "arch": top[w]["arch"],
-            "val_accuracy": result["val_accuracy"][w],
-            "test_accuracy": result["test_accuracy"][w],
-            "test_loss": result["test_loss"][w],
+            "arch": archs[w],
+            "val_accuracy": result["val_accuracy"][0][w],
+            "test_accuracy": result["test_accuracy"][0][w],
+            "test_loss": result["test_loss"][0][w],
+            "test_accuracy_mean": winner["test_accuracy"]["mean"],
+            "test_accuracy_std": winner["test_accuracy"]["std"],
+            "seeds": fc.seeds,
             "macro_f1": float(report["macro_f1"]),
             "macro_precision": float(report["macro_precision"]),
             "macro_recall": float(report["macro_recall"]),
             "confusion": np.asarray(report["confusion"]).tolist(),
             "params": self.model.param_count(encs[w]),
             "macs": self.model.macs(encs[w]),
-            "retrained": [
-                {"arch": r["arch"], "status": s, "val_accuracy": v, "test_accuracy": t}
-                for r, s, v, t in zip(top, result["status"], result["val_accuracy"], result["test_accuracy"])
-            ],
+            "retrained": [{"arch": r["arch"], **per_arch[r["arch"]]} for r in top],
+            "baselines": {
+                name: {"arch": arch, "params": self.model.param_count(self.space.from_string(arch)), **per_arch[arch]}
+                for name, arch in baselines.items()
+            },
+            "ranking": self._ranking(control, per_arch),
             "seconds": round(time.perf_counter() - start, 2),
         }
         export_model(self.out / "model", self.model, self.cfg.space, encs[w], result["params"], result["bn_stats"],
                      {"test_accuracy": final["test_accuracy"], "val_accuracy": final["val_accuracy"]})
-        self.log(f"final: retrained top {len(top)} for up to {self.cfg.final.epochs} epochs in {final['seconds']:.1f} s; "
-                 f"best {final['arch']}: test accuracy {final['test_accuracy']:.4f} (validation {final['val_accuracy']:.4f})")
+        self.log(f"final: retrained {len(archs)} architectures x {fc.seeds} seeds for up to {fc.epochs} epochs in "
+                 f"{final['seconds']:.1f} s; best {final['arch']}: test accuracy {_mean_std(winner['test_accuracy'])} "
+                 f"(validation {_mean_std(winner['val_accuracy'])})")
+        for name, b in final["baselines"].items():
+            self.log(f"baseline {name}: {b['arch']}: test accuracy {_mean_std(b['test_accuracy'])}")
+        ranking = final["ranking"]
+        if ranking:
+            self.log(f"ranking fidelity: Kendall tau {ranking['kendall_tau']:.3f}, Spearman {ranking['spearman']:.3f} "
+                     f"over {ranking['n']} control candidates" + (f"; WARNING: {ranking['warning']}"
+                                                                   if "warning" in ranking else ""))
         return final
+
+    def _baselines(self) -> dict[str, str]:
+        """name -> arch of the configured baselines (those that apply to this run)."""
+        fc, out = self.cfg.final, {}
+        if "largest" in fc.baselines:
+            out["largest"] = self.space.to_string(fidelity.largest_architecture(self.space, Ends(self.model, "largest")))
+        for i, text in enumerate(fc.reference):
+            out["reference" if len(fc.reference) == 1 else f"reference{i + 1}"] = self.space.to_string(
+                self.space.from_string(text))
+        if "random" in fc.baselines and self.cfg.mode == "oneshot":
+            arch = self._random_search()
+            if arch is not None:
+                out["random"] = arch
+        return out
+
+    def _random_search(self) -> str | None:
+        """Random search at the run's budget: search.budget distinct feasible architectures drawn uniformly,
+        scored like the search's own candidates; the best by fitness (None if none is feasible)."""
+        budget = self.cfg.search.budget
+        key = jax.random.fold_in(self.key, 2**30)
+        found: dict[str, np.ndarray] = {}
+        for attempt in range(20):
+            for enc in np.asarray(self.space.sample(jax.random.fold_in(key, attempt), 4 * budget)):
+                arch = self.space.to_string(enc)
+                if arch not in found and len(found) < budget:
+                    metrics = self._cheap(enc)
+                    if obj.total_violation(metrics, self.constraints, (*obj.CHEAP, *obj.MEASURED)) == 0:
+                        found[arch] = enc
+            if len(found) >= budget:
+                break
+        if not found:
+            return None
+        archs, encs = list(found), np.stack(list(found.values()))
+        size = self.cfg.search.population  # what the evaluator's compiled programs take at once
+        results = [r for i in range(0, len(encs), size) for r in self.evaluator.evaluate(encs[i : i + size], -1)]
+        scored = [(self._fitness({**r, **obj.cheap_metrics(self.model, found[a])}), a) for a, r in zip(archs, results)]
+        scored = [(f, a) for f, a in scored if math.isfinite(f)]
+        return max(scored)[1] if scored else None
+
+    def _ranking(self, control: list[dict], per_arch: dict) -> dict:
+        """Rank correlation of the search's scores (first objective) with the stand-alone mean test accuracy."""
+        if len(control) < 3:
+            return {}
+        first = self.objectives[0]
+        cheap = [r.get(first.name, math.nan) for r in control]
+        standalone = [per_arch[r["arch"]]["test_accuracy"]["mean"] for r in control]
+        params = [self.model.param_count(self.space.from_string(r["arch"])) for r in control]
+        out = {
+            "score": f"{first.name} ({self.cfg.mode})",
+            "reference": f"stand-alone test accuracy, mean of {self.cfg.final.seeds} seed(s)",
+            **fidelity.rank_correlation([_signed(c, first.direction) for c in cheap], standalone),
+            "params_kendall_tau": fidelity.rank_correlation(params, standalone)["kendall_tau"],
+            "control": [{"arch": r["arch"], "score": c, "standalone": s} for r, c, s in zip(control, cheap, standalone)],
+        }
+        if not out["kendall_tau"] >= fidelity.LOW_TAU:
+            out["warning"] = (f"Kendall tau {out['kendall_tau']:.2f} < {fidelity.LOW_TAU}: the search's scores rank "
+                              "candidates poorly; trust the retrained numbers, not the search's ranking")
+        return out
+
+
+def _mean_std(summary: dict) -> str:
+    return f"{summary['mean']:.4f} +- {summary['std']:.4f}" if summary["seeds"] > 1 else f"{summary['mean']:.4f}"
 
 
 @functools.lru_cache(maxsize=16)

@@ -43,6 +43,8 @@ def build_space(cfg: SpaceConfig) -> Space:
             expansions=cfg.expansions,
             activations=cfg.activations,
             dropouts=cfg.dropouts,
+            norms=cfg.batchnorm,
+            skips=cfg.skip,
         )
     if cfg.name == "nb201":
         return nb201_space()

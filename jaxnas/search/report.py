@@ -140,6 +140,8 @@ def write_report_html(run_dir: str | os.PathLike, history_rows: int = 50) -> Pat
     sections = [
         _summary_section(summary, history),
         _best_section(best) if best is not None else "",
+        _baselines_section(best) if best is not None else "",
+        _ranking_section(best) if best is not None else "",
         _plots_section(run_dir),
         _pareto_section(pareto) if pareto is not None else "",
         _section("Configuration", f"<pre>{html.escape(config)}</pre>") if config is not None else "",
@@ -431,6 +433,52 @@ def _best_section(best: dict) -> str:
     return _section("Best architecture", "\n".join(parts))
 
 
+def _final(best: dict) -> dict:
+    final = best.get("final")
+    return final if isinstance(final, dict) else {}
+
+
+def _seeds_cell(summary: object) -> str:
+    """A per-seed summary {"mean", "std", "seeds"} as 'mean +- std (n seeds)'."""
+    if not isinstance(summary, dict) or "mean" not in summary:
+        return _text(summary)
+    return f"{_text(summary['mean'])} \u00b1 {_text(summary.get('std'))} ({summary.get('seeds')} seeds)"
+
+
+def _baselines_section(best: dict) -> str:
+    """The winner next to the baselines, all retrained with the final recipe: what the search bought."""
+    final = _final(best)
+    baselines = final.get("baselines")
+    if not isinstance(baselines, dict) or not baselines:
+        return ""
+    winner = next((r for r in final.get("retrained", []) if r.get("arch") == final.get("arch")), None)
+    rows = []
+    if winner is not None:
+        rows.append(["search winner", final.get("arch"), final.get("params"), _seeds_cell(winner.get("test_accuracy")),
+                     _seeds_cell(winner.get("val_accuracy"))])
+    for name, b in baselines.items():
+        rows.append([name, b.get("arch"), b.get("params"), _seeds_cell(b.get("test_accuracy")),
+                     _seeds_cell(b.get("val_accuracy"))])
+    table = _table(["", "arch", "params", "test accuracy", "validation accuracy"], rows,
+                   [False, False, True, True, True])
+    note = ("<p>Every row retrained from scratch with the final recipe over the same seeds; largest: the largest "
+            "network of the space; random: the best of search.budget random architectures by the same scores.</p>")
+    return _section("Winner vs baselines", note + table)
+
+
+def _ranking_section(best: dict) -> str:
+    """Ranking fidelity: the search's cheap scores against stand-alone training of a control sample."""
+    ranking = _final(best).get("ranking")
+    if not isinstance(ranking, dict) or not ranking:
+        return ""
+    described = {k: ranking.get(k) for k in ("score", "reference", "kendall_tau", "spearman", "params_kendall_tau", "n")}
+    warning = (f"<p class=\"warning\"><strong>Warning:</strong> {html.escape(str(ranking['warning']))}</p>"
+               if ranking.get("warning") else "")
+    rows = [[c.get("arch"), c.get("score"), c.get("standalone")] for c in ranking.get("control", [])]
+    table = _table(["arch", "search score", "stand-alone test accuracy"], rows, [False, True, True]) if rows else ""
+    return _section("Ranking fidelity", warning + _key_value_table(described) + "\n" + table)
+
+
 def _plots_section(run_dir: Path) -> str:
     figures = []
     for name in PLOTS:
@@ -494,4 +542,5 @@ pre { background: #f6f6f6; padding: 0.8em; overflow-x: auto; }
 figure { display: inline-block; margin: 0.5em; }
 figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #666; font-size: 0.85em; text-align: center; }
+.warning { background: #fff4e5; border-left: 4px solid #e69500; padding: 0.5em 0.8em; }
 """

@@ -86,14 +86,24 @@ def macro_space(
     expansions: Sequence[int] = (1, 3, 6),
     activations: Sequence[str] = ACTIVATIONS,
     dropouts: Sequence[float] = (0.0, 0.1, 0.2),
+    norms: Sequence[bool] = (False, True),
+    skips: Sequence[bool] = (False, True),
     mutation_rate: float = 0.1,
     family_mutation_rate: float = 0.05,
 ) -> Space:
     """The macro space; shrink any option list for tiny test spaces.
 
+    ``norms`` / ``skips``: the options of every stage's BatchNorm and (mlp, cnn) skip choice; ``(True,)`` fixes
+    BatchNorm on, as weight-sharing searches usually do (a supernet cannot share weights well between normalised
+    and raw paths: measured in benchmarks/ranking.py).
+
     Choices a family subset never uses (e.g. ``expansion`` without mobilenet) are not declared at all.
     Parents of different families are not crossed (``space.compatible``).
     """
+    for name, values in (("norms", norms), ("skips", skips)):
+        if not values or len(set(values)) != len(values) or not set(values) <= {False, True}:
+            raise ValueError(f"{name} must be a non-empty subset of [false, true] without repeats, got {list(values)}")
+    norms, skips = tuple(sorted(bool(v) for v in norms)), tuple(sorted(bool(v) for v in skips))
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown or not families:
         raise ValueError(f"families must be a non-empty subset of {FAMILIES}, got {tuple(families)}")
@@ -121,8 +131,8 @@ def macro_space(
             Choice(s + "kernel", kernels, active_if=when(conv)) if conv else None,
             Choice(s + "expansion", expansions, active_if=when(["mobilenet"])) if "mobilenet" in present else None,
             Choice(s + "activation", activations, active_if=exists),
-            Choice(s + "norm", (False, True), active_if=exists),
-            Choice(s + "skip", (False, True), active_if=when(skip)) if skip else None,
+            Choice(s + "norm", norms, active_if=exists),
+            Choice(s + "skip", skips, active_if=when(skip)) if skip else None,
         ]
         return [c for c in declared if c is not None]
 

@@ -11,7 +11,8 @@ expansion, ``S`` = stem channels; images NHWC)::
         mobilenet  1x1 expand to in_width * expansion -> BN -> act -> depthwise KxK (stride) -> BN -> act
                    -> 1x1 project -> BN (linear bottleneck); + h in blocks 2 .. depth
         h = block(h) if j <= stage depth else h      (an inactive block is exactly the identity)
-    global average pool of the last existing stage [B, C] -> dropout (train only) -> head [C, classes]
+    global average pool of the last existing stage [B, C] -> dropout (train only) -> head [C, classes] (one head per
+    number of stages: ``head[k]`` classifies networks of k + 1 stages)
 
 Elastic choices are masks: channels >= the stage width hold exact zeros (so weights beyond the width meet only
 zeros), a kernel of size k < K is the K x K kernel with everything outside its centre k x k zeroed (Once-for-All's
@@ -301,7 +302,9 @@ class ConvSupernet:
                 for k in range(self.max_stages)
             }
             stem = conv(STEM_KERNEL, self.image_shape[2], self.stem_width)
-            head = {"kernel": f32(c, self.num_classes), "bias": f32(self.num_classes)}
+            # One classifier per number of stages: the pooled features of stage 1 and of stage 3 mean different
+            # things, and one shared head left every shallower subnet near chance (benchmarks/ranking.py).
+            head = {k: {"kernel": f32(c, self.num_classes), "bias": f32(self.num_classes)} for k in range(self.max_stages)}
             return {"stem": stem, "stages": stages, "head": head}
 
         return {family: network(family) for family in self.families}
@@ -363,8 +366,7 @@ class ConvSupernet:
                 rate = self.space.value(enc, "dropout")
                 keep = jax.random.uniform(dropout_key, pooled.shape) >= rate
                 pooled = jnp.where(keep, pooled / (1.0 - rate), 0.0)
-            head = params[family]["head"]
-            logits.append(pooled @ head["kernel"] + head["bias"])
+            logits.append(self._head(params[family]["head"], enc, pooled))
         if len(logits) == 1:
             return logits[0], stats
         options = self.space["family"].options
@@ -373,6 +375,14 @@ class ConvSupernet:
         for family, family_logits in zip(self.families[1:], logits[1:], strict=True):
             out = jnp.where(chosen == options.index(family), family_logits, out)
         return out, stats
+
+    def _head(self, heads: dict, enc: jax.Array, pooled: jax.Array) -> jax.Array:
+        """Logits of the head of the candidate's number of stages (``heads[k]``: networks of k + 1 stages)."""
+        last = sum((self.space.value(enc, f"stage{k + 1}.depth") >= 1).astype(jnp.int32)
+                   for k in range(self.max_stages)) - 1
+        kernel = jnp.stack([heads[k]["kernel"] for k in range(self.max_stages)])[last]
+        bias = jnp.stack([heads[k]["bias"] for k in range(self.max_stages)])[last]
+        return pooled @ kernel + bias
 
     def _features(self, family: str, p: dict, enc: jax.Array, x: jax.Array, given: dict | None):
         """Pooled features [B, C] of the last existing stage, and the BatchNorm statistics used."""
@@ -572,7 +582,8 @@ class ConvSupernet:
                     }
                 blocks[i] = sliced
                 ci = co
-        head = {"kernel": p["head"]["kernel"][:ci], "bias": p["head"]["bias"]}
+        last = p["head"][len(arch.stages) - 1]
+        head = {"kernel": last["kernel"][:ci], "bias": last["bias"]}
         state = nnx.state(twin, nnx.Param)
         state.replace_by_pure_dict({"stem": p["stem"], "blocks": blocks, "head": head})
         nnx.update(twin, state)
