@@ -410,8 +410,10 @@ class SearchRun:
             "params": self.model.param_count(encs[w]),
             "macs": self.model.macs(encs[w]),
             "retrained": [{"arch": r["arch"], **per_arch[r["arch"]]} for r in top],
+            "search_fitness": top[w]["fitness"],
             "baselines": {
                 name: {"arch": arch, "params": self.model.param_count(self.space.from_string(arch)), **per_arch[arch]}
+                | ({"search_fitness": self._random_fitness} if name == "random" else {})
                 for name, arch in baselines.items()
             },
             "ranking": self._ranking(control, per_arch),
@@ -423,7 +425,8 @@ class SearchRun:
                  f"{final['seconds']:.1f} s; best {final['arch']}: test accuracy {_mean_std(winner['test_accuracy'])} "
                  f"(validation {_mean_std(winner['val_accuracy'])})")
         for name, b in final["baselines"].items():
-            self.log(f"baseline {name}: {b['arch']}: test accuracy {_mean_std(b['test_accuracy'])}")
+            scored = f" (search score {b['search_fitness']:.4f})" if "search_fitness" in b else ""
+            self.log(f"baseline {name}: {b['arch']}{scored}: test accuracy {_mean_std(b['test_accuracy'])}")
         ranking = final["ranking"]
         if ranking:
             self.log(f"ranking fidelity: Kendall tau {ranking['kendall_tau']:.3f}, Spearman {ranking['spearman']:.3f} "
@@ -440,14 +443,14 @@ class SearchRun:
             out["reference" if len(fc.reference) == 1 else f"reference{i + 1}"] = self.space.to_string(
                 self.space.from_string(text))
         if "random" in fc.baselines and self.cfg.mode == "oneshot":
-            arch = self._random_search()
-            if arch is not None:
-                out["random"] = arch
+            found = self._random_search()
+            if found is not None:
+                out["random"], self._random_fitness = found
         return out
 
-    def _random_search(self) -> str | None:
+    def _random_search(self) -> tuple[str, float] | None:
         """Random search at the run's budget: search.budget distinct feasible architectures drawn uniformly,
-        scored like the search's own candidates; the best by fitness (None if none is feasible)."""
+        scored like the search's own candidates; (the best by fitness, its fitness), None if none is feasible."""
         budget = self.cfg.search.budget
         key = jax.random.fold_in(self.key, 2**30)
         found: dict[str, np.ndarray] = {}
@@ -467,7 +470,10 @@ class SearchRun:
         results = [r for i in range(0, len(encs), size) for r in self.evaluator.evaluate(encs[i : i + size], -1)]
         scored = [(self._fitness({**r, **obj.cheap_metrics(self.model, found[a])}), a) for a, r in zip(archs, results)]
         scored = [(f, a) for f, a in scored if math.isfinite(f)]
-        return max(scored)[1] if scored else None
+        if not scored:
+            return None
+        fitness, arch = max(scored)
+        return arch, fitness
 
     def _ranking(self, control: list[dict], per_arch: dict) -> dict:
         """Rank correlation of the search's scores (first objective) with the stand-alone mean test accuracy."""
