@@ -7,8 +7,9 @@ stand-alone with the config's final recipe (``final.epochs``, ``final.patience``
 seeds, it trains the supernet with the config's ``supernet.*`` recipe (any ``key=value`` override applies, so
 recipes are compared by running the benchmark once per recipe), scores the same candidates with inherited
 weights and recalibrated BatchNorm statistics (exactly as a one-shot run does) and prints Kendall tau and
-Spearman rho against the reference, next to two baselines that need no training at all: ranking by parameter
-count and by MACs. The seed-to-seed agreement of the reference itself (tau between two stand-alone seeds) is
+Spearman rho against the reference, next to scores that need no training at all: ranking by parameter
+count and by MACs, and the zero-cost proxies of `jaxnas.search.proxies` (grad_norm, snip: the untrained
+supernet, one batch of 64). The seed-to-seed agreement of the reference itself (tau between two stand-alone seeds) is
 printed too: no cheap score can be expected to beat it.
 
 The stand-alone reference is the expensive part (about 4 minutes per seed for 25 quick-space CNNs on 2 cores),
@@ -38,7 +39,7 @@ from interop._atomic import atomic_write_text
 from interop.config import load_config, to_dict
 from jaxnas.config import RunConfig
 from jaxnas.data import load_dataset
-from jaxnas.search import fidelity
+from jaxnas.search import fidelity, proxies
 from jaxnas.search.evaluate import Ends, OneShotEvaluator, train_supernet
 from jaxnas.search.models import build_space, model_for
 
@@ -118,6 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     if len(test) >= 2:
         rows["stand-alone seed 1 vs seed 2"] = fidelity.rank_correlation(test[0], test[1])
+    # Zero-cost proxies: the untrained supernet (seed 0), one training batch of 64.
+    init = model.init(jax.random.key(cfg.seed))
+    batch = np.random.default_rng(cfg.seed).permutation(len(dataset.train.labels))[:64]
+    for name in proxies.PROXIES:
+        start = time.perf_counter()
+        values = np.asarray(proxies.score(name, model.apply, init, encs, dataset.train.images[batch],
+                                          dataset.train.labels[batch]))
+        rows[f"zero-cost {name} (at init)"] = fidelity.rank_correlation(values, standalone) | {
+            "seconds": round(time.perf_counter() - start, 1), "scores": values.tolist()}
     oneshot = []
     for seed in range(args.supernet_seeds):
         run_cfg = dataclasses.replace(cfg, seed=cfg.seed + seed)

@@ -37,6 +37,10 @@ def test_ranking_benchmark_quick_reports_correlations_and_reuses_its_reference(t
     assert shot["kendall_tau"] == pytest.approx(expected["kendall_tau"], nan_ok=True)
     assert rows["stand-alone seed 1 vs seed 2"]["kendall_tau"] == pytest.approx(
         fidelity.rank_correlation(test[0], test[1])["kendall_tau"], nan_ok=True)
+    for name in ("grad_norm", "snip"):
+        row = rows[f"zero-cost {name} (at init)"]
+        assert len(row["scores"]) == 7 and all(v > 0 for v in row["scores"])
+        assert row["kendall_tau"] == pytest.approx(fidelity.rank_correlation(row["scores"], test.mean(0))["kendall_tau"])
     assert result["archs"][-1].count("|s") == 2  # the largest of the 2-stage space comes last
     again, second = _run(tmp_path, "second")
     assert "from " in again and "trained 7" not in again
