@@ -12,8 +12,7 @@ count and by MACs, and the zero-cost proxies of `jaxnas.search.proxies` (grad_no
 supernet, one batch of 64). The seed-to-seed agreement of the reference itself (tau between two stand-alone seeds) is
 printed too: no cheap score can be expected to beat it.
 
-The stand-alone reference is the expensive part (about 4 minutes per seed for 25 quick-space CNNs on 2 cores),
-so it is cached in ``--cache`` keyed by everything it depends on (data, space, final / train recipe,
+The stand-alone reference is the expensive part (minutes per seed on a CPU), so it is cached in ``--cache`` keyed by everything it depends on (data, space, final / train recipe,
 candidates, seeds); change the supernet recipe freely without paying it again.
 
     python benchmarks/ranking.py                                      # quick space, current supernet recipe

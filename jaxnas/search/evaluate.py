@@ -226,7 +226,7 @@ class _Trained:
             if first is None:
                 first = result.params
             del result
-        val_mean = np.nanmean(np.asarray(out["val_accuracy"], float)[:, :contenders], axis=0) if seeds else None
+        val_mean = np.nanmean(np.asarray(out["val_accuracy"], float)[:, :contenders], axis=0)
         winner = int(np.argmax(np.where(np.isfinite(val_mean), val_mean, -np.inf)))
         params = tree_to_host(jax.tree.map(lambda a: a[winner], first))  # every process holds the winner
         stats = self.model.statistics(params, jnp.asarray(encs[winner : winner + 1]), d.bn_batches, shared=True)

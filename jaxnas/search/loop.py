@@ -377,7 +377,8 @@ class SearchRun:
         top = sorted(rows, key=lambda r: r["fitness"], reverse=True)[: fc.top_k]
         baselines = self._baselines()
         control = [rows[i] for i in fidelity.control_sample([r["fitness"] for r in rows], fc.control)]
-        archs = list(dict.fromkeys([r["arch"] for r in top] + list(baselines.values()) + [r["arch"] for r in control]))
+        archs = list(dict.fromkeys([r["arch"] for r in top] + [b["arch"] for b in baselines.values()]
+                                   + [r["arch"] for r in control]))
         encs = np.stack([self.space.from_string(a) for a in archs])
         start = time.perf_counter()
         result = self.evaluator.final(encs, seeds=fc.seeds, contenders=len(top))
@@ -412,9 +413,8 @@ class SearchRun:
             "retrained": [{"arch": r["arch"], **per_arch[r["arch"]]} for r in top],
             "search_fitness": top[w]["fitness"],
             "baselines": {
-                name: {"arch": arch, "params": self.model.param_count(self.space.from_string(arch)), **per_arch[arch]}
-                | ({"search_fitness": self._random_fitness} if name == "random" else {})
-                for name, arch in baselines.items()
+                name: {**b, "params": self.model.param_count(self.space.from_string(b["arch"])), **per_arch[b["arch"]]}
+                for name, b in baselines.items()
             },
             "ranking": self._ranking(control, per_arch),
             "seconds": round(time.perf_counter() - start, 2),
@@ -434,18 +434,19 @@ class SearchRun:
                                                                    if "warning" in ranking else ""))
         return final
 
-    def _baselines(self) -> dict[str, str]:
-        """name -> arch of the configured baselines (those that apply to this run)."""
+    def _baselines(self) -> dict[str, dict]:
+        """name -> {"arch"} of the configured baselines that apply to this run (random: and its "search_fitness")."""
         fc, out = self.cfg.final, {}
         if "largest" in fc.baselines:
-            out["largest"] = self.space.to_string(fidelity.largest_architecture(self.space, Ends(self.model, "largest")))
+            largest = fidelity.largest_architecture(self.space, Ends(self.model, "largest"))
+            out["largest"] = {"arch": self.space.to_string(largest)}
         for i, text in enumerate(fc.reference):
-            out["reference" if len(fc.reference) == 1 else f"reference{i + 1}"] = self.space.to_string(
-                self.space.from_string(text))
+            name = "reference" if len(fc.reference) == 1 else f"reference{i + 1}"
+            out[name] = {"arch": self.space.to_string(self.space.from_string(text))}
         if "random" in fc.baselines and self.cfg.mode == "oneshot":
             found = self._random_search()
             if found is not None:
-                out["random"], self._random_fitness = found
+                out["random"] = {"arch": found[0], "search_fitness": found[1]}
         return out
 
     def _random_search(self) -> tuple[str, float] | None:
@@ -453,22 +454,22 @@ class SearchRun:
         scored like the search's own candidates; (the best by fitness, its fitness), None if none is feasible."""
         budget = self.cfg.search.budget
         key = jax.random.fold_in(self.key, 2**30)
-        found: dict[str, np.ndarray] = {}
+        found: dict[str, tuple[np.ndarray, dict]] = {}  # arch -> (encoding, cheap metrics)
         for attempt in range(20):
             for enc in np.asarray(self.space.sample(jax.random.fold_in(key, attempt), 4 * budget)):
                 arch = self.space.to_string(enc)
                 if arch not in found and len(found) < budget:
                     metrics = self._cheap(enc)
                     if obj.total_violation(metrics, self.constraints, (*obj.CHEAP, *obj.MEASURED)) == 0:
-                        found[arch] = enc
+                        found[arch] = (enc, metrics)
             if len(found) >= budget:
                 break
         if not found:
             return None
-        archs, encs = list(found), np.stack(list(found.values()))
+        encs = np.stack([enc for enc, _ in found.values()])
         size = self.cfg.search.population  # what the evaluator's compiled programs take at once
         results = [r for i in range(0, len(encs), size) for r in self.evaluator.evaluate(encs[i : i + size], -1)]
-        scored = [(self._fitness({**r, **obj.cheap_metrics(self.model, found[a])}), a) for a, r in zip(archs, results)]
+        scored = [(self._fitness({**r, **metrics}), a) for (a, (_, metrics)), r in zip(found.items(), results)]
         scored = [(f, a) for f, a in scored if math.isfinite(f)]
         if not scored:
             return None
