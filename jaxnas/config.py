@@ -109,13 +109,14 @@ class TrainConfig:
     fast_generations: int = _field(0, "Fast mode: the first N generations train for fast_epochs instead.", min=0)
     fast_epochs: int = _field(1, "Fast mode: epochs per candidate in the first fast_generations.", min=1)
     augment_shift: int = _field(0, "Augmentation: random translations of up to this many pixels (0: off).", min=0, max=8)
-    fidelity: Literal["full", "successive_halving"] = _field(
-        "full", "Mode train: full (every candidate trains for epochs), or successive_halving (all for min_epochs, the "
+    fidelity: Literal["full", "successive_halving", "hyperband"] = _field(
+        "full", "Mode train: full (every candidate trains for epochs); successive_halving (all for min_epochs, the "
         "best 1/eta for eta times as many, ... the last rung for epochs; each rung from scratch; a candidate keeps "
-        "the score of the highest rung it reached)."
+        "the score of the highest rung it reached); hyperband (the generation split into successive-halving "
+        "brackets that start at each rung, from all-at-min_epochs to a few at full epochs)."
     )
-    eta: int = _field(2, "successive_halving: 1/eta of a rung's candidates go on to the next.", min=2)
-    min_epochs: int = _field(1, "successive_halving: epochs of the first rung.", min=1)
+    eta: int = _field(2, "successive_halving / hyperband: 1/eta of a rung's candidates go on to the next.", min=2)
+    min_epochs: int = _field(1, "successive_halving / hyperband: epochs of the first rung.", min=1)
     warm_start: bool = _field(False, "Start candidates from the trained supernet's weights (oneshot supernet first).")
     formulation: Literal["auto", "exact", "vmapped"] = _field(
         "auto",

@@ -1,5 +1,6 @@
-"""Successive halving (train.fidelity=successive_halving): rung schedule, promotion of each rung's best, cost, and a
-mode-train run that uses it (history records the epochs each candidate reached; resume replays it exactly)."""
+"""Successive halving and Hyperband (train.fidelity=successive_halving | hyperband): rung schedule, promotion of each
+rung's best, brackets, cost, and mode-train runs that use them (history records the epochs each candidate reached;
+resume replays it exactly)."""
 
 import csv
 import math
@@ -13,7 +14,7 @@ import pytest
 from pathlib import Path
 
 from jaxnas.search.__main__ import main
-from jaxnas.search.halving import rungs, successive_halving
+from jaxnas.search.halving import brackets, hyperband, rungs, successive_halving
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +61,40 @@ def test_failed_candidates_are_never_promoted_and_odd_sizes_round_up():
     assert math.isnan(out.scores[1]) and out.epochs[1] == 1
 
 
+def test_a_lone_survivor_is_trained_at_full_fidelity():
+    calls = []
+    out = successive_halving(3, _fake([0.2, 0.9, 0.5], calls), max_epochs=8, eta=2)
+    assert calls == [(1, (0, 1, 2)), (2, (1, 2)), (8, (1,))]  # 3 -> 2 -> 1: rung 4 skipped
+    assert out.epochs == (1, 8, 2)
+    calls.clear()
+    assert successive_halving(1, _fake([0.4], calls), max_epochs=8).epochs == (8,) and calls == [(8, (0,))]
+
+
+def test_brackets_follow_hyperbands_allocation():
+    # s_max = 3 for rungs (1, 2, 4, 8): n_s = ceil(4 / (s + 1) * 2**s) = 8, 6, 4, 4 (sum 22), shared by largest remainder
+    assert brackets(22, 8) == [(1, 8), (2, 6), (4, 4), (8, 4)]
+    assert brackets(8, 8) == [(1, 3), (2, 2), (4, 2), (8, 1)]
+    assert brackets(3, 8) == [(1, 1), (2, 1), (4, 1)]   # brackets without candidates are dropped
+    assert brackets(5, 1) == [(1, 5)]                    # one rung: one bracket, plain training
+    assert sum(c for _, c in brackets(37, 9, eta=3)) == 37
+
+
+def test_hyperband_runs_successive_halving_in_each_bracket():
+    quality = [0.3, 0.9, 0.5, 0.7, 0.1, 0.8, 0.6, 0.2]
+    calls = []
+    out = hyperband(8, _fake(quality, calls), max_epochs=8, eta=2)
+    # brackets [(1, 3), (2, 2), (4, 2), (8, 1)] over the blocks 0-2, 3-4, 5-6, 7
+    assert calls == [(1, (0, 1, 2)), (2, (1, 2)), (8, (1,)),   # a lone survivor goes straight to the last rung
+                     (2, (3, 4)), (8, (3,)),
+                     (4, (5, 6)), (8, (5,)),
+                     (8, (7,))]
+    assert out.epochs == (1, 8, 2, 8, 2, 8, 4, 8)
+    for i in range(8):
+        assert out.scores[i] == pytest.approx(quality[i] * (1 - 0.5 ** out.epochs[i]))
+    assert out.cost == sum(e * len(alive) for e, alive in calls) == 3 + 4 + 8 + 4 + 8 + 8 + 8 + 8
+    assert out.rounds == tuple(calls)
+
+
 TINY = [
     "data.name=digits", "mode=train", "space.families=[mlp]", "space.max_stages=1", "space.max_depth=1",
     "space.units=[8,16,32]", "space.activations=[relu,gelu]", "space.dropouts=[0.0]", "search.population=4",
@@ -84,6 +119,14 @@ def test_train_run_with_successive_halving_records_the_rungs(tmp_path):
         top = max(gen, key=lambda r: int(r["epochs"]))
         survivors = [r for r in gen if int(r["epochs"]) >= 2]
         assert top in survivors
+
+
+def test_train_run_with_hyperband(tmp_path):
+    out = tmp_path / "run"
+    assert main([f"output={out}", *TINY, "train.fidelity=hyperband", "search.budget=4"]) == 0
+    rows = [r for r in _history(out) if r["status"] in ("ok", "early_stopped")]
+    # 4 candidates, rungs (1, 2, 4): brackets [(1, 2), (2, 1), (4, 1)] -> epochs reached 1, 4, 4, 4
+    assert sorted(int(r["epochs"]) for r in rows) == [1, 4, 4, 4]
 
 
 def test_successive_halving_resumes_after_sigkill_to_the_same_history(tmp_path):

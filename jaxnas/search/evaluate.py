@@ -247,12 +247,13 @@ class TrainEvaluator(_Trained):
         # Padding keeps one masked program for every generation; exact training compiles per population anyway,
         # so it trains only the real candidates (each one's keys and results are the same either way).
         seed = self.cfg.seed * 100_003 + generation
-        if t.fidelity == "successive_halving" and generation >= t.fast_generations:
+        if t.fidelity != "full" and generation >= t.fast_generations:
             def train(indices, rung_epochs):
                 rows = self._train_rows(encs[list(indices)], rung_epochs, seed)
                 return [(r["val_accuracy"], {**r, "epochs": rung_epochs}) for r in rows]
 
-            done = halving.successive_halving(len(encs), train, max_epochs=epochs, eta=t.eta, min_epochs=t.min_epochs)
+            schedule = halving.hyperband if t.fidelity == "hyperband" else halving.successive_halving
+            done = schedule(len(encs), train, max_epochs=epochs, eta=t.eta, min_epochs=t.min_epochs)
             return list(done.rows)
         return [{**r, "epochs": epochs} for r in self._train_rows(encs, epochs, seed)]
 
