@@ -89,6 +89,13 @@ class SearchConfig:
     population: int = _field(8, "Candidates asked per generation (the vmapped population size P).", min=1)
     budget: int = _field(32, "Distinct architectures evaluated (table mode: queries) before the search stops.", min=1)
     generations: int | None = _field(None, "Stop after this many generations too (None: only the budget).", min=1)
+    prefilter: Literal["none", "grad_norm", "snip"] = _field(
+        "none", "Modes train / oneshot: score each generation's new candidates with this zero-cost proxy (the untrained "
+        "network, one batch) and evaluate only the best prefilter_keep of them; the rest are told -inf (status "
+        "filtered) and cost no budget."
+    )
+    prefilter_keep: float = _field(0.5, "prefilter: fraction of a generation's new candidates kept (rounded up).",
+                                   min=0.01, max=1.0)
     sample_size: int = _field(3, "evolution: members per parent tournament.", min=1)
     pool_size: int | None = _field(
         None, "evolution: members kept (aging); genetic: population incl. elites. None: 2 x population.", min=2
@@ -256,6 +263,11 @@ class RunConfig:
         if self.mode == "table" and self.space.name != "nb201" and self.table.path == "nb201_analog":
             raise ValueError(
                 f"mode table with the shipped nb201_analog table needs space.name=nb201, got {self.space.name!r}"
+            )
+        if self.mode == "table" and self.search.prefilter != "none":
+            raise ValueError(
+                f"search.prefilter={self.search.prefilter} scores untrained networks; mode table has none. "
+                "Use search.prefilter=none, or mode train / oneshot"
             )
         if self.train.formulation == "exact" and self.space.name != "macro":
             raise ValueError(

@@ -41,6 +41,8 @@ def test_ranking_benchmark_quick_reports_correlations_and_reuses_its_reference(t
         row = rows[f"zero-cost {name} (at init)"]
         assert len(row["scores"]) == 7 and all(v > 0 for v in row["scores"])
         assert row["kendall_tau"] == pytest.approx(fidelity.rank_correlation(row["scores"], test.mean(0))["kendall_tau"])
+    for name in ("params", "macs", "one-shot (supernet seed 0)", "zero-cost snip (at init)"):
+        assert rows[name]["top_quarter_recall"] == fidelity.top_recall(rows[name]["scores"], test.mean(0), 0.5, 0.25)
     assert result["archs"][-1].count("|s") == 2  # the largest of the 2-stage space comes last
     again, second = _run(tmp_path, "second")
     assert "from " in again and "trained 7" not in again

@@ -32,6 +32,17 @@ def test_rank_correlation_drops_non_finite_pairs_and_refuses_too_few():
         fidelity.rank_correlation([1, 2, 3], [1, 2])
 
 
+def test_top_recall_counts_the_reference_best_kept_by_the_score():
+    ref = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]         # top quarter: indices 0 and 1
+    assert fidelity.top_recall([8, 7, 6, 5, 4, 3, 2, 1], ref) == 1.0
+    assert fidelity.top_recall([8, 1, 6, 5, 4, 3, 2, 7], ref) == 0.5  # best half by score: 0, 7, 2, 3
+    assert fidelity.top_recall([1, 2, 3, 4, 5, 6, 7, 8], ref) == 0.0
+    assert fidelity.top_recall([float("nan"), 2, 3, 4, 5, 6, 7, 8], ref, keep=1.0) == 1.0
+    assert fidelity.top_recall([float("nan"), 9, 3, 4, 5, 6, 7, 8], ref, keep=0.25) == 0.5  # NaN ranks last
+    with pytest.raises(ValueError, match="equally long"):
+        fidelity.top_recall([1, 2], [1])
+
+
 def test_control_sample_spreads_over_the_ranks():
     scores = [0.1, 0.5, 0.3, 0.9, 0.2, 0.7, 0.8, 0.05, 0.6, 0.4]
     picked = fidelity.control_sample(scores, 4)

@@ -1,6 +1,8 @@
 """Zero-cost proxies against values computed by hand (numpy) on a tiny linear network, and on a real supernet:
 masked weights take no part (the proxy of a subnet does not depend on weights outside it)."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,3 +65,44 @@ def test_a_subnets_proxy_ignores_weights_outside_it():
         b = proxies.score(name, supernet.apply, changed, enc, x, y)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
         assert float(a[0]) > 0
+
+
+PREFILTER = [
+    "data.name=digits", "mode=train", "space.families=[mlp]", "space.max_stages=2", "space.max_depth=1",
+    "space.units=[8,16,32]", "space.activations=[relu,gelu]", "space.dropouts=[0.0]", "search.strategy=random",
+    "search.population=6", "search.budget=6", "train.epochs=1", "search.prefilter=snip", "search.prefilter_keep=0.5",
+    "final.top_k=0", "progress=false",
+]
+
+
+def test_prefilter_trains_only_the_best_proxy_scores_of_each_generation(tmp_path):
+    import csv
+    import json
+
+    from jaxnas.search.__main__ import main
+
+    out = tmp_path / "run"
+    assert main([f"output={out}", *PREFILTER]) == 0
+    with open(out / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    summary = json.loads((out / "summary.json").read_text())
+    trained = [r for r in rows if r["status"] in ("ok", "early_stopped")]
+    filtered = [r for r in rows if r["status"] == "filtered"]
+    assert len(trained) == summary["evaluations"] == 6  # filtered candidates cost no budget
+    assert summary["filtered"] == len(filtered) > 0
+    for g in {r["generation"] for r in filtered}:
+        gen_new = [r for r in rows if r["generation"] == g and r["status"] in ("ok", "early_stopped", "filtered")]
+        kept = [float(r["snip"]) for r in gen_new if r["status"] != "filtered"]
+        dropped = [float(r["snip"]) for r in gen_new if r["status"] == "filtered"]
+        assert len(kept) == -(-len(gen_new) // 2)  # ceil(keep x new candidates)
+        assert min(kept) >= max(dropped)
+        assert all(r["fitness"] == "-inf" for r in gen_new if r["status"] == "filtered")
+        assert all(r["val_accuracy"] == "" for r in gen_new if r["status"] == "filtered")
+
+
+def test_prefilter_is_refused_in_table_mode():
+    from interop.config import ConfigError, load_config
+    from jaxnas.config import RunConfig
+
+    with pytest.raises((ConfigError, ValueError), match="prefilter"):
+        load_config(RunConfig, Path(__file__).resolve().parents[1] / "configs" / "nb201_table.yaml", ["search.prefilter=snip"])

@@ -2,6 +2,7 @@
 baselines.
 
     rank_correlation(a, b)        Kendall tau-b and Spearman rho of two score vectors (scipy), with n
+    top_recall(scores, ref, ...)  the share of the reference's best that a score's best fraction keeps (pre-filters)
     control_sample(scores, k)     k indices spread evenly over the ranks of ``scores`` (best and worst included)
     largest_architecture(...)     the largest network of a space (every size choice at its maximum)
     seed_summary(values)          mean, sample standard deviation, min and max of per-seed results
@@ -81,3 +82,16 @@ def seed_summary(values) -> dict:
         "max": float(v.max()),
         "seeds": int(v.size),
     }
+
+
+def top_recall(scores, reference, keep: float = 0.5, top: float = 0.25) -> float:
+    """The fraction of the ``top`` best architectures by ``reference`` (ceil, at least 1) that are among the ``keep``
+    best by ``scores`` (ceil): how much a pre-filter keeping that fraction would lose. Higher is better for both;
+    non-finite scores rank last."""
+    s = np.where(np.isfinite(np.asarray(scores, float)), np.asarray(scores, float), -np.inf)
+    r = np.asarray(reference, float)
+    if len(s) != len(r) or not len(s):
+        raise ValueError(f"top_recall needs two equally long, non-empty score vectors, got {len(s)} and {len(r)}")
+    best = set(np.argsort(-r, kind="stable")[: max(1, math.ceil(top * len(r)))].tolist())
+    kept = set(np.argsort(-s, kind="stable")[: math.ceil(keep * len(s))].tolist())
+    return len(best & kept) / len(best)

@@ -36,7 +36,7 @@ from jaxnas.config import RunConfig
 from jaxnas.data import load_dataset
 from jaxnas.search import objectives as obj
 from jaxnas.search.checkpoint import RunCheckpoints, json_safe, load_arrays, save_arrays
-from jaxnas.search import fidelity
+from jaxnas.search import fidelity, proxies
 from jaxnas.search.evaluate import OneShotEvaluator, TableEvaluator, TrainEvaluator, Ends, train_supernet
 from jaxnas.search.export import export_model
 from jaxnas.search.models import build_space, model_for
@@ -46,6 +46,7 @@ from jaxnas.search.strategies import build_strategy
 from jaxnas.strategies import option_entropy
 
 EVALUATED = ("ok", "early_stopped")
+CACHED = (*EVALUATED, "infeasible", "failed", "filtered")  # statuses a repeat of the architecture reuses
 GENERATION_COLUMNS = ["generation", "evaluations", "cache_hits", "best_fitness", "mean_fitness", "diversity",
                       "hypervolume", "front_size"]
 
@@ -72,6 +73,7 @@ class SearchRun:
             c.metric for c in self.constraints])
         self.strategy = build_strategy(cfg, self.space, len(self.objectives))
         self.multi = cfg.search.strategy == "nsga2"
+        self._proxy_inputs = None
 
     # ------------------------------------------------------------------ set-up
     def _check_folder(self) -> None:
@@ -124,7 +126,7 @@ class SearchRun:
     # ------------------------------------------------------------------ one generation
     def _fitness(self, row: dict) -> float:
         """Single-objective fitness (maximised): -inf infeasible, nan failed."""
-        if row["status"] == "infeasible":
+        if row["status"] in ("infeasible", "filtered"):
             return -math.inf
         if row["status"] not in EVALUATED:
             return math.nan
@@ -151,7 +153,7 @@ class SearchRun:
         encs = np.asarray(encs)
         remaining = cfg.search.budget - archive["evaluations"]
         rows: list[dict | None] = [None] * len(encs)
-        new: list[int] = []
+        fresh: list[int] = []
         seen_now: dict[str, int] = {}
         for i, enc in enumerate(encs):
             arch = self.space.to_string(enc)
@@ -163,34 +165,62 @@ class SearchRun:
             if obj.total_violation(metrics, self.constraints, (*obj.CHEAP, *obj.MEASURED)) > 0:
                 rows[i] = {"arch": arch, "status": "infeasible", **metrics}
                 archive["infeasible"] += 1
-            elif len(new) < remaining:
-                rows[i] = {"arch": arch, **metrics}
-                new.append(i)
             else:
-                rows[i] = {"arch": arch, "status": "not_evaluated"}  # over budget: the run ends after this one
+                rows[i] = {"arch": arch, **metrics}
+                fresh.append(i)
             seen_now[arch] = i
+        new = self._prefilter(encs, fresh, rows, archive)[:remaining]
+        for i in fresh:
+            if "status" not in rows[i] and i not in new:
+                rows[i]["status"] = "not_evaluated"  # over budget: the run ends after this one
         if new:
             for i, result in zip(new, evaluator.evaluate(encs[new], g), strict=True):
                 rows[i].update(result)
                 archive["evaluations"] += 1
-        for i, row in enumerate(rows):  # repeats within this generation resolve to their first occurrence
-            if "status" not in row:
-                source = cache.get(row["arch"]) or rows[seen_now[row["arch"]]]
-                rows[i] = {**source, "status": "cached", "cached_from": row["cached_from"]}
+        repeats = [i for i, row in enumerate(rows) if "status" not in row]
         for i, row in enumerate(rows):
+            if i in repeats:
+                continue
             if row["status"] in EVALUATED and obj.total_violation(row, self.constraints) > 0:
                 row["status"] = "infeasible"  # a constraint on a trained metric (e.g. val_accuracy>=0.9)
-            row["fitness"] = self._fitness(row if row["status"] != "cached" else {**row, "status": "ok"})
+            row["fitness"] = self._fitness(row)
             row.update(generation=g, index=i)
+        for i in repeats:  # a repeat is told its source's fitness (within this generation: its first occurrence)
+            source = cache.get(rows[i]["arch"]) or rows[seen_now[rows[i]["arch"]]]
+            rows[i] = {**source, "status": "cached", "cached_from": rows[i]["cached_from"], "generation": g, "index": i}
         state = self._tell(state, encs, rows)
         for row in rows:
-            if row["status"] in (*EVALUATED, "infeasible", "failed"):
+            if row["status"] in CACHED:
                 cache.setdefault(row["arch"], row)
             if row["status"] != "not_evaluated":
                 archive["candidates"].append(row)
         archive["generations"].append(self._generation_stats(g, encs, rows, archive))
         archive["generation"] = g + 1
         return state
+
+    def _prefilter(self, encs, fresh: list[int], rows: list[dict], archive: dict) -> list[int]:
+        """search.prefilter: of the new candidates ``fresh`` (indices into ``encs``), those the zero-cost proxy ranks
+        in the best prefilter_keep (ties: first asked); the rest are marked filtered. Every one gets the proxy's
+        value as a column."""
+        name = self.cfg.search.prefilter
+        if name == "none" or not fresh:
+            return fresh
+        if self._proxy_inputs is None:  # the untrained network (the run's seed) and one seeded training batch
+            train = self.dataset.train
+            batch = np.random.default_rng(self.cfg.seed).permutation(len(train.labels))[: proxies.BATCH]
+            self._proxy_inputs = (self.model.init(jax.random.key(self.cfg.seed)), train.images[batch],
+                                  train.labels[batch])
+        params, x, y = self._proxy_inputs
+        values = np.asarray(proxies.score(name, self.model.apply, params, encs[fresh], x, y), float)
+        keep = math.ceil(self.cfg.search.prefilter_keep * len(fresh))
+        order = sorted(range(len(fresh)), key=lambda j: (not np.isfinite(values[j]), -np.nan_to_num(values[j]), j))
+        kept = set(order[:keep])
+        for j, i in enumerate(fresh):
+            rows[i][name] = float(values[j])
+            if j not in kept:
+                rows[i]["status"] = "filtered"
+                archive["filtered"] = archive.get("filtered", 0) + 1
+        return [i for j, i in enumerate(fresh) if j in kept]
 
     def _tell(self, state, encs, rows):
         if not self.multi:
@@ -201,7 +231,7 @@ class SearchRun:
             ok = r["status"] in (*EVALUATED, "cached")
             values.append([_signed(r.get(o.name, math.nan), o.direction) if ok else math.nan for o in self.objectives])
             v = obj.total_violation(r, self.constraints)
-            violation.append(v if r["status"] != "infeasible" else max(v, 1.0))
+            violation.append(v if r["status"] not in ("infeasible", "filtered") else max(v, 1.0))
         return self._tell_jit(state, jnp.asarray(encs), jnp.asarray(values, jnp.float32),
                               violation=jnp.asarray(np.minimum(violation, 1e30), jnp.float32))
 
@@ -241,6 +271,8 @@ class SearchRun:
             metrics.append("epochs")  # the fidelity a candidate was scored at (fast mode, successive halving)
         if self.needs_latency:
             metrics.append("latency_ms")
+        if self.cfg.search.prefilter != "none":
+            metrics.append(self.cfg.search.prefilter)  # the zero-cost proxy's value (pre-filter)
         return ["generation", "index", "arch", "status", "fitness", *metrics, "cached_from"]
 
     def _write_tables(self, archive: dict) -> None:
@@ -295,7 +327,7 @@ class SearchRun:
             self._latency_batches = jnp.zeros((1, 2, *self.model.image_shape), jnp.float32)
         cache = {}
         for row in archive["candidates"]:
-            if row["status"] in (*EVALUATED, "infeasible", "failed"):
+            if row["status"] in CACHED:
                 cache.setdefault(row["arch"], row)
         progress = _progress(cfg, archive["evaluations"])
         g = archive["generation"]
@@ -329,6 +361,7 @@ class SearchRun:
             "evaluations": archive["evaluations"],
             "cache_hits": archive["cache_hits"],
             "infeasible": archive["infeasible"],
+            **({"filtered": archive.get("filtered", 0)} if cfg.search.prefilter != "none" else {}),
             "search_seconds": round(archive["seconds"], 2),
         }
         if cfg.mode == "table":

@@ -21,9 +21,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 PROXIES = ("grad_norm", "snip")
+BATCH = 64  # images in the one batch a proxy sees (benchmarks/ranking.py and search.prefilter)
 
 
 def _grads(apply, params, enc, x, y):
@@ -62,5 +64,8 @@ def score(name: str, apply, params, encs, x, y, chunk: int = 8) -> jax.Array:
         raise ValueError(f"unknown zero-cost proxy {name!r}; expected one of {', '.join(PROXIES)}")
     fn = {"grad_norm": grad_norm, "snip": snip}[name]
     x, y = jnp.asarray(x), jnp.asarray(y, jnp.int32)
-    parts = [fn(apply, params, encs[i : i + chunk], x, y) for i in range(0, len(encs), chunk)]
-    return jnp.concatenate(parts)
+    encs = np.asarray(encs, np.int32)
+    n = len(encs)
+    padded = np.concatenate([encs, np.repeat(encs[:1], -n % chunk, axis=0)])  # one compiled shape for every call
+    parts = [fn(apply, params, padded[i : i + chunk], x, y) for i in range(0, len(padded), chunk)]
+    return jnp.concatenate(parts)[:n]

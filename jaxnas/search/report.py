@@ -54,7 +54,7 @@ REPORT = "report.html"
 HISTORY_COLUMNS = ("generation", "index", "arch", "status", "fitness")
 """The columns every ``history.csv`` starts with; metric columns follow."""
 
-STATUSES = ("ok", "early_stopped", "failed", "infeasible", "cached", "not_evaluated")
+STATUSES = ("ok", "early_stopped", "failed", "infeasible", "filtered", "cached", "not_evaluated")
 """Evaluation outcomes in ``history.csv``, in the order the report counts them (others follow, sorted)."""
 
 FEASIBLE = ("ok", "early_stopped")
