@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     dataset = load_dataset(cfg.data)
     model = model_for(space, cfg.space, dataset.info.image_shape, dataset.info.num_classes)
     encs = candidates(space, model, args.candidates)
+    # every candidate scored in one population (the masked, vmapped scoring of GPU / non-macro spaces pads to it)
+    cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, population=max(cfg.search.population, len(encs))))
     s = cfg.supernet
     families = f" ({', '.join(cfg.space.families)})" if space.name == "macro" else ""
     print(f"space {space.name}{families} on {cfg.data.name}: {len(encs)} architectures; "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -207,6 +208,8 @@ def _check_metadata(value: Any, field: dataclasses.Field, key: str) -> None:
     for v in values:
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
+        if isinstance(v, float) and not math.isfinite(v) and not meta.get("nonfinite"):
+            raise ConfigError(f"config key '{key}': got {value!r}, expected a finite number (not nan or inf)")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             rng = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
             raise ConfigError(f"config key '{key}': got {value!r}, expected a value in {rng}")
@@ -283,7 +286,13 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file (see configs/)")
     yaml = _yaml()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (a binary file?); pass a YAML file (see configs/)") from None
+    except OSError as e:
+        raise ConfigError(f"config file '{path}' cannot be read ({e.strerror}); check its permissions") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
     if data is None:

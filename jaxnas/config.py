@@ -79,6 +79,9 @@ class SpaceConfig:
             raise ValueError(f"dropouts must be rates in [0, 1), got {list(self.dropouts)}")
 
 
+MAX_POPULATION = 65_536  # a strategy state and one generation's rows stay far below memory; training checks its own
+
+
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
     """The strategy and the budget."""
@@ -86,9 +89,14 @@ class SearchConfig:
     strategy: Literal["random", "evolution", "genetic", "nsga2", "local", "predictor", "progressive"] = _field(
         "evolution", "Search strategy: " + ", ".join(STRATEGIES) + "."
     )
-    population: int = _field(8, "Candidates asked per generation (the vmapped population size P).", min=1)
+    population: int = _field(8, "Candidates asked per generation (the vmapped population size P).", min=1,
+                             max=MAX_POPULATION)
     budget: int = _field(32, "Distinct architectures evaluated (table mode: queries) before the search stops.", min=1)
     generations: int | None = _field(None, "Stop after this many generations too (None: only the budget).", min=1)
+    stall_generations: int = _field(
+        50, "Stop when this many generations in a row add no new evaluation (the strategy only repeats architectures "
+        "it has seen, or asks infeasible ones); a run also stops once every architecture of the space was seen.", min=1
+    )
     prefilter: Literal["none", "grad_norm", "snip"] = _field(
         "none", "Modes train / oneshot: score each generation's new candidates with this zero-cost proxy (the untrained "
         "network, one batch) and evaluate only the best prefilter_keep of them; the rest are told -inf (status "
@@ -241,7 +249,7 @@ class DistributedConfig:
 class RunConfig:
     """Top level of a jaxnas run configuration."""
 
-    seed: int = _field(0, "Seed of every random choice in the run.", min=0)
+    seed: int = _field(0, "Seed of every random choice in the run (a JAX PRNG seed: 32 bits).", min=0, max=2**32 - 1)
     output: str = _field("runs/quick", "Run folder: everything the run writes goes here.")
     mode: Literal["oneshot", "train", "table"] = _field(
         "train", "Evaluation: oneshot (trained supernet, inherited weights), train (population training), table."

@@ -46,6 +46,25 @@ def test_encode_labels_rejects_indices_outside_the_class_names():
         encode_labels([0, 3], class_names=["a", "b", "c"])
 
 
+def test_encode_labels_refuses_negative_fractional_and_mixed_label_strings_naming_them():
+    for values, problem, shown in (
+        (["0", "1", "0", "-1"], "negative", "'-1'"),
+        (["0", "1", "cat"], "2 look like integers", "'cat'"),
+        (["0", "1.5", "1"], "not an integer", "'1.5'"),
+        (["0.5", "1.5"], "are numbers but not integers", "'0.5'"),
+    ):
+        with pytest.raises(DataError) as error:
+            encode_labels(values)
+        message = str(error.value)
+        assert problem in message and shown in message, message
+        assert "all integers in [0, n) or all class names" in message
+    with pytest.raises(DataError, match=r"line 7: '-1'"):
+        encode_labels(["0", "1", "-1"], row_names=["line 5", "line 6", "line 7"])
+    labels, names = encode_labels(["1", "0", "+1"])  # still integers: label k is class k
+    np.testing.assert_array_equal(labels, [1, 0, 1])
+    assert names == ("0", "1")
+
+
 def test_as_uint8_hwc_scales_floats_and_rejects_values_that_are_not_8_bit():
     np.testing.assert_array_equal(as_uint8_hwc(np.array([[0.0, 1.0]])), np.array([[[0], [255]]], np.uint8))
     assert as_uint8_hwc(np.zeros((2, 2, 4), np.uint8)).shape == (2, 2, 3)
@@ -74,9 +93,46 @@ def test_assemble_dataset_carves_missing_validation_and_test_from_train():
 
 
 def test_assemble_dataset_asks_for_image_size_when_sizes_differ():
-    raw = {"train": RawSplit([np.zeros((4, 4, 1), np.uint8), np.zeros((5, 4, 1), np.uint8)], np.array([0, 1]))}
+    images = [np.zeros((4, 4, 1), np.uint8), np.zeros((5, 4, 1), np.uint8)]
+    raw = {s: RawSplit(images, np.array([0, 1])) for s in SPLITS}  # the source's own splits: nothing to carve
     with pytest.raises(DataError, match="image_size"):
         assemble_dataset("toy", raw, ("a", "b"), DataConfig())
+
+
+def _gray(n: int) -> np.ndarray:
+    return np.zeros((n, 2, 2, 1), np.uint8)
+
+
+def test_assemble_dataset_refuses_a_single_class():
+    raw = {"train": RawSplit(_gray(20), np.zeros(20, np.int64))}
+    with pytest.raises(DataError, match=r"1 class \('a'\).*at least 2 classes"):
+        assemble_dataset("toy", raw, ("a",), DataConfig())
+    # Two class names, but the source's own splits only hold images of one of them.
+    raw = {s: RawSplit(_gray(4), np.zeros(4, np.int64)) for s in SPLITS}
+    with pytest.raises(DataError, match=r"only class 'a' has images"):
+        assemble_dataset("toy", raw, ("a", "b"), DataConfig())
+
+
+def test_assemble_dataset_refuses_empty_splits_of_the_source():
+    raw = {"train": RawSplit(_gray(20), np.arange(20) % 2), "test": RawSplit(_gray(0), np.zeros(0, np.int64))}
+    with pytest.raises(DataError, match=r"toy: the source's test split is empty"):
+        assemble_dataset("toy", raw, ("a", "b"), DataConfig())
+
+
+def test_assemble_dataset_names_classes_too_small_to_appear_in_every_carved_split():
+    # validation 0.1 and test 0.2 of a class: 5 images give 1 / 1 and leave 3 for training; 4 give 0 validation.
+    labels = np.repeat(np.arange(4), [5, 4, 20, 1])
+    raw = {"train": RawSplit(_gray(len(labels)), labels)}
+    with pytest.raises(DataError) as error:
+        assemble_dataset("toy", raw, ("a", "b", "c", "d"), DataConfig())
+    message = str(error.value)
+    assert "at least 5 images" in message and "'b': 4, 'd': 1" in message, message
+    assert "'a'" not in message and "'c'" not in message
+    assert "validation_fraction" in message  # the fix: more images, or larger fractions (a lower minimum)
+    assemble_dataset("toy", {"train": RawSplit(_gray(10), np.repeat([0, 1], 5))}, ("a", "b"), DataConfig())
+    # A class without any image (e.g. integer labels that skip a number) cannot appear in any split.
+    with pytest.raises(DataError, match=r"'1': 0"):
+        assemble_dataset("toy", {"train": RawSplit(_gray(10), np.repeat([0, 2], 5))}, ("0", "1", "2"), DataConfig())
 
 
 def test_batches_same_seed_same_order_and_epochs_reshuffle():

@@ -133,3 +133,56 @@ def test_missing_folder_and_folder_without_class_subfolders_are_explained(tmp_pa
     write_pngs(tmp_path / "flat", 2, seed=0, mode="L")
     with pytest.raises(DataError, match=r"no class subfolders.*000.png, 001.png"):
         load_dataset(DataConfig(name=f"folder:{tmp_path / 'flat'}", image_size=(4, 4)))
+
+
+def write_csv(path, rows, header=("path", "label")):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def test_csv_integer_labels_are_class_indices_and_bad_labels_are_refused_with_their_lines(tmp_path):
+    cats = write_pngs(tmp_path / "c", 10, seed=0, mode="RGB")
+    dogs = write_pngs(tmp_path / "d", 10, seed=1, mode="RGB")
+    rows = [[str(p), "1"] for p in dogs] + [[str(p), "0"] for p in cats]
+    dataset = load_dataset(DataConfig(name=f"csv:{write_csv(tmp_path / 'ok.csv', rows)}", image_size=(8, 8)))
+    assert dataset.info.class_names == ("0", "1")
+    dog = np.asarray(Image.open(dogs[0]).resize((8, 8), Image.Resampling.BILINEAR), np.float32) / 255
+    images = np.concatenate([getattr(dataset, s).images for s in SPLITS])
+    labels = np.concatenate([getattr(dataset, s).labels for s in SPLITS])
+    assert labels[[np.array_equal(image, dog) for image in images]].tolist() == [1]
+
+    # One bad label must not renumber every class: rows are lines 2 .. 21 (line 1 is the header).
+    for bad, problem in (("-1", "negative"), ("cat", "look like integers"), ("1.5", "not an integer")):
+        path = write_csv(tmp_path / "bad.csv", rows[:-1] + [[str(cats[-1]), bad]])
+        with pytest.raises(DataError) as error:
+            load_dataset(DataConfig(name=f"csv:{path}", image_size=(8, 8)))
+        message = str(error.value)
+        assert f"csv:{path}" in message and f"line 21: '{bad}'" in message and problem in message, message
+        assert "all integers in [0, n) or all class names" in message
+
+
+def test_single_class_folder_is_refused(tmp_path):
+    write_pngs(tmp_path / "data" / "only", 10, seed=0, mode="L")
+    with pytest.raises(DataError, match=r"has 1 class \('only'\).*at least 2 classes"):
+        load_dataset(DataConfig(name=f"folder:{tmp_path / 'data'}", image_size=(4, 4)))
+
+
+def test_classes_with_too_few_images_for_every_split_are_named_with_their_counts(tmp_path):
+    # Two images per class: validation came out empty, and a search then crashed deep inside numpy.
+    for name in ("a", "b"):
+        write_pngs(tmp_path / "tiny" / name, 2, seed=0, mode="L")
+    with pytest.raises(DataError, match=r"each class needs at least 5 images.*'a': 2, 'b': 2"):
+        load_dataset(DataConfig(name=f"folder:{tmp_path / 'tiny'}", image_size=(4, 4)))
+    # Some classes large enough: the small ones would be missing from validation / test without a word.
+    for name, n in (("big", 10), ("few", 3), ("more", 6)):
+        write_pngs(tmp_path / "mixed" / name, n, seed=0, mode="L")
+    with pytest.raises(DataError) as error:
+        load_dataset(DataConfig(name=f"folder:{tmp_path / 'mixed'}", image_size=(4, 4)))
+    assert "'few': 3" in str(error.value) and "'big'" not in str(error.value) and "'more'" not in str(error.value)
+    # Integer labels that skip a number leave a class without images.
+    rows = [[str(p), label] for label in ("0", "2") for p in write_pngs(tmp_path / label, 10, seed=0, mode="L")]
+    with pytest.raises(DataError, match=r"'1': 0"):
+        load_dataset(DataConfig(name=f"csv:{write_csv(tmp_path / 'gap.csv', rows)}", image_size=(4, 4)))

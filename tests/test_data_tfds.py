@@ -125,3 +125,27 @@ def test_half_written_tfds_folders_are_not_taken_for_prepared(tmp_path):
     _fake_prepared(tmp_path, "mnist", "incomplete.ABC123_3.0.1")
     with pytest.raises(DatasetNotAvailableError, match="not prepared"):
         load_dataset(DataConfig(name="tfds:mnist", data_dir=str(tmp_path)))
+
+
+def test_unknown_tfds_name_is_refused_with_close_matches_not_preparation_steps(tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(DataError) as error:
+        load_dataset(DataConfig(name="tfds:mnsit", data_dir=str(tmp_path)))
+    assert time.perf_counter() - start < 5.0
+    message = str(error.value)
+    assert not isinstance(error.value, DatasetNotAvailableError)
+    assert "unknown TFDS dataset 'mnsit'" in message and "did you mean" in message and "'mnist'" in message
+    assert "pip install" not in message
+    with pytest.raises(DataError, match="unknown TFDS dataset 'xyzzy_no_such_dataset'") as error:
+        load_dataset(DataConfig(name="tfds:xyzzy_no_such_dataset/small:1.0.0", data_dir=str(tmp_path)))
+    assert "did you mean" not in str(error.value)
+
+
+def test_tfds_names_known_but_not_prepared_still_get_preparation_steps(tmp_path):
+    # glue is registered by a TFDS module that TFDS skips when an earlier one fails to import (no h5py).
+    with pytest.raises(DatasetNotAvailableError, match="not prepared"):
+        load_dataset(DataConfig(name="tfds:glue/cola", data_dir=str(tmp_path)))
+    # A builder of one's own is not registered here, but its folder shows the name is meant.
+    _fake_prepared(tmp_path, "my_own_shapes", "incomplete.ABC123_1.0.0")
+    with pytest.raises(DatasetNotAvailableError, match="not prepared"):
+        load_dataset(DataConfig(name="tfds:my_own_shapes", data_dir=str(tmp_path)))

@@ -33,6 +33,7 @@ import torch
 import transformers
 from filelock import FileLock
 from huggingface_hub.errors import RepositoryNotFoundError
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers import models as tok_models
 from transformers import (
@@ -78,7 +79,11 @@ HubStatus = Literal["offline", "unreachable", "missing", "available"]
 
 
 class ModelNotAvailableError(RuntimeError):
-    """The requested model cannot be loaded here (not installed, not cached, hub out of reach)."""
+    """The requested model cannot be loaded here (not installed, not cached, hub out of reach, not a model folder)."""
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture (``config.model_type``) is not one SeqGate can gate."""
 
 
 @dataclass(frozen=True)
@@ -118,9 +123,10 @@ def load_model(
     """Load a causal LM and its tokenizer in eval mode on ``device``.
 
     ``name_or_path`` is, in this order of precedence: ``"smollm2-135m"`` (embedded), an alias
-    (:data:`ALIASES`), an existing local folder, or a hub id. Only safetensors weights are read.
-    Raises :class:`ModelNotAvailableError` if the model cannot be obtained and ``ValueError`` if its
-    architecture is not one of the supported families.
+    (:data:`ALIASES`), a local folder (any name that :func:`looks_like_path`), or a hub id. Only
+    safetensors weights are read. Raises :class:`ModelNotAvailableError` if the model cannot be obtained
+    (for a path: naming what the folder lacks, never the hub cache) and :class:`UnsupportedModelError`
+    (a ``ValueError``) if its architecture is not one of the supported families.
     """
     start = time.perf_counter()
     name = str(name_or_path)
@@ -145,24 +151,19 @@ def load_model(
                 source = f"gguf:{gguf}"
                 model, tokenizer = _convert_gguf(gguf, folder)
                 model.to(dtype)
-    elif name not in ALIASES and Path(name).is_dir():
-        source = f"local:{Path(name).resolve()}"
-        try:
-            model, tokenizer = _from_pretrained(
-                name, local_files_only=True, dtype=dtype, trust_remote_code=trust_remote_code
-            )
-        except OSError as err:
-            raise ModelNotAvailableError(
-                f"Cannot load the model folder {name!r}: {err}. A model folder needs config.json, tokenizer files "
-                "and safetensors weights; pickle-based .bin checkpoints are refused because unpickling can run "
-                "arbitrary code (re-save a model you trust with save_pretrained() to get safetensors)."
-            ) from err
+    elif name not in ALIASES and looks_like_path(name):
+        folder = Path(name).expanduser()
+        source = f"local:{folder.resolve()}"
+        model, tokenizer = _from_local_folder(folder, name, dtype=dtype, trust_remote_code=trust_remote_code)
     else:
         repo_id = ALIASES.get(name, name)
         status = probe_hub(repo_id)
+        # An "org/name" hub id is also a relative path: say that no such folder exists either.
+        no_folder = f" There is no local folder {name!r} either." if "/" in name else ""
         if status == "missing":
             raise ModelNotAvailableError(
-                f"The Hugging Face hub has no model {repo_id!r} (or it is private and you are not logged in). "
+                f"The Hugging Face hub has no model {repo_id!r} (or it is private and you are not logged in)."
+                f"{no_folder} "
                 f"Check the spelling, or use one of {sorted(ALIASES)} or a local folder. {OFFLINE_ALTERNATIVES}"
             )
         local_only = status != "available"
@@ -179,7 +180,9 @@ def load_model(
                 "Connect to the internet to download it once",
                 "available": f"the hub has it but loading failed ({err})",
             }[status]
-            raise ModelNotAvailableError(f"Cannot load model {repo_id!r}: {why}. {OFFLINE_ALTERNATIVES}") from err
+            raise ModelNotAvailableError(
+                f"Cannot load model {repo_id!r}: {why}.{no_folder} {OFFLINE_ALTERNATIVES}"
+            ) from err
     model.to(device).eval()
     return model, tokenizer, model_info(model, name=name, source=source, load_seconds=time.perf_counter() - start)
 
@@ -208,11 +211,12 @@ def model_info(model: PreTrainedModel, *, name: str, source: str, load_seconds: 
 
 
 def family_of(model_type: str) -> Family:
-    """The adapter family of a transformers ``model_type``; ``ValueError`` if gating does not support it."""
+    """The adapter family of a transformers ``model_type``; :class:`UnsupportedModelError` (a ``ValueError``)
+    if gating does not support it."""
     try:
         return FAMILY_OF_MODEL_TYPE[model_type]
     except KeyError:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"Model type {model_type!r} is not supported by SeqGate; supported model types are "
             f"{sorted(FAMILY_OF_MODEL_TYPE)} (GPT-2 / DistilGPT-2, Llama / SmolLM2, Qwen2)."
         ) from None
@@ -255,6 +259,121 @@ def _from_pretrained(
         name_or_path, config=config, dtype=dtype, use_safetensors=True, **kwargs
     )
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    return model, tokenizer
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether the model name ``name`` means a local folder rather than a hub id.
+
+    True if it exists on disk, starts with ``.`` or ``~``, is absolute, ends with a path separator,
+    contains a separator a hub id cannot have (a backslash, two slashes), or is otherwise not a valid
+    hub id. ``org/name`` that does not exist on disk is a hub id.
+    """
+    if name.startswith((".", "~")) or os.path.isabs(name) or name.endswith(("/", os.sep)):
+        return True
+    if any(sep and sep != "/" and sep in name for sep in (os.sep, os.altsep, "\\")):
+        return True
+    if Path(name).expanduser().exists():
+        return True
+    if "/" in name:
+        try:
+            validate_repo_id(name)
+        except HFValidationError:
+            return True
+    return False
+
+
+MODEL_FOLDER_NEEDS = (
+    "a model folder holds config.json, tokenizer files (tokenizer.json, tokenizer_config.json) and *.safetensors "
+    "weights, as written by model.save_pretrained(folder) and tokenizer.save_pretrained(folder)"
+)
+# Any of these makes a folder worth handing to AutoTokenizer (fast, BPE, SentencePiece, WordPiece files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+PICKLE_REFUSED = (
+    "pickle-based .bin checkpoints are refused because unpickling can run arbitrary code (re-save a model you "
+    "trust with save_pretrained() to get safetensors)"
+)
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message with its whitespace (newlines included) collapsed, for one-line errors."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _listing(folder: Path, limit: int = 12) -> str:
+    """The names in ``folder`` (folders with a trailing ``/``), sorted, at most ``limit`` of them."""
+    try:
+        entries = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    except OSError as err:
+        return f"unreadable: {err.strerror or err}"
+    if not entries:
+        return "it is empty"
+    more = f", … and {len(entries) - limit} more" if len(entries) > limit else ""
+    return "found: " + ", ".join(entries[:limit]) + more
+
+
+def _check_model_folder(folder: Path, name: str) -> None:
+    """:class:`ModelNotAvailableError` naming what is wrong if ``folder`` is not a model folder with a config."""
+    if not folder.exists():
+        raise ModelNotAvailableError(
+            f"The model folder {name!r} does not exist ({folder.absolute()}); {MODEL_FOLDER_NEEDS}. Check the path, "
+            f"or give a hub id ('org/name'), an alias ({', '.join(sorted(ALIASES))}) or {EMBEDDED_MODEL} (embedded, "
+            "no download)."
+        )
+    if not folder.is_dir():
+        hint = f"; use --model {folder.parent}" if (folder.parent / "config.json").is_file() else ""
+        raise ModelNotAvailableError(
+            f"--model {name!r} is a file, not a model folder: expected the folder holding config.json, tokenizer "
+            f"files and *.safetensors weights{hint}."
+        )
+    if not (folder / "config.json").is_file():
+        nested = sorted(str(p.parent) for p in [*folder.glob("*/config.json"), *folder.glob("*/*/config.json")])
+        hint = (f" A config.json is in {nested[0]}: use --model {nested[0]} if that is the model."
+                if nested else " Point --model at the folder that holds config.json.")
+        raise ModelNotAvailableError(
+            f"The model folder {name!r} has no config.json ({_listing(folder)}); {MODEL_FOLDER_NEEDS}.{hint}"
+        )
+
+
+def _from_local_folder(
+    folder: Path, name: str, *, dtype: torch.dtype, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """:func:`_from_pretrained` for a local folder, each failure naming what the folder lacks (one line)."""
+    _check_model_folder(folder, name)
+    kwargs = dict(local_files_only=True, trust_remote_code=trust_remote_code)
+    try:
+        config = AutoConfig.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelNotAvailableError(
+            f"The config.json of the model folder {name!r} cannot be used ({_one_line(err)}): expected the JSON "
+            f"written by save_pretrained(), with a model_type among {sorted(FAMILY_OF_MODEL_TYPE)}. Re-save the "
+            "model with save_pretrained()."
+        ) from err
+    family_of(config.model_type)
+    if not any(folder.glob("*.safetensors")):
+        pickles = [p for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+        why = PICKLE_REFUSED if pickles else "expected model.safetensors (or sharded *.safetensors with an index)"
+        raise ModelNotAvailableError(
+            f"The model folder {name!r} has config.json but no safetensors weights ({_listing(folder)}); {why}."
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, use_safetensors=True, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelNotAvailableError(
+            f"Cannot load the weights of the model folder {name!r}: {_one_line(err)} ({_listing(folder)}); "
+            f"{MODEL_FOLDER_NEEDS}; {PICKLE_REFUSED}."
+        ) from err
+    fix = ("expected tokenizer.json and tokenizer_config.json next to config.json. Save them with "
+           "tokenizer.save_pretrained(folder).")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelNotAvailableError(f"The model folder {name!r} has no tokenizer files ({_listing(folder)}); {fix}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelNotAvailableError(
+            f"The model folder {name!r} has no usable tokenizer ({_listing(folder)}; {_one_line(err)}); {fix}"
+        ) from err
     return model, tokenizer
 
 

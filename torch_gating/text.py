@@ -79,9 +79,19 @@ def load_text(name: str | os.PathLike) -> TextCorpus:
         return pydoc_corpus()
     if name == "wikitext-2":
         return wikitext2_corpus()
-    path = Path(name)
+    path = Path(name).expanduser()
     if path.is_file():
         return file_corpus(path)
+    if path.is_dir():
+        raise TextNotAvailableError(
+            f"The text {name!r} is a folder, not a text file: expected 'pydoc', 'wikitext-2' or the path of a UTF-8 "
+            "text file; pass one file of the folder."
+        )
+    if os.sep in name or (os.altsep and os.altsep in name) or name.startswith((".", "~")) or path.suffix:
+        raise TextNotAvailableError(
+            f"The text file {name!r} does not exist ({path.absolute()}): expected 'pydoc', 'wikitext-2' or the "
+            "path of an existing UTF-8 text file; check the path."
+        )
     raise TextNotAvailableError(
         f"Unknown text {name!r}: expected 'pydoc', 'wikitext-2' or the path of an existing text file."
     )
@@ -141,7 +151,7 @@ def wikitext_articles(lines: list[str]) -> tuple[str, ...]:
 def file_corpus(path: str | os.PathLike) -> TextCorpus:
     """A UTF-8 text file: paragraphs up to half of the characters are validation, the rest test."""
     path = Path(path)
-    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if p.strip()]
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", read_utf8_text(path)) if p.strip()]
     if len(paragraphs) < 2:
         raise TextNotAvailableError(
             f"{path} has {len(paragraphs)} paragraph(s); a validation/test split needs at least 2 paragraphs "
@@ -159,6 +169,30 @@ def file_corpus(path: str | os.PathLike) -> TextCorpus:
         validation_docs=tuple(paragraphs[:cut]),
         test_docs=tuple(paragraphs[cut:]),
     )
+
+
+def read_utf8_text(path: Path) -> str:
+    """The text of ``path``; :class:`TextNotAvailableError` if it cannot be read or is not UTF-8 text."""
+    fix = "--text expects a plain UTF-8 text file (paragraphs separated by blank lines), or use --text pydoc"
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise TextNotAvailableError(f"Cannot read the text file {str(path)!r} ({err.strerror or err}); {fix}.") from err
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TextNotAvailableError(
+            f"The text file {str(path)!r} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start} "
+            f"cannot be decoded; a binary file?). {fix}; convert a text in another encoding first, e.g. "
+            f"iconv -f latin1 -t utf-8 {path.name} > {path.stem}.utf8.txt"
+        ) from None
+    if "\0" in text:
+        raise TextNotAvailableError(
+            f"The text file {str(path)!r} contains NUL bytes (the first at character {text.index(chr(0))}), so it "
+            "is binary, not text. "
+            f"{fix}."
+        )
+    return text
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:

@@ -4,7 +4,8 @@
   below a class folder (any depth) belongs to that class. Hidden files / folders and files without an
   image suffix are not images and are not read.
 - ``csv:<file>``: a header row, an image path column and a label column; relative paths are read
-  from the CSV's folder. Labels may be integers (class indices) or strings (sorted into class names).
+  from the CSV's folder. Labels are either all integers in [0, n) (label k is class k) or all class names
+  (sorted into class indices); a mixture, a negative or a fractional label is an error naming its line.
 
 Images are resized to ``image_size`` (PIL bilinear); every missing or undecodable image is reported by
 path in one ``UnreadableImagesError``. The whole set is the train pool from which validation and test
@@ -76,8 +77,9 @@ def list_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return paths, labels, class_names
 
 
-def list_csv(csv_path: Path, path_column: str, label_column: str) -> tuple[list[Path], list[str]]:
-    """Image paths (relative ones resolved against the CSV's folder) and raw label strings of a CSV."""
+def list_csv(csv_path: Path, path_column: str, label_column: str) -> tuple[list[Path], list[str], list[int]]:
+    """Image paths (relative ones resolved against the CSV's folder), raw label strings, and the line number
+    of each row (line 1 is the header), so that errors can point into the file."""
     if not csv_path.is_file():
         raise DatasetNotAvailableError(f"csv:{csv_path}: no such file")
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
@@ -89,10 +91,13 @@ def list_csv(csv_path: Path, path_column: str, label_column: str) -> tuple[list[
                     f"csv:{csv_path} has no column {column!r} (DataConfig.{field}); its columns are: "
                     f"{', '.join(header) or 'none (empty file)'}"
                 )
-        rows = list(reader)
+        rows, lines = [], []
+        for row in reader:
+            rows.append(row)
+            lines.append(reader.line_num)  # blank lines and quoted line breaks make this differ from index + 2
     empty = [
         line
-        for line, row in enumerate(rows, start=2)
+        for line, row in zip(lines, rows)
         if not (row[path_column] or "").strip() or not (row[label_column] or "").strip()
     ]
     if empty:
@@ -103,7 +108,7 @@ def list_csv(csv_path: Path, path_column: str, label_column: str) -> tuple[list[
     if not rows:
         raise DataError(f"csv:{csv_path} has a header but no rows")
     paths = [csv_path.parent / Path(row[path_column].strip()).expanduser() for row in rows]
-    return paths, [row[label_column].strip() for row in rows]
+    return paths, [row[label_column].strip() for row in rows], lines
 
 
 def load_files(config: DataConfig) -> Dataset:
@@ -114,7 +119,11 @@ def load_files(config: DataConfig) -> Dataset:
         paths, values, class_names = list_folder(location)
         labels, class_names = encode_labels(values, class_names)
     else:
-        paths, values = list_csv(location, config.path_column, config.label_column)
-        labels, class_names = encode_labels(values)
+        paths, values, lines = list_csv(location, config.path_column, config.label_column)
+        labels, class_names = encode_labels(
+            values,
+            source=f"csv:{location} column {config.label_column!r}",
+            row_names=[f"line {line}" for line in lines],
+        )
     images = read_images(paths, config.image_size, config.channels)
     return assemble_dataset(config.name, {"train": RawSplit(images, labels)}, class_names, config)

@@ -3,11 +3,14 @@
 We find the prepared folder ``<data_dir>/<name>[/<config>]/<version>/`` ourselves and read it with
 ``tfds.builder_from_directory(...).as_data_source()``, which needs neither TensorFlow nor the dataset's
 catalog code. We never call ``tfds.builder`` / ``download_and_prepare`` here: offline, those retry the
-network for minutes before failing, while a missing folder is known at once.
+network for minutes before failing, while a missing folder is known at once. Only when nothing is
+prepared do we read the installed TFDS registry (offline), to tell a misspelt name from an unprepared one.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
 import json
 import os
 from pathlib import Path
@@ -21,6 +24,34 @@ from jaxnas.data.images import as_uint8_hwc
 
 _INFO_FILE = "dataset_info.json"
 _READABLE_FORMAT = "array_record"  # the only format tfds.data_source reads
+_CATALOG_URL = "https://www.tensorflow.org/datasets/catalog/overview"
+# The modules that register TFDS's older builders (tfds.core.registered._import_legacy_builders). TFDS
+# imports them in one try block and stops at the first that fails (nearest_neighbors without h5py), which
+# would leave e.g. every text and video builder unknown; imported one by one, each failure costs only its own.
+_LEGACY_BUILDER_MODULES = (
+    "audio",
+    "graphs",
+    "image",
+    "image_classification",
+    "object_detection",
+    "nearest_neighbors",
+    "question_answering",
+    "d4rl",
+    "ranking",
+    "recommendation",
+    "rl_unplugged",
+    "rlds.datasets",
+    "robotics",
+    "robomimic",
+    "structured",
+    "summarization",
+    "text",
+    "text_simplification",
+    "time_series",
+    "translate",
+    "video",
+    "vision_language",
+)
 
 
 def default_data_dir() -> Path:
@@ -55,11 +86,46 @@ def _prepare_hint(name: str, config: str | None, data_dir: Path) -> str:
     )
 
 
+def catalog_names() -> list[str]:
+    """Names of every TFDS builder this installation knows, read offline (about 0.5 s after the import)."""
+    import tensorflow_datasets as tfds
+
+    for module in _LEGACY_BUILDER_MODULES:
+        try:
+            importlib.import_module(f"tensorflow_datasets.{module}")
+        except ImportError:
+            pass  # its builders need a package that is not installed; they could not prepare here anyway
+    # No community datasets: listing them downloads their index.
+    return tfds.list_builders(with_community_datasets=False)
+
+
+def _check_known(name: str, root: Path) -> None:
+    """Refuse a ``name`` that is neither a TFDS builder nor has anything under ``root``: preparation
+    steps for a misspelt name would send the user to prepare a dataset that does not exist."""
+    from jaxnas.data.embedded import BUILDER_NAME  # registered only once embedded_builder is imported
+
+    if (root / name).exists() or name == BUILDER_NAME:
+        return
+    names = catalog_names()
+    if name in names:
+        return
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+    suggestion = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "."
+    raise DataError(
+        f"unknown TFDS dataset {name!r}: it is not a builder of the installed tensorflow-datasets and "
+        f"nothing of it is prepared under {root}{suggestion}\n"
+        f"Expected name='tfds:<name>[/<config>][:<version>]' with <name> from the TFDS catalog ({_CATALOG_URL}), "
+        f"or a dataset of your own builder prepared as array_record in {root / name}/[<config>/]<version>/ "
+        "(set data_dir to the folder holding it)."
+    )
+
+
 def resolve_prepared_dir(spec: str, data_dir: str | os.PathLike | None) -> Path:
     """The prepared ``<data_dir>/<name>[/<config>]/<version>/`` folder of ``spec`` (highest version unless pinned).
 
     Raises ``DatasetNotAvailableError`` (with preparation steps) when no complete prepared copy exists, and
-    when the copy is not array_record. Reads the file system only.
+    when the copy is not array_record; ``DataError`` when the name is not a TFDS builder either. Reads the
+    file system, and the TFDS registry only when nothing is prepared.
     """
     name, config, version = parse_spec(spec)
     root = Path(data_dir).expanduser() if data_dir else default_data_dir()
@@ -76,6 +142,7 @@ def resolve_prepared_dir(spec: str, data_dir: str | os.PathLike | None) -> Path:
     if version:
         found = [p for p in found if p.name == version]
     if not found:
+        _check_known(name, root)
         what = f"{name}" + (f"/{config}" if config else "") + (f" version {version}" if version else "")
         expected = base / (config or "[<config>]") / (version or "<version>") / _INFO_FILE
         raise DatasetNotAvailableError(

@@ -2,8 +2,9 @@
 
 Runs a search and writes its run folder (``output=``): config.yaml, history.csv, generations.csv, best.json,
 pareto.json, summary.json, the plots and report.html, the exported best model (modes oneshot / train) and the
-Orbax checkpoints. ``--help-config`` lists every key. Exit status 2 for a bad config or a run that cannot
-start or resume as asked, 1 for data that cannot be loaded.
+Orbax checkpoints. ``--help-config`` lists every key. Exit status 2 for a bad config, data or table, or a run
+that cannot start or resume as asked (one line on stderr saying why), 130 when interrupted (Ctrl-C; the run
+resumes with ``--resume``). The config is checked before jax is imported, so a bad one fails at once.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import json
 import sys
 from pathlib import Path
 
-from interop.config import ConfigError, config_help, load_config
+from interop.config import ConfigError, config_help, load_config, read_yaml
 from jaxnas.config import RunConfig
 from jaxnas.data.errors import DataError
+from jaxnas.search.runfolder import RunError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,31 +41,36 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --resume reads the run's own config.yaml; drop --config", file=sys.stderr)
         return 2
     source = str(Path(args.resume) / "config.yaml") if args.resume else args.config
-    if args.resume and not Path(source).is_file():
-        print(f"error: --resume {args.resume}: no config.yaml there, so there is no run to resume", file=sys.stderr)
-        return 2
+    overrides = list(args.overrides)
     try:
-        config = load_config(RunConfig, source, args.overrides)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    from jaxnas.search.loop import RunError, run_search  # jax is imported only once the config is good
+        if args.resume:
+            if not Path(source).is_file():
+                raise RunError(f"--resume {args.resume}: no config.yaml there, so there is no run to resume")
+            if "output" not in read_yaml(source):
+                raise RunError(f"--resume {args.resume}: its config.yaml is empty or not a run's config (no output "
+                               "key); it is written by the run itself: restore it, or start a new run with --config")
+            overrides.append(f"output={args.resume}")  # a run resumes in place, wherever its folder now is
+        config = load_config(RunConfig, source, overrides)
+    except (ConfigError, RunError) as error:
+        return _fail(error)
+    from jaxnas.search.loop import run_search  # jax is imported only once the config is good
 
-    if args.resume and Path(config.output).resolve() != Path(args.resume).resolve():
-        print(f"error: --resume {args.resume}: its config.yaml says output={config.output}; a run resumes in place",
-              file=sys.stderr)
-        return 2
     try:
         summary = run_search(config, resume=bool(args.resume))
-    except (RunError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except (RunError, ValueError, DataError, FileNotFoundError) as error:
+        return _fail(error)
+    except KeyboardInterrupt:
+        print(f"interrupted; resume with: python -m jaxnas.search --resume {config.output}", file=sys.stderr)
+        return 130
     print(json.dumps(summary, indent=2))
     print(f"run folder: {config.output} (report.html, history.csv, best.json, pareto.json, summary.json)")
     return 0
+
+
+def _fail(error: Exception) -> int:
+    """One line on stderr (the message says what was wrong and what to do), exit status 2."""
+    print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
 
 
 def _choose(args) -> int:

@@ -1,10 +1,12 @@
 """Orbax checkpoints of a search run: one step per finished generation, the previous ones kept as fallbacks.
 
 A step holds ``state`` (the strategy's pytree state, typed PRNG keys stored as their raw key data) and
-``archive`` (JSON: every evaluated candidate, the per-generation log, the run's counters). Orbax writes a
-step into a temporary folder and renames it when complete, so a run killed while writing leaves the
-previous step intact; a step that cannot be read back (corrupted on disk) is skipped with a warning and the
-one before it is used.
+``archive`` (JSON: every evaluated candidate, the per-generation log, the run's counters, the resolved config,
+and a SHA-256 checksum of the rest). Orbax writes a step into a temporary folder and renames it when complete, so
+a run killed while writing leaves the previous step intact; a step that cannot be read back (corrupted on disk:
+Orbax's array checks, or the archive's checksum) is set aside with a warning and the one before it is used. When
+every step is unreadable the resume is refused (`RunError`, the steps left in place) instead of silently starting
+afresh.
 
 Arrays that only depend on the configuration (the trained supernet) are saved once under ``supernet/``.
 In a multi-process run every process calls save and restore (Orbax's multi-host rules: process 0 writes
@@ -14,6 +16,8 @@ every process.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import shutil
 import time
@@ -26,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxnas.distributed import barrier, is_primary
+from jaxnas.search.runfolder import RunError
 
 
 def _is_key(leaf) -> bool:
@@ -78,10 +83,12 @@ class RunCheckpoints:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state, archive: dict) -> None:
+        stored = json_safe(archive)
+        stored["checksum"] = _checksum(stored)
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_to_storable(state)), archive=ocp.args.JsonSave(json_safe(archive))
+                state=ocp.args.StandardSave(_to_storable(state)), archive=ocp.args.JsonSave(stored)
             ),
             force=True,
         )
@@ -103,24 +110,33 @@ class RunCheckpoints:
                     step,
                     args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), archive=ocp.args.JsonRestore()),
                 )
-                archive = from_json_safe(restored.archive)
+                archive = dict(restored.archive) if isinstance(restored.archive, dict) else None
+                checksum = archive.pop("checksum", None) if archive is not None else None
+                if checksum is not None and checksum != _checksum(archive):  # steps of older runs have none
+                    raise ValueError("the archive's checksum does not match its content (edited or corrupted)")
+                archive = from_json_safe(archive)
                 if not isinstance(archive, dict) or archive.get("generation") != step:
                     raise ValueError(f"archive of step {step} is incomplete")
                 found = step, _from_storable(restored.state, like_state), archive
                 break
             except Exception as error:  # noqa: BLE001 - any unreadable step falls back to the previous one
-                warnings.warn(
-                    f"checkpoint step {step} in {self.directory} is unreadable ({type(error).__name__}: {error}); "
-                    "using the previous one",
-                    stacklevel=2,
-                )
-                unreadable.append(step)
+                unreadable.append((step, f"{type(error).__name__}: {error}"))
+        if unreadable and found is None:  # left where they are: a second --resume is refused the same way
+            step, why = unreadable[0]
+            raise RunError(
+                f"every checkpoint step of {self.directory.parent} is unreadable ({len(unreadable)} steps; the latest, "
+                f"{step}: {why}); the run cannot resume. Start it anew with another output=, or replace checkpoints/ "
+                "with a good copy"
+            )
         if unreadable:
+            for step, why in unreadable:
+                warnings.warn(f"checkpoint step {step} in {self.directory} is unreadable ({why}); using step "
+                              f"{found[0]}", stacklevel=2)
             # Set aside (not deleted: someone may want to look), so the resumed run can write these steps anew.
             if is_primary():
                 aside = self.directory.parent / "checkpoints_unreadable"
                 aside.mkdir(exist_ok=True)
-                for step in unreadable:
+                for step, _ in unreadable:
                     target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
                     shutil.move(str(self.directory / str(step)), str(target))
             barrier("jaxnas-checkpoints-set-aside")
@@ -129,6 +145,10 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def _checksum(archive: dict) -> str:
+    return hashlib.sha256(json.dumps(archive, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def save_arrays(path: str | Path, tree) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from interop._atomic import atomic_write_text
-from interop.config import from_dict, to_dict
+from interop.config import ConfigError, from_dict, to_dict
 from jaxnas.config import SpaceConfig
 from jaxnas.distributed import is_primary
 from jaxnas.search.checkpoint import json_safe, load_arrays, save_arrays
@@ -82,11 +82,22 @@ def load_model(path: str | Path) -> LoadedModel:
             f"no exported model in {path}: expected {meta_file} (python -m jaxnas.search writes it into the run "
             "folder's model/ when a search of mode oneshot or train finishes)"
         )
-    meta = json.loads(meta_file.read_text())
-    space_cfg = from_dict(SpaceConfig, meta["space"])
-    space = build_space(space_cfg)
-    model = model_for(space, space_cfg, tuple(meta["image_shape"]), int(meta["num_classes"]))
-    enc = np.asarray(meta["encoding"], np.int32)
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        space_cfg = from_dict(SpaceConfig, meta["space"])
+        space = build_space(space_cfg)
+        enc = np.asarray(meta["encoding"], np.int32)
+        if enc.shape != (space.n_choices,):
+            raise ValueError(f"the encoding has shape {list(enc.shape)}, the space needs [{space.n_choices}]")
+        space.validate(enc)
+        if space.to_string(enc) != meta["arch"]:
+            raise ValueError(f"the encoding is {space.to_string(enc)!r} but arch says {meta['arch']!r}")
+        image_shape, num_classes = tuple(int(v) for v in meta["image_shape"]), int(meta["num_classes"])
+    except (ValueError, KeyError, TypeError, OverflowError, ConfigError, UnicodeDecodeError) as error:
+        what = f"missing key {error}" if isinstance(error, KeyError) else " ".join(str(error).split())
+        raise ValueError(f"{meta_file} is not a valid exported model ({what}); it is written by python -m "
+                         "jaxnas.search: restore it or run the search again") from None
+    model = model_for(space, space_cfg, image_shape, num_classes)
     # Any weights of the right structure will do: the twin's state is replaced by the saved one below.
     params = model.init(jax.random.key(0))
     batches = jnp.zeros((1, 2, *model.image_shape), jnp.float32)

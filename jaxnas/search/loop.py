@@ -21,6 +21,7 @@ import functools
 import io
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -42,6 +43,14 @@ from jaxnas.search.export import export_model
 from jaxnas.search.models import build_space, model_for
 from jaxnas.search.pareto import default_reference, hypervolume, knee_point, pareto_mask
 from jaxnas.search.report import write_report
+from jaxnas.search.runfolder import (
+    RESUMABLE_KEYS,
+    RunError,
+    RunLock,
+    check_output,
+    clean_stale_temporaries,
+    config_changes,
+)
 from jaxnas.search.strategies import build_strategy
 from jaxnas.strategies import option_entropy
 
@@ -49,10 +58,6 @@ EVALUATED = ("ok", "early_stopped")
 CACHED = (*EVALUATED, "infeasible", "failed", "filtered")  # statuses a repeat of the architecture reuses
 GENERATION_COLUMNS = ["generation", "evaluations", "cache_hits", "best_fitness", "mean_fitness", "diversity",
                       "hypervolume", "front_size"]
-
-
-class RunError(Exception):
-    """A run cannot start or resume as asked (the message says why and what to do)."""
 
 
 def _signed(value: float, direction: str) -> float:
@@ -77,29 +82,44 @@ class SearchRun:
 
     # ------------------------------------------------------------------ set-up
     def _check_folder(self) -> None:
-        saved = self.out / "config.yaml"
-        has_run = (self.out / "checkpoints").exists()
+        check_output(self.out, self.resume)
         if self.resume:
-            if not saved.is_file():
-                raise RunError(f"--resume {self.out}: no config.yaml there, so there is no run to resume")
-            if _same_run(read_yaml(saved)) != _same_run(to_dict(self.cfg)):
+            saved = read_yaml(self.out / "config.yaml")
+            changed = config_changes(saved, to_dict(self.cfg))
+            if changed:
                 raise RunError(
-                    f"--resume {self.out}: the config differs from the run's own config.yaml; resume with exactly "
-                    "that config (python -m jaxnas.search --resume <folder> reads it) or start a new output="
+                    f"--resume {self.out}: the config differs from the run's own config.yaml ({'; '.join(changed)}); "
+                    "resume with exactly that config (python -m jaxnas.search --resume <folder> reads it) or start a "
+                    "new output="
                 )
-        elif has_run:
+
+    def _prepare(self) -> None:
+        """Load and check everything the run needs (data or table, model, memory) before anything is written."""
+        cfg = self.cfg
+        if cfg.mode == "table":
+            self.model, self.dataset = None, None
+            self._table = TableEvaluator(cfg, self.space, 0)
+            return
+        self.dataset = load_dataset(cfg.data)
+        info = self.dataset.info
+        self.model = model_for(self.space, cfg.space, info.image_shape, info.num_classes)
+        largest = fidelity.largest_architecture(self.space, Ends(self.model, "largest"))
+        params = self.model.param_count(largest)
+        need = cfg.search.population * params * 16  # weights, gradients and Adam's two moments, float32
+        have = _physical_memory()
+        if have and need > 0.8 * have:
+            most = max(1, int(0.8 * have // (params * 16)))
             raise RunError(
-                f"{self.out} already holds a run; continue it with --resume {self.out}, or choose another output="
+                f"search.population={cfg.search.population} would need about {need / 2**30:.1f} GiB for the "
+                f"population's weights and optimiser state ({cfg.search.population} x {params:,} parameters of the "
+                f"largest network x 16 bytes) on a machine with {have / 2**30:.1f} GiB; use search.population <= {most}"
             )
 
     def _setup_evaluator(self, queries: int):
         cfg = self.cfg
         if cfg.mode == "table":
-            self.model, self.dataset = None, None
-            return TableEvaluator(cfg, self.space, queries)
-        self.dataset = load_dataset(cfg.data)
-        info = self.dataset.info
-        self.model = model_for(self.space, cfg.space, info.image_shape, info.num_classes)
+            self._table.counter.queries = queries
+            return self._table
         supernet = None
         if cfg.mode == "oneshot" or cfg.train.warm_start:
             supernet = self._supernet()
@@ -164,7 +184,6 @@ class SearchRun:
             metrics = self._cheap(enc)
             if obj.total_violation(metrics, self.constraints, (*obj.CHEAP, *obj.MEASURED)) > 0:
                 rows[i] = {"arch": arch, "status": "infeasible", **metrics}
-                archive["infeasible"] += 1
             else:
                 rows[i] = {"arch": arch, **metrics}
                 fresh.append(i)
@@ -183,6 +202,7 @@ class SearchRun:
                 continue
             if row["status"] in EVALUATED and obj.total_violation(row, self.constraints) > 0:
                 row["status"] = "infeasible"  # a constraint on a trained metric (e.g. val_accuracy>=0.9)
+            archive["infeasible"] += row["status"] == "infeasible"
             row["fitness"] = self._fitness(row)
             row.update(generation=g, index=i)
         for i in repeats:  # a repeat is told its source's fitness (within this generation: its first occurrence)
@@ -302,23 +322,38 @@ class SearchRun:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
-        cfg = self.cfg
         self._check_folder()
+        self._prepare()  # data / table / model / memory checked: nothing is written for a run that cannot start
         distributed.barrier("jaxnas-folder-checked")  # before process 0 writes into it
-        if distributed.is_primary():
-            self.out.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, self.out / "config.yaml")
+        if not distributed.is_primary():
+            return self._run()
+        with RunLock(self.out):
+            if self.resume:
+                for path in clean_stale_temporaries(self.out):
+                    self.log(f"removed {path.relative_to(self.out)}, left by an interrupted write")
+            dump_config(self.cfg, self.out / "config.yaml")
+            return self._run()
+
+    def _run(self) -> dict:
+        cfg = self.cfg
         started = time.perf_counter()
         self.key = jax.random.key(cfg.seed)
         self._ask, self._tell_jit = _compiled(self.strategy)
         state = self.strategy.init(jax.random.fold_in(self.key, 0))
+        fingerprint = json.loads(json.dumps(json_safe(to_dict(cfg))))
         archive = {"generation": 0, "candidates": [], "generations": [], "evaluations": 0, "cache_hits": 0,
-                   "infeasible": 0, "reference": None, "seconds": 0.0}
+                   "infeasible": 0, "reference": None, "seconds": 0.0, "config": fingerprint}
         checkpoints = RunCheckpoints(self.out)
         if self.resume:
             restored = checkpoints.restore_latest(state)
             if restored is not None:
                 _, state, archive = restored
+                changed = config_changes(archive.get("config", fingerprint), fingerprint)
+                if changed:
+                    raise RunError(f"--resume {self.out}: config.yaml was changed since the run started "
+                                   f"({'; '.join(changed)}); only {', '.join(RESUMABLE_KEYS)} may change on resume. "
+                                   "Restore those values, or start a new output= with the new config")
+                archive["config"] = fingerprint
                 self.log(f"resumed {self.out} after generation {archive['generation'] - 1} "
                          f"({archive['evaluations']} evaluations)")
         evaluator = self.evaluator = self._setup_evaluator(queries=archive["evaluations"])
@@ -331,20 +366,33 @@ class SearchRun:
                 cache.setdefault(row["arch"], row)
         progress = _progress(cfg, archive["evaluations"])
         g = archive["generation"]
-        while archive["evaluations"] < cfg.search.budget and (cfg.search.generations is None or g < cfg.search.generations):
+        size = self.space.size()
+        if str(archive.get("stopped", "")).startswith("stalled") and archive["stalled"] < cfg.search.stall_generations:
+            del archive["stopped"]  # resumed with a larger search.stall_generations
+        while (archive["evaluations"] < cfg.search.budget and not archive.get("stopped")
+               and (cfg.search.generations is None or g < cfg.search.generations)):
             before = archive["evaluations"]
             tick = time.perf_counter()
             state = self._generation(g, state, archive, cache, evaluator)
             archive["seconds"] += time.perf_counter() - tick
+            archive["stalled"] = 0 if archive["evaluations"] > before else archive.get("stalled", 0) + 1
+            if len(cache) >= size:
+                archive["stopped"] = f"space exhausted: all {size:,} architectures of the space were seen"
+            elif archive["stalled"] >= cfg.search.stall_generations:
+                archive["stopped"] = (f"stalled: {archive['stalled']} generations in a row added no new evaluation "
+                                      "(search.stall_generations)")
             checkpoints.save(g + 1, state, archive)
             self._write_tables(archive)
             progress.update(archive["evaluations"] - before)
             progress.set_postfix(gen=g, best=f"{archive['generations'][-1]['best_fitness']:.4g}")
             g += 1
-            if archive["evaluations"] == before and g > 1000 + cfg.search.budget:
-                break  # only repeats or infeasible rows for a very long time: the space is exhausted
+            if archive.get("stopped"):
+                break
         progress.close()
         checkpoints.close()
+        if archive.get("stopped"):
+            self.log(f"search stopped before its budget ({archive['evaluations']} of {cfg.search.budget} evaluations): "
+                     f"{archive['stopped']}")
         self._write_tables(archive)
         return self._finish(archive, started)
 
@@ -361,6 +409,7 @@ class SearchRun:
             "evaluations": archive["evaluations"],
             "cache_hits": archive["cache_hits"],
             "infeasible": archive["infeasible"],
+            **({"stopped": archive["stopped"]} if archive.get("stopped") else {}),
             **({"filtered": archive.get("filtered", 0)} if cfg.search.prefilter != "none" else {}),
             "search_seconds": round(archive["seconds"], 2),
         }
@@ -368,7 +417,7 @@ class SearchRun:
             summary["queries"] = archive["evaluations"]
         if not rows:
             summary["best_arch"] = None
-            self.log("no feasible candidate was evaluated: relax the constraints or raise search.budget")
+            self.log(_why_nothing(archive["candidates"]))
             _write(self.out / "best.json", json.dumps({"arch": None}) + "\n")
         else:
             best = max(rows, key=lambda r: r["fitness"])
@@ -530,6 +579,29 @@ class SearchRun:
         return out
 
 
+def _why_nothing(candidates: list[dict]) -> str:
+    """Why a run has no best candidate, from what its candidates' statuses say."""
+    counts = {}
+    for r in candidates:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    seen = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no candidates"
+    if counts.get("failed") and not counts.get("infeasible"):
+        advice = "training diverged (NaN loss) for every evaluated candidate: lower train.learning_rate"
+    elif counts.get("infeasible"):
+        advice = "relax objectives.constraints or raise search.budget"
+    else:
+        advice = "raise search.budget"
+    return f"no candidate was evaluated successfully ({seen}): {advice}"
+
+
+def _physical_memory() -> int | None:
+    """Bytes of RAM of this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _mean_std(summary: dict) -> str:
     return f"{summary['mean']:.4f} +- {summary['std']:.4f}" if summary["seeds"] > 1 else f"{summary['mean']:.4f}"
 
@@ -598,7 +670,3 @@ def run_search(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:
 def _quiet(*args, **kwargs) -> None:
     """The log of processes other than 0 (process 0 reports for the run)."""
 
-
-def _same_run(config: dict) -> dict:
-    """What must match for a resume: everything but how the run is spread over processes."""
-    return {k: v for k, v in config.items() if k != "distributed"}

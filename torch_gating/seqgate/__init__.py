@@ -9,7 +9,36 @@
 - ``python -m torch_gating.seqgate`` — the CLI.
 """
 
-from torch_gating.seqgate.policy import Decision, Probe, SeqGatePolicy, layer_key
-from torch_gating.seqgate.report import Settings, format_report, run_seqgate
+from __future__ import annotations
 
-__all__ = ["Decision", "Probe", "SeqGatePolicy", "Settings", "format_report", "layer_key", "run_seqgate"]
+import importlib
+from typing import TYPE_CHECKING
+
+# Imported on first use (PEP 562), so that ``python -m torch_gating.seqgate`` starts its CLI module, which
+# handles Ctrl-C, before torch and transformers are imported (seconds).
+_EXPORTS = {
+    "Decision": "torch_gating.seqgate.policy",
+    "Probe": "torch_gating.seqgate.policy",
+    "SeqGatePolicy": "torch_gating.seqgate.policy",
+    "layer_key": "torch_gating.seqgate.policy",
+    "Settings": "torch_gating.seqgate.report",
+    "format_report": "torch_gating.seqgate.report",
+    "run_seqgate": "torch_gating.seqgate.report",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from torch_gating.seqgate.policy import Decision, Probe, SeqGatePolicy, layer_key
+    from torch_gating.seqgate.report import Settings, format_report, run_seqgate
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

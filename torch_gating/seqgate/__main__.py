@@ -6,24 +6,52 @@ Example (the embedded real model and text, no download)::
 
 Prints the calibration choices, the guardrail steps, the test-split figures, the memory ablation and
 the timing tables, and writes the same as JSON (atomically). Non-finite thresholds are written as the
-strings ``"inf"`` / ``"-inf"`` (``tau = "-inf"``: never gate). Exit status 2 when the model or text
-cannot be obtained (e.g. a hub model offline), with a message naming the offline alternatives.
+strings ``"inf"`` / ``"-inf"`` (``tau = "-inf"``: never gate).
+
+Exit status 2, with one line on stderr saying what is wrong, what was expected and how to fix it, when
+the settings are invalid or the model or text cannot be used: a hub model offline (naming the offline
+alternatives), a path that is not a model folder, an unsupported architecture, a text file that is not
+UTF-8 text, a text too short for the windows the run needs. Exit status 130 on Ctrl-C, with the line
+``interrupted: …`` saying what was written (the report and plot are written atomically at the end, so
+never in part; a run cannot be resumed).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import sys
-from dataclasses import asdict
 
-import torch
+try:
+    # Importing torch and transformers takes seconds: a Ctrl-C meanwhile gets the same one line as later.
+    import argparse
+    import contextlib
+    import json
+    import math
+    import signal
+    import threading
+    from dataclasses import asdict
 
-from interop._atomic import atomic_write_text
-from torch_gating.models import EMBEDDED_MODEL, ModelNotAvailableError, load_model
-from torch_gating.seqgate.report import Settings, format_report, plot_frontier, run_seqgate
-from torch_gating.text import TextNotAvailableError, load_text
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    from interop._atomic import atomic_write_text
+    from torch_gating.models import EMBEDDED_MODEL, ModelNotAvailableError, UnsupportedModelError, load_model
+    from torch_gating.seqgate.report import (
+        Settings,
+        TextTooShortError,
+        check_text_length,
+        format_report,
+        plot_frontier,
+        run_seqgate,
+    )
+    from torch_gating.text import TextNotAvailableError, load_text
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    print("interrupted: nothing was written (stopped while starting up); run the command again", file=sys.stderr)
+    sys.exit(130)
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped by Ctrl-C
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,8 +99,66 @@ def json_ready(value):
     return value
 
 
+def fail(err: BaseException | str) -> int:
+    """Print ``error: <message>`` on one line of stderr (whitespace collapsed) and return exit status 2."""
+    print("error: " + " ".join(str(err).split()), file=sys.stderr)
+    return EXIT_ERROR
+
+
+def interrupted_message(args: argparse.Namespace | None, written: list[str]) -> str:
+    """The one line printed on Ctrl-C: what was written and what was not; the run itself cannot be resumed."""
+    wanted = [(kind, path) for kind, path in (("report", getattr(args, "output", None)),
+                                              ("plot", getattr(args, "plot", None))) if path]
+    if not written:
+        if not wanted:
+            return "interrupted: nothing was written (a run cannot be resumed); run the command again to start over"
+        names = " and ".join(str(path) for _, path in wanted)
+        return (f"interrupted: nothing was written ({names}: written only when a run completes, never in part; an "
+                "earlier file there is left as it was); run the command again to start over")
+    parts = [f"the {kind} {path} was {'written' if str(path) in written else 'not'}" for kind, path in wanted]
+    return f"interrupted: {'; '.join(parts)} (a run cannot be resumed: run the command again to make it)"
+
+
+@contextlib.contextmanager
+def sigint_ignored():
+    """Ignore a further Ctrl-C while the interruption is reported (main thread only; restored after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def transformers_progress_bars(enabled: bool):
+    """transformers' and the hub's progress bars (e.g. "Loading weights") off when ``enabled`` is False."""
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    if not enabled:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args, written = None, []
+    try:
+        args = parse_args(argv)
+        with transformers_progress_bars(not args.no_progress):
+            return _main(args, written)
+    except KeyboardInterrupt:
+        with sigint_ignored():
+            print(interrupted_message(args, written), file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(args: argparse.Namespace, written: list[str]) -> int:
+    """The run; appends each output file to ``written`` once it is completely in place."""
     try:
         frontier = tuple(float(g) for g in args.frontier.split(",") if g.strip())
         settings = Settings(
@@ -83,23 +169,24 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
         )
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return fail(err)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         corpus = load_text(args.text)
         model, tokenizer, info = load_model(args.model, device=args.device)
-    except (ModelNotAvailableError, TextNotAvailableError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        check_text_length(tokenizer, corpus, settings, label=args.text)
+    except (ModelNotAvailableError, UnsupportedModelError, TextNotAvailableError, TextTooShortError) as err:
+        return fail(err)
     report = run_seqgate(model, tokenizer, corpus, settings, model_info=asdict(info))
     print(format_report(report))
     if args.output:
         atomic_write_text(args.output, json.dumps(json_ready(report), indent=2, allow_nan=False) + "\n")
+        written.append(str(args.output))
         print(f"\nreport written to {args.output}")
     if args.plot:
-        plot_frontier(report["frontier"], args.plot)
+        plot_frontier(report["frontier"], args.plot)  # atomic too
+        written.append(str(args.plot))
         print(f"frontier plot written to {args.plot}")
     return 0
 

@@ -14,6 +14,7 @@ Phases, in this order (the test split is read only in phase 3):
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -21,6 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from interop._atomic import atomic_write_bytes
 from torch_gating.adapters import ModelAdapter, adapter_for, mlp_macs_per_token, model_macs_per_token
 from torch_gating.perplexity import delta_ppl, sliding_window_ppl
 from torch_gating.seqgate.calibrate import (
@@ -296,8 +298,59 @@ def plot_frontier(points: list[dict], path) -> None:
     ax.set_title("SeqGate frontier (one point per validation guardrail)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    # Rendered in memory, then written atomically: an interrupted run never leaves half a PNG at ``path``.
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+class TextTooShortError(ValueError):
+    """The text has too few tokens for the calibration, validation or test windows a run needs."""
+
+
+def check_text_length(tokenizer, corpus, settings: Settings, *, label: str | None = None) -> dict[str, int]:
+    """Check that ``corpus`` is long enough for :func:`run_seqgate` with ``settings``; return the token counts.
+
+    A run needs at least one full ``window`` of calibration tokens (every other validation document),
+    of validation tokens and of test tokens (for timing, also ``decode_prompt`` test tokens), after the
+    ``max_tokens`` cut. Raises :class:`TextTooShortError` naming what is needed and what the text has.
+    Only counts tokens: reading the test split's length here tunes nothing. ``label`` names the text in
+    the message (default: ``corpus.name``).
+    """
+    window = settings.window
+    counts = {
+        "calibration": int(tokenize_text(tokenizer, corpus.calibration).numel()),
+        "validation": int(tokenize_text(tokenizer, corpus.validation).numel()),
+        "test": int(tokenize_text(tokenizer, corpus.test).numel()),
+    }
+    need = {"calibration": window, "validation": window,
+            "test": max(window, settings.decode_prompt) if settings.repeats > 0 else window}
+    if settings.max_tokens < max(need["validation"], need["test"]):
+        prompt = f", and a {settings.decode_prompt}-token decode prompt (--decode-prompt)" if settings.repeats else ""
+        raise TextTooShortError(
+            f"--max-tokens {settings.max_tokens} keeps fewer tokens of each split than the run needs: at least one "
+            f"{window}-token window (--window) of validation and of test{prompt}. Use --max-tokens "
+            f"{max(need.values())} or more, or a smaller --window."
+        )
+    short = [split for split in counts if counts[split] < need[split]]
+    if not short:
+        return counts
+    n_docs = len(corpus.validation_docs) + len(corpus.test_docs)
+    documents = "paragraphs" if str(corpus.source).startswith("file:") else "documents"
+    has = ", ".join(f"{split} {counts[split]}" for split in counts)
+    needs = ", ".join(f"{split} {need[split]}" for split in counts)
+    raise TextTooShortError(
+        f"The text {label or corpus.name!r} is too short for a {window}-token window (--window {window}): "
+        f"it has {counts['validation'] + counts['test']} tokens in {n_docs} {documents} "
+        f"(tokens per split: {has}; too few in {', '.join(short)}), and a run needs at least "
+        f"one {window}-token window in each split (tokens per split: {needs}). The validation split is the "
+        f"first half of the text, calibration every other validation {documents[:-1]} and test the second half, "
+        f"so give roughly {4 * max(need.values())} tokens or more in many {documents} (separated by blank lines), "
+        "or use a smaller --window (and --probe-tokens)."
+    )
 
 
 def calibration_windows(tokenizer, corpus, settings: Settings, device) -> torch.Tensor:
