@@ -242,8 +242,10 @@ def test_every_candidate_failing_is_reported_as_such(tmp_path, capsys):
                  "search.population=4", "train.learning_rate=1e30", "train.epochs=1", "final.top_k=0",
                  "progress=false"]) == 0
     said = capsys.readouterr().out
-    if json.loads((out / "best.json").read_text())["arch"] is None:  # every candidate diverged (the usual case)
-        assert "lower train.learning_rate" in said and "relax" not in said
+    history = list(csv.DictReader(open(out / "history.csv")))
+    assert {r["status"] for r in history} == {"failed"}  # a learning rate of 1e30 diverges for every candidate
+    assert json.loads((out / "best.json").read_text())["arch"] is None
+    assert "lower train.learning_rate" in said and "relax" not in said
 
 
 # 11. a bad config fails before jax is imported

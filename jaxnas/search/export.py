@@ -2,6 +2,7 @@
 
     <run>/model/arch.json   canonical string, encoding, the space and data settings, recorded metrics
     <run>/model/state/      the twin's parameters and BatchNorm statistics (Orbax)
+    <run>/model/model.stablehlo(.json)  the twin as one portable StableHLO file (runs with only jax; `jaxnas.export`)
 
 ``jaxnas.load_model(path)`` rebuilds the twin from ``arch.json`` and restores its state; the result is an
 ordinary Flax NNX module: ``model(x [B, H, W, C] float32) -> logits [B, classes]``.
@@ -45,15 +46,20 @@ def export_model(folder: str | Path, model: SearchModel, space_cfg: SpaceConfig,
     }
     if is_primary():  # the state above is written by every process together (Orbax)
         atomic_write_text(folder / "arch.json", json.dumps(json_safe(meta), indent=2) + "\n")
+        from jaxnas.export import export_stablehlo  # lazy: jaxnas.export imports this module
+
+        export_stablehlo(LoadedModel(twin, meta["arch"], meta, folder))  # one trace + serialise of the twin
 
 
 @dataclasses.dataclass
 class LoadedModel:
-    """A loaded best model: ``twin`` (nnx.Module), its canonical ``arch`` string and the recorded ``meta``."""
+    """A loaded best model: ``twin`` (nnx.Module), its canonical ``arch`` string, the recorded ``meta`` and the
+    ``folder`` (``<run>/model``) it was loaded from."""
 
     twin: nnx.Module
     arch: str
     meta: dict
+    folder: Path | None = None
 
     def __call__(self, x) -> jax.Array:
         """logits [B, classes] of images ``x`` [B, H, W, C] float32."""
@@ -109,4 +115,4 @@ def load_model(path: str | Path) -> LoadedModel:
     restored = load_arrays(folder / "state", like.to_pure_dict())
     like.replace_by_pure_dict(restored)
     nnx.update(twin, like)
-    return LoadedModel(twin, meta["arch"], meta)
+    return LoadedModel(twin, meta["arch"], meta, folder)

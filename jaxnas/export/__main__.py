@@ -1,0 +1,40 @@
+"""``python -m jaxnas.export <run folder> --format stablehlo [--output PATH]``: write the run's best model portably.
+
+Prints the path written (default ``<run>/model/model.stablehlo``, with its sidecar ``model.stablehlo.json``).
+Exit status 2 for bad input (no exported model in the folder, an unknown or unavailable format): one line on
+stderr saying what was wrong and what to do. The input is checked before jax is imported, so it fails at once.
+``--format onnx`` is refused: see `jaxnas.export.ONNX_UNAVAILABLE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxnas.export import FORMATS, ONNX_UNAVAILABLE, ExportError, export_stablehlo, model_folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxnas.export", description="Export a run's best model.")
+    parser.add_argument("run", metavar="RUN_FOLDER", help="a finished search run (or its model/ folder)")
+    # Checked below rather than with choices=, so a bad value is one line on stderr like every other bad input.
+    parser.add_argument("--format", default="stablehlo",
+                        help="stablehlo (the default; runs with only jax); onnx is refused (needs jax2onnx)")
+    parser.add_argument("--output", metavar="PATH", help="file to write (default <run>/model/model.stablehlo)")
+    args = parser.parse_args(argv)
+    try:
+        if args.format not in FORMATS:
+            raise ExportError(f"unknown --format {args.format!r}; use --format stablehlo")
+        if args.format == "onnx":
+            raise ExportError(ONNX_UNAVAILABLE)
+        folder = model_folder(args.run)
+        path = export_stablehlo(folder, args.output)  # jax is imported only now, once the input is good
+    except (ValueError, OSError) as error:  # ExportError, an invalid arch.json (load_model), an unwritable --output
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
