@@ -52,7 +52,7 @@ from torch_gating.adapters import ModelAdapter, adapter_for  # noqa: E402
 from torch_gating.models import EMBEDDED_MODEL, ModelNotAvailableError, load_model, tiny_random_model  # noqa: E402
 from torch_gating.perplexity import delta_ppl  # noqa: E402
 from torch_gating.seqgate import SeqGatePolicy  # noqa: E402
-from torch_gating.seqgate.__main__ import json_ready  # noqa: E402
+from interop.jsonsafe import json_safe  # noqa: E402
 from torch_gating.seqgate.report import (  # noqa: E402
     Settings,
     calibrate_policy,
@@ -341,7 +341,7 @@ def main(argv=None) -> int:
         return 2
     result["loadavg_start"] = loadavg_start
     if args.json:  # first, so a long run's numbers survive any printing problem
-        atomic_write_text(args.json, json.dumps(json_ready(result), indent=2, allow_nan=False) + "\n")
+        atomic_write_text(args.json, json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
     print(format_results(result))
     if args.json:
         print(f"results written to {args.json}")

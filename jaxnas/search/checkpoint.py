@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 import time
 import warnings
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from interop.jsonsafe import from_json_safe, json_safe
 from jaxnas.distributed import barrier, is_primary
 from jaxnas.search.runfolder import RunError
 
@@ -45,30 +45,6 @@ def _from_storable(stored, like):
     return jax.tree.map(
         lambda s, l: jax.random.wrap_key_data(jnp.asarray(s)) if _is_key(l) else jnp.asarray(s, l.dtype), stored, like
     )
-
-
-def json_safe(value):
-    """``value`` with non-finite floats as the strings "nan" / "inf" / "-inf" (strict JSON has no such numbers)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return json_safe(value.item())
-    return value
-
-
-def from_json_safe(value):
-    """Inverse of `json_safe` for the values it writes."""
-    if value in ("nan", "inf", "-inf"):
-        return float(value)
-    if isinstance(value, dict):
-        return {k: from_json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [from_json_safe(v) for v in value]
-    return value
 
 
 class RunCheckpoints:

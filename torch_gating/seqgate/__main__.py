@@ -25,7 +25,6 @@ try:
     import argparse
     import contextlib
     import json
-    import math
     import signal
     import threading
     from dataclasses import asdict
@@ -34,6 +33,7 @@ try:
     from transformers.utils import logging as transformers_logging
 
     from interop._atomic import atomic_write_text
+    from interop.jsonsafe import json_safe
     from torch_gating.models import EMBEDDED_MODEL, ModelNotAvailableError, UnsupportedModelError, load_model
     from torch_gating.seqgate.report import (
         Settings,
@@ -86,17 +86,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", default=None, help="write the JSON report here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
-
-
-def json_ready(value):
-    """``value`` with non-finite floats as the strings "inf" / "-inf" / "nan" (JSON has no such numbers)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    return value
 
 
 def fail(err: BaseException | str) -> int:
@@ -181,7 +170,7 @@ def _main(args: argparse.Namespace, written: list[str]) -> int:
     report = run_seqgate(model, tokenizer, corpus, settings, model_info=asdict(info))
     print(format_report(report))
     if args.output:
-        atomic_write_text(args.output, json.dumps(json_ready(report), indent=2, allow_nan=False) + "\n")
+        atomic_write_text(args.output, json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
         written.append(str(args.output))
         print(f"\nreport written to {args.output}")
     if args.plot:
