@@ -43,8 +43,8 @@ from jaxnas.supernet.ops import conv2d, depthwise_conv2d
 
 Path = tuple  # keys from the supernet's params root to an op's weights
 ACTIVATION_NAMES = tuple(ACTIVATION_FNS)
-# Measured on our CPU (SPEC.md's machine), 16 mobilenet candidates: lax's grouped convolution made the depthwise
-# layers ~4x slower than the whole torch evaluation; shifted slices are elementwise work XLA fuses.
+# Depthwise layers always as shifted slices: lax's grouped convolution is several times slower on CPU
+# (docs/benchmarks.md).
 DEPTHWISE_FORMULATION = {"lax": "slices", "slices": "slices"}
 
 

@@ -16,14 +16,10 @@ families (MLP, CNN, ResNet, MobileNet; an `MLPSupernet`, a `ConvSupernet` or a s
   the largest sizes) and the candidates' own. A population compiles once for all its epochs; a new population
   (a search's next generation) compiles its own plans. With several local devices the plans are spread over
   them (fewer candidates per plan, so that each device has one) and run side by side, each batch dispatching
-  every plan's step; on our 2-core CPU, two forced host devices measured no faster than one (XLA already uses
-  both cores inside one plan), so this is for hosts with real devices.
-- Measured on our CPU (one epoch, P = 16): batching same-shape layers of different candidates into one batched
-  matmul was no faster than the candidates' own matmuls and compiled slower, so candidates are not grouped;
-  XLA compiles a plan at ~2 s per MLP candidate and one 64-candidate program was still compiling after 4 minutes
-  (four plans of 16: under 3), hence plans; the epoch is a Python loop over the jitted step because XLA:CPU ran
-  the CNNs' convolutions inside a ``lax.scan`` body ~10x slower than the same step called from Python (MLPs:
-  the same speed either way).
+  every plan's step (for hosts with real devices: on a CPU, XLA already uses every core inside one plan).
+- Candidates are not grouped into batched matmuls (no faster, slower to compile), populations are split into
+  plans (one large program compiles for minutes), and an epoch is a Python loop over the jitted step (XLA:CPU
+  runs convolutions inside a ``lax.scan`` body much slower): the measurements are in docs/benchmarks.md.
 - The semantics are `train_population`'s: the same batches (``epoch_indices``), the same dropout keys and
   masks (drawn at the largest width and cut to the candidate's) and ``shift`` translations, per-candidate
   early stopping with patience and NaN / inf isolation (a failing candidate is frozen at its last finite
@@ -123,8 +119,8 @@ def _paste(shapes: dict, full: dict, own: dict, c: int) -> None:
             full[name][(c, *exact._crop(full[name].shape[1:], shape))] = own[name]
 
 
-# The conversions run in numpy on the host: jitted, they compiled for ~5 s per population (to_plan 1.9 s and
-# from_plan 2.7 s of a 16-CNN population's 37 s first call), for what is copying of slices.
+# The conversions run in numpy on the host: jitted, they compiled for seconds per population for what is copying
+# of slices (docs/benchmarks.md).
 def to_plan(plan: _Plan, host_P) -> list[list[dict]]:
     """The plan's members' weights from supernet-layout ``host_P`` (numpy leaves [P, ...]) cut to their own
     sizes: per member, per op, the op's `weight_shapes` tree of arrays."""
@@ -207,8 +203,8 @@ def _epoch(plans: list[_Plan], optimizer, states: list[list], running: list, dat
     [own, opt_states, keys, failed], updated in place, ``running[k]`` its members' flags and ``data[k]`` its
     (x, y, index) on its device. Returns each plan's mean step loss per member [n_members].
 
-    A Python loop over one jitted step, not a ``lax.scan``: measured on our CPU (16 CNNs, one epoch), XLA:CPU ran
-    the convolutions inside a scan's loop body about 10x slower than the same step called from Python. Each
+    A Python loop over one jitted step, not a ``lax.scan``: XLA:CPU runs the convolutions inside a scan's loop
+    body much slower than the same step called from Python (docs/benchmarks.md). Each
     batch dispatches every plan's step before the next batch's, so plans on different devices run side by side.
     The step donates the weights and optimiser states: the arrays in ``states`` are consumed and replaced.
     """

@@ -16,9 +16,8 @@ dimension; the torch profiler shows ``aten::mm`` / ``aten::addmm`` on them with 
 ``contiguous`` of the weight (GPT-2's only ``copy_`` is the bias broadcast into the output, as in
 ``Conv1D.forward``).
 
-Dense copies (``copy_weights=True``). Measured on SmolLM2-135M (benchmarks/seqgate.py) at one token per
-forward (decode), the per-run kernels on views save nothing even with a quarter of the neurons removed in
-scattered blocks, while at a window of tokens they save roughly in proportion. With ``copy_weights``,
+Dense copies (``copy_weights=True``). At one token per forward (decode) the per-run kernels on views save
+nothing, while at a window of tokens they save roughly in proportion (SmolLM2-135M, docs/benchmarks.md). With ``copy_weights``,
 forwards of at most :data:`COPY_MAX_TOKENS` tokens (decode steps) run on contiguous copies of the kept
 rows / columns in the original layout, one dense matmul per projection, whose time falls with the kept
 fraction; longer forwards (prefill) keep using views, because making the copy costs about as much as a

@@ -7,12 +7,12 @@ masked elastic kernel and the twin's cropped kernel agree at every output positi
 
 - ``"slices"``: K * K shifted (strided) slices of the padded input concatenated on the channel axis, then one
   matmul. Under `jax.vmap` over per-candidate kernels this becomes a batched matmul; XLA:CPU runs a vmapped
-  `lax.conv_general_dilated` as a dense grouped convolution instead (about P times the work, see SPEC.md).
+  `lax.conv_general_dilated` as a dense grouped convolution instead (about P times the work).
 - ``"lax"``: `lax.conv_general_dilated`, the fastest form on GPU / TPU.
 
-A 1 x 1 kernel is a (strided) matmul in both: XLA:CPU ran the weight gradient of a 1 x 1 `lax` convolution as a
-convolution over transposed copies of its inputs (measured, 16 MobileNets' exact training epoch: 9.8 s as
-convolutions, 7.9 s as matmuls).
+A 1 x 1 kernel is a (strided) matmul in both: XLA:CPU runs the weight gradient of a 1 x 1 `lax` convolution as a
+convolution over transposed copies of its inputs, slower (docs/benchmarks.md has the measurements behind this
+module).
 """
 
 from __future__ import annotations
@@ -80,12 +80,12 @@ def _depthwise_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Arra
 
 
 # The slices formulation's gradient by hand. Autodiff of the K * K shifted multiply-adds gives, for the kernel,
-# K * K separate reductions over the whole batch: each one streams the input and the output gradient from memory
-# once it outgrows the cache (measured on our CPU, one [64, 14, 14, 64] K = 5 layer: 44 ms, against 1.1 ms for
-# its forward), and for the input K * K padded copies of the output gradient (7.4 ms). Here the kernel's gradient
-# runs over chunks of DEPTHWISE_CHUNK examples in a `lax.scan`, all K * K reductions of a chunk while it is in the
-# cache (9 ms), and the input's gradient is one stride-1 depthwise correlation of the (spread) output gradient
-# with the flipped kernel: the forward's cost. Same values up to float summation order.
+# K * K separate reductions over the whole batch, each streaming the input and the output gradient from memory
+# once it outgrows the cache (many times the forward's cost), and for the input K * K padded copies of the output
+# gradient. Here the kernel's gradient runs over chunks of DEPTHWISE_CHUNK examples in a `lax.scan`, all K * K
+# reductions of a chunk while it is in the cache, and the input's gradient is one stride-1 depthwise correlation
+# of the (spread) output gradient with the flipped kernel: the forward's cost (docs/benchmarks.md). Same values
+# up to float summation order.
 DEPTHWISE_CHUNK = 8
 
 
