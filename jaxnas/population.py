@@ -33,11 +33,12 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxnas.data import epoch_indices
 from jaxnas.distributed import to_host
+from jaxnas.status import Status
 
 Apply = Callable[..., jax.Array]
 """``apply(params, enc [n_choices] int32, x [B, ...], *, train: bool, key) -> logits [B, classes]``."""
 
-STATUS_OK, STATUS_EARLY_STOPPED, STATUS_FAILED = "ok", "early_stopped", "failed"
+STATUS_OK, STATUS_EARLY_STOPPED, STATUS_FAILED = Status.OK, Status.EARLY_STOPPED, Status.FAILED
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

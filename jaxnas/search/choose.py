@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxnas.search.pareto import Objective, choose_by_preference, knee_point, pareto_mask
+from jaxnas.status import EVALUATED
 
 
 def _candidates(run_dir: Path) -> tuple[list[dict], tuple[Objective, ...]]:
@@ -26,7 +27,7 @@ def _candidates(run_dir: Path) -> tuple[list[dict], tuple[Objective, ...]]:
         raise FileNotFoundError(f"{run_dir} holds no finished search (expected pareto.json and history.csv there)")
     objectives = tuple(Objective(o["name"], o["direction"]) for o in json.loads(pareto_file.read_text())["objectives"])
     with open(history_file, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["status"] in ("ok", "early_stopped")]
+        rows = [r for r in csv.DictReader(f) if r["status"] in EVALUATED]
     return rows, objectives
 
 

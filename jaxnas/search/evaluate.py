@@ -29,6 +29,7 @@ from jaxnas.data.core import Dataset
 from jaxnas.distributed import to_host, tree_to_host
 from jaxnas.search import halving
 from jaxnas.search.models import SearchModel
+from jaxnas.status import Status
 from jaxnas.tables import QueryCounter, Table
 
 
@@ -76,7 +77,7 @@ class TableEvaluator:
     def evaluate(self, encs: np.ndarray, generation: int) -> list[dict]:
         signal = self.counter.lookup(encs, self.signal)
         report = self.table.lookup(encs, self.report)  # the same query: one row read, both columns reported
-        return [{"status": "ok", "signal": float(s), "report": float(r)} for s, r in zip(signal, report)]
+        return [{"status": Status.OK, "signal": float(s), "report": float(r)} for s, r in zip(signal, report)]
 
 
 @dataclasses.dataclass
@@ -191,7 +192,7 @@ class _Trained:
     def _rows(self, result_status, scores, m: int) -> list[dict]:
         rows = []
         for i in range(m):
-            status = str(result_status[i]) if result_status is not None else "ok"
+            status = str(result_status[i]) if result_status is not None else Status.OK
             acc, loss = float(scores["accuracy"][i]), float(scores["loss"][i])
             if status == pop.STATUS_FAILED or not np.isfinite(loss):
                 status, acc, loss = pop.STATUS_FAILED, float("nan"), float("nan")

@@ -34,6 +34,7 @@ from interop.config import dump_config, read_yaml, to_dict
 from jaxnas import distributed
 from jaxnas import population as pop
 from jaxnas.config import RunConfig
+from jaxnas.status import EVALUATED, REUSED, TOLD_WORST, Status
 from jaxnas.data import load_dataset
 from jaxnas.search import objectives as obj
 from jaxnas.search.checkpoint import RunCheckpoints, json_safe, load_arrays, save_arrays
@@ -54,8 +55,6 @@ from jaxnas.search.runfolder import (
 from jaxnas.search.strategies import build_strategy
 from jaxnas.strategies import option_entropy
 
-EVALUATED = ("ok", "early_stopped")
-CACHED = (*EVALUATED, "infeasible", "failed", "filtered")  # statuses a repeat of the architecture reuses
 GENERATION_COLUMNS = ["generation", "evaluations", "cache_hits", "best_fitness", "mean_fitness", "diversity",
                       "hypervolume", "front_size"]
 
@@ -146,7 +145,7 @@ class SearchRun:
     # ------------------------------------------------------------------ one generation
     def _fitness(self, row: dict) -> float:
         """Single-objective fitness (maximised): -inf infeasible, nan failed."""
-        if row["status"] in ("infeasible", "filtered"):
+        if row["status"] in TOLD_WORST:
             return -math.inf
         if row["status"] not in EVALUATED:
             return math.nan
@@ -183,7 +182,7 @@ class SearchRun:
                 continue
             metrics = self._cheap(enc)
             if obj.total_violation(metrics, self.constraints, (*obj.CHEAP, *obj.MEASURED)) > 0:
-                rows[i] = {"arch": arch, "status": "infeasible", **metrics}
+                rows[i] = {"arch": arch, "status": Status.INFEASIBLE, **metrics}
             else:
                 rows[i] = {"arch": arch, **metrics}
                 fresh.append(i)
@@ -191,7 +190,7 @@ class SearchRun:
         new = self._prefilter(encs, fresh, rows, archive)[:remaining]
         for i in fresh:
             if "status" not in rows[i] and i not in new:
-                rows[i]["status"] = "not_evaluated"  # over budget: the run ends after this one
+                rows[i]["status"] = Status.NOT_EVALUATED  # over budget: the run ends after this one
         if new:
             for i, result in zip(new, evaluator.evaluate(encs[new], g), strict=True):
                 rows[i].update(result)
@@ -201,18 +200,18 @@ class SearchRun:
             if i in repeats:
                 continue
             if row["status"] in EVALUATED and obj.total_violation(row, self.constraints) > 0:
-                row["status"] = "infeasible"  # a constraint on a trained metric (e.g. val_accuracy>=0.9)
-            archive["infeasible"] += row["status"] == "infeasible"
+                row["status"] = Status.INFEASIBLE  # a constraint on a trained metric (e.g. val_accuracy>=0.9)
+            archive["infeasible"] += row["status"] == Status.INFEASIBLE
             row["fitness"] = self._fitness(row)
             row.update(generation=g, index=i)
         for i in repeats:  # a repeat is told its source's fitness (within this generation: its first occurrence)
             source = cache.get(rows[i]["arch"]) or rows[seen_now[rows[i]["arch"]]]
-            rows[i] = {**source, "status": "cached", "cached_from": rows[i]["cached_from"], "generation": g, "index": i}
+            rows[i] = {**source, "status": Status.CACHED, "cached_from": rows[i]["cached_from"], "generation": g, "index": i}
         state = self._tell(state, encs, rows)
         for row in rows:
-            if row["status"] in CACHED:
+            if row["status"] in REUSED:
                 cache.setdefault(row["arch"], row)
-            if row["status"] != "not_evaluated":
+            if row["status"] != Status.NOT_EVALUATED:
                 archive["candidates"].append(row)
         archive["generations"].append(self._generation_stats(g, encs, rows, archive))
         archive["generation"] = g + 1
@@ -238,7 +237,7 @@ class SearchRun:
         for j, i in enumerate(fresh):
             rows[i][name] = float(values[j])
             if j not in kept:
-                rows[i]["status"] = "filtered"
+                rows[i]["status"] = Status.FILTERED
                 archive["filtered"] = archive.get("filtered", 0) + 1
         return [i for j, i in enumerate(fresh) if j in kept]
 
@@ -248,10 +247,10 @@ class SearchRun:
             return self._tell_jit(state, jnp.asarray(encs), fitness)
         values, violation = [], []
         for r in rows:
-            ok = r["status"] in (*EVALUATED, "cached")
+            ok = r["status"] in (*EVALUATED, Status.CACHED)
             values.append([_signed(r.get(o.name, math.nan), o.direction) if ok else math.nan for o in self.objectives])
             v = obj.total_violation(r, self.constraints)
-            violation.append(v if r["status"] not in ("infeasible", "filtered") else max(v, 1.0))
+            violation.append(v if r["status"] not in TOLD_WORST else max(v, 1.0))
         return self._tell_jit(state, jnp.asarray(encs), jnp.asarray(values, jnp.float32),
                               violation=jnp.asarray(np.minimum(violation, 1e30), jnp.float32))
 
@@ -362,7 +361,7 @@ class SearchRun:
             self._latency_batches = jnp.zeros((1, 2, *self.model.image_shape), jnp.float32)
         cache = {}
         for row in archive["candidates"]:
-            if row["status"] in CACHED:
+            if row["status"] in REUSED:
                 cache.setdefault(row["arch"], row)
         progress = _progress(cfg, archive["evaluations"])
         g = archive["generation"]
@@ -585,9 +584,9 @@ def _why_nothing(candidates: list[dict]) -> str:
     for r in candidates:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     seen = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no candidates"
-    if counts.get("failed") and not counts.get("infeasible"):
+    if counts.get(Status.FAILED) and not counts.get(Status.INFEASIBLE):
         advice = "training diverged (NaN loss) for every evaluated candidate: lower train.learning_rate"
-    elif counts.get("infeasible"):
+    elif counts.get(Status.INFEASIBLE):
         advice = "relax objectives.constraints or raise search.budget"
     else:
         advice = "raise search.budget"

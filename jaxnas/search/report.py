@@ -42,6 +42,7 @@ from matplotlib.ticker import MaxNLocator
 
 from interop._atomic import atomic_write_bytes, atomic_write_text
 from jaxnas.search.pareto import Objective, knee_point, pareto_mask
+from jaxnas.status import EVALUATED, Status
 
 HISTORY = "history.csv"
 GENERATIONS = "generations.csv"
@@ -54,12 +55,9 @@ REPORT = "report.html"
 HISTORY_COLUMNS = ("generation", "index", "arch", "status", "fitness")
 """The columns every ``history.csv`` starts with; metric columns follow."""
 
-STATUSES = ("ok", "early_stopped", "failed", "infeasible", "filtered", "cached", "not_evaluated")
-"""Evaluation outcomes in ``history.csv``, in the order the report counts them (others follow, sorted)."""
-
-FEASIBLE = ("ok", "early_stopped")
-"""Statuses of rows measured on a constraint-satisfying candidate: the ones plotted. A ``cached`` row repeats
-an earlier row of the same arch (which may have been infeasible or failed), so it adds no point of its own."""
+STATUSES = tuple(Status)
+"""Evaluation outcomes in ``history.csv``, in the order the report counts them (others follow, sorted). Plotted are
+the `EVALUATED` rows: a ``cached`` row repeats an earlier row of the same arch, so it adds no point of its own."""
 
 COST_COLUMNS = ("params", "macs")
 """Metric columns a single-objective run's trade-off plot puts fitness against, in order of preference."""
@@ -284,7 +282,7 @@ def _fitness_png(history: _Csv, generations: _Csv | None) -> bytes | None:
         best = _finite_or_nan(generations.numbers("best_fitness")[order])
         mean = _finite_or_nan(generations.numbers("mean_fitness")[order])
     else:
-        feasible = np.array([row["status"] in FEASIBLE for row in history.rows], dtype=bool)
+        feasible = np.array([row["status"] in EVALUATED for row in history.rows], dtype=bool)
         all_gens = history.numbers("generation")
         fitness = np.where(feasible, _finite_or_nan(history.numbers("fitness")), np.nan)
         gens = np.unique(all_gens[np.isfinite(all_gens)])
@@ -304,7 +302,7 @@ def _fitness_png(history: _Csv, generations: _Csv | None) -> bytes | None:
 
 def _pareto_png(history: _Csv, pareto: dict | None) -> bytes | None:
     objectives = pareto["objectives"] if pareto is not None else []
-    feasible = np.array([row["status"] in FEASIBLE for row in history.rows], dtype=bool)
+    feasible = np.array([row["status"] in EVALUATED for row in history.rows], dtype=bool)
     if len(objectives) >= 2:
         x_objective, y_objective = objectives[:2]
         candidates = np.stack([history.numbers(x_objective.name), history.numbers(y_objective.name)], 1)
