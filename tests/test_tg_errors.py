@@ -185,8 +185,12 @@ def test_max_tokens_below_the_window_is_named_as_the_problem(tiny_folder, capsys
 def test_cli_ctrl_c_prints_interrupted_exits_130_and_leaves_no_partial_output(tiny_folder, tmp_path):
     out = tmp_path / "out" / "report.json"
     env = {**os.environ, **OFFLINE}
+    # As from a terminal: Ctrl-C raises KeyboardInterrupt even when this test process was started with SIGINT
+    # ignored (as background jobs are), which a plain child would inherit.
+    code = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch_gating.seqgate", "--model", str(tiny_folder), "--text", "pydoc",
+        [sys.executable, "-c", code, "torch_gating.seqgate", "--model", str(tiny_folder), "--text", "pydoc",
          "--window", "64", "--probe-tokens", "16", "--calibration-windows", "16", "--max-tokens", "50000",
          "--repeats", "5", "--decode-prompt", "24", "--threads", "1", "--output", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
