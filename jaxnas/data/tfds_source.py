@@ -87,7 +87,7 @@ def _prepare_hint(name: str, config: str | None, data_dir: Path) -> str:
 
 
 def catalog_names() -> list[str]:
-    """Names of every TFDS builder this installation knows, read offline (about 0.5 s after the import)."""
+    """Names of every TFDS builder this installation knows, read offline (no download)."""
     import tensorflow_datasets as tfds
 
     for module in _LEGACY_BUILDER_MODULES:

@@ -9,7 +9,7 @@ constraints), `pareto` (fronts, hypervolume, knee, preference), `checkpoint` (Or
 model), `report` (plots and report.html).
 
 The names below are imported on first use, so ``python -m jaxnas.search`` checks its config before it pays for
-jax, orbax and matplotlib (a bad config exits in well under 2 s).
+jax, orbax and matplotlib (a bad config fails at once).
 """
 
 __all__ = ["LoadedModel", "RunError", "load_model", "run_search"]

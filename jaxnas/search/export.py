@@ -22,9 +22,10 @@ from flax import nnx
 
 from interop._atomic import atomic_write_text
 from interop.config import ConfigError, from_dict, to_dict
+from interop.jsonsafe import json_safe
 from jaxnas.config import SpaceConfig
 from jaxnas.distributed import is_primary
-from jaxnas.search.checkpoint import json_safe, load_arrays, save_arrays
+from jaxnas.search.checkpoint import load_arrays, save_arrays
 from jaxnas.search.models import SearchModel, build_space, model_for
 
 _STATE_FILTER = nnx.Any(nnx.Param, nnx.BatchStat)

@@ -31,13 +31,14 @@ import numpy as np
 
 from interop._atomic import atomic_write_text
 from interop.config import dump_config, read_yaml, to_dict
+from interop.jsonsafe import json_safe
 from jaxnas import distributed
 from jaxnas import population as pop
 from jaxnas.config import RunConfig
 from jaxnas.status import EVALUATED, REUSED, TOLD_WORST, Status
 from jaxnas.data import load_dataset
 from jaxnas.search import objectives as obj
-from jaxnas.search.checkpoint import RunCheckpoints, json_safe, load_arrays, save_arrays
+from jaxnas.search.checkpoint import RunCheckpoints, load_arrays, save_arrays
 from jaxnas.search import fidelity, proxies
 from jaxnas.search.evaluate import OneShotEvaluator, TableEvaluator, TrainEvaluator, Ends, train_supernet
 from jaxnas.search.export import export_model
