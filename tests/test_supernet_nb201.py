@@ -47,16 +47,6 @@ def _programs():
     return recalibrate, jax.jit(jax.vmap(logits, in_axes=(None, 0, None, 0)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _no_persistent_compilation_cache():
-    """This module's population-training program crashed jax 0.10.2 (a segfault inside
-    compilation_cache.put_executable_and_time) in two fresh-clone CI runs; its programs are not shared with other
-    tests, so they are compiled without writing them to the shared persistent cache."""
-    jax.config.update("jax_enable_compilation_cache", False)
-    yield
-    jax.config.update("jax_enable_compilation_cache", True)
-
-
 @pytest.fixture(scope="module")
 def setup():
     params = SUPERNET.init(jax.random.key(0))
