@@ -8,8 +8,8 @@ seeds, it trains the supernet with the config's ``supernet.*`` recipe (any ``key
 recipes are compared by running the benchmark once per recipe), scores the same candidates with inherited
 weights and recalibrated BatchNorm statistics (exactly as a one-shot run does) and prints Kendall tau and
 Spearman rho against the reference, next to scores that need no training at all: ranking by parameter
-count and by MACs, and the zero-cost proxies of `jaxnas.search.proxies` (grad_norm, snip: the untrained
-supernet, one batch of 64). The seed-to-seed agreement of the reference itself (tau between two stand-alone seeds) is
+count and by MACs, and the zero-cost proxies of `jaxnas.search.proxies` (grad_norm, snip, synflow, naswot:
+the untrained supernet, one batch of 64). The seed-to-seed agreement of the reference itself (tau between two stand-alone seeds) is
 printed too: no cheap score can be expected to beat it.
 
 The stand-alone reference is the expensive part (minutes per seed on a CPU), so it is cached in ``--cache`` keyed by everything it depends on (data, space, final / train recipe,
@@ -124,9 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     init = model.init(jax.random.key(cfg.seed))
     batch = np.random.default_rng(cfg.seed).permutation(len(dataset.train.labels))[: proxies.BATCH]
     for name in proxies.PROXIES:
+        if name == "naswot" and not getattr(model, "has_activation_kernel", False):
+            continue  # the transformer supernet records no activation codes
         start = time.perf_counter()
-        values = np.asarray(proxies.score(name, model.apply, init, encs, dataset.train.images[batch],
-                                          dataset.train.labels[batch]))
+        values = np.asarray(proxies.score_model(name, model, init, encs, dataset.train.images[batch],
+                                                dataset.train.labels[batch]))
         rows[f"zero-cost {name} (at init)"] = fidelity.rank_correlation(values, standalone) | {
             "seconds": round(time.perf_counter() - start, 1), "scores": values.tolist()}
     oneshot = []

@@ -97,10 +97,10 @@ class SearchConfig:
         50, "Stop when this many generations in a row add no new evaluation (the strategy only repeats architectures "
         "it has seen, or asks infeasible ones); a run also stops once every architecture of the space was seen.", min=1
     )
-    prefilter: Literal["none", "grad_norm", "snip"] = _field(
+    prefilter: Literal["none", "grad_norm", "snip", "synflow", "naswot"] = _field(
         "none", "Modes train / oneshot: score each generation's new candidates with this zero-cost proxy (the untrained "
         "network, one batch) and evaluate only the best prefilter_keep of them; the rest are told -inf (status "
-        "filtered) and cost no budget."
+        "filtered) and cost no budget. naswot: macro and nb201 spaces."
     )
     prefilter_keep: float = _field(0.5, "prefilter: fraction of a generation's new candidates kept (rounded up).",
                                    min=0.01, max=1.0)
@@ -276,6 +276,11 @@ class RunConfig:
             raise ValueError(
                 f"search.prefilter={self.search.prefilter} scores untrained networks; mode table has none. "
                 "Use search.prefilter=none, or mode train / oneshot"
+            )
+        if self.search.prefilter == "naswot" and self.space.name == "transformer":
+            raise ValueError(
+                "search.prefilter=naswot needs binary activation codes, which the transformer supernet does not "
+                "record; use search.prefilter=grad_norm, snip or synflow"
             )
         if self.train.formulation == "exact" and self.space.name != "macro":
             raise ValueError(

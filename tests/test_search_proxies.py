@@ -1,5 +1,6 @@
-"""Zero-cost proxies against values computed by hand (numpy) on a tiny linear network, and on a real supernet:
-masked weights take no part (the proxy of a subnet does not depend on weights outside it)."""
+"""Zero-cost proxies against values computed by hand (numpy) on a tiny linear network (grad_norm, snip, synflow)
+and a tiny MLP supernet (naswot), and on real supernets: masked weights take no part (the proxy of a subnet does
+not depend on weights outside it)."""
 
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 
 from jaxnas.search import proxies
+from jaxnas.search.models import SearchModel
 from jaxnas.spaces import macro_space
-from jaxnas.supernet import MLPSupernet
 
 
 def _linear(params, enc, x, *, train, key=None):
@@ -44,27 +45,85 @@ def test_proxies_equal_hand_computed_values_on_a_linear_network():
         assert float(sens[i]) == pytest.approx(sensitivity, rel=1e-4)
 
 
+def test_synflow_equals_its_hand_computed_value_on_a_linear_network():
+    # R = sum(ones @ (|w| * s) + |b|), so dR/d|w| = s, dR/d|b| = 1 and synflow = s * sum|w| + sum|b|.
+    rng = np.random.default_rng(1)
+    params = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "b": jnp.asarray(rng.normal(size=3), jnp.float32)}
+    x = rng.normal(size=(8, 5)).astype(np.float32)
+    values = proxies.score("synflow", _linear, params, np.array([[1], [2], [3]], np.int32), x, np.zeros(8, int))
+    w, b = np.abs(np.asarray(params["w"], np.float64)), np.abs(np.asarray(params["b"], np.float64))
+    for i, scale in enumerate((1, 2, 3)):
+        assert float(values[i]) == pytest.approx(scale * w.sum() + b.sum(), rel=1e-5)
+
+
+def _mlp_model():
+    space = macro_space(families=("mlp",), max_stages=1, max_depth=2, units=(4, 8), activations=("relu",),
+                        dropouts=(0.0,), norms=(False,), skips=(False,))
+    return space, SearchModel(space, (4, 4, 1), 3)
+
+
+def test_naswot_equals_the_hand_computed_kernel_of_the_candidates_own_units():
+    """K[i, j] = units of the candidate on which inputs i and j have the same code (pre-activation > 0), only the
+    candidate's units (width 4 of 8, one block of 2); score = log det K."""
+    space, model = _mlp_model()
+    params = model.init(jax.random.key(0))
+    x = np.asarray(jax.random.normal(jax.random.key(1), (6, 4, 4, 1)))
+    # family, depth (1 of 1/2), units, activation, norm, skip, dropout: option indices
+    encs = np.array([[0, 0, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0, 0]], np.int32)
+    dense = params["mlp"]["stages"][0]
+    h1 = x.reshape(6, 16).astype(np.float64) @ np.asarray(dense[0]["dense"]["kernel"]) + np.asarray(dense[0]["dense"]["bias"])
+    h2 = np.maximum(h1, 0) @ np.asarray(dense[1]["dense"]["kernel"]) + np.asarray(dense[1]["dense"]["bias"])
+
+    def kernel(*layers):
+        codes = np.concatenate([z > 0 for z in layers], axis=1).astype(float)
+        return codes @ codes.T + (1 - codes) @ (1 - codes).T
+
+    expected = [kernel(h1[:, :4]), kernel(h1), kernel(h1, h2)]
+    values = proxies.score_model("naswot", model, params, encs, x, np.zeros(6, int))
+    for i, k in enumerate(expected):
+        np.testing.assert_array_equal(np.asarray(model.activation_kernel(params, jnp.asarray(encs[i]), x)), k)
+        assert float(values[i]) == pytest.approx(np.linalg.slogdet(k)[1], rel=1e-4, abs=1e-4)
+
+
 def test_unknown_proxy_is_refused_with_the_names():
-    with pytest.raises(ValueError, match="grad_norm, snip"):
-        proxies.score("synflow", _linear, {}, np.zeros((1, 1), np.int32), np.zeros((1, 1)), np.zeros(1))
+    with pytest.raises(ValueError, match="grad_norm, snip, synflow, naswot"):
+        proxies.score("zen", _linear, {}, np.zeros((1, 1), np.int32), np.zeros((1, 1)), np.zeros(1))
 
 
-def test_a_subnets_proxy_ignores_weights_outside_it():
-    space = macro_space(families=("mlp",), max_stages=1, max_depth=1, units=(4, 8), activations=("relu",),
-                        dropouts=(0.0,))
-    supernet = MLPSupernet(space, 16, 3)
-    params = supernet.init(jax.random.key(0))
-    enc = space.from_string("mlp|s1:d1,w4,relu|drop0.0")[None]
-    x = np.asarray(jax.random.normal(jax.random.key(1), (6, 16)))
+def test_naswot_is_refused_for_the_transformer_space_with_the_alternatives():
+    from interop.config import ConfigError, load_config
+    from jaxnas.config import RunConfig
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "transformer.yaml"
+    with pytest.raises((ConfigError, ValueError), match="grad_norm, snip or synflow"):
+        load_config(RunConfig, config, ["search.prefilter=naswot"])
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn"])
+def test_a_subnets_proxy_ignores_weights_outside_it(family):
+    """Every proxy of the narrow subnet (16 units / 4 channels) is unchanged when the other units' weights change
+    (BatchNorm on for the conv family: its identity statistics for synflow, batch statistics for the others)."""
+    space = macro_space(families=(family,), max_stages=1, max_depth=1, units=(16, 32), channels=(4, 8), kernels=(3,),
+                        activations=("relu",), dropouts=(0.0,), norms=(family != "mlp",), skips=(False,))
+    model = SearchModel(space, (6, 6, 1), 3)
+    params = model.init(jax.random.key(0))
+    enc = np.zeros((1, len(space.names)), np.int32)  # every first option: the narrow width
+    x = np.asarray(jax.random.normal(jax.random.key(1), (6, 6, 6, 1)))
     y = np.array([0, 1, 2, 0, 1, 2])
     changed = jax.tree.map(lambda a: a, params)
-    dense = params["stages"][0][0]["dense"]
-    changed["stages"][0][0]["dense"] = {"kernel": dense["kernel"].at[:, 4:].set(7.0), "bias": dense["bias"].at[4:].set(7.0)}
+    if family == "mlp":
+        dense = params["mlp"]["stages"][0][0]["dense"]
+        changed["mlp"]["stages"][0][0]["dense"] = {"kernel": dense["kernel"].at[:, 16:].set(7.0),
+                                                   "bias": dense["bias"].at[16:].set(7.0)}
+    else:
+        conv = params["conv"]["cnn"]["stages"][0][0]["conv"]
+        changed["conv"]["cnn"]["stages"][0][0]["conv"] = {"kernel": conv["kernel"].at[..., 4:].set(7.0),
+                                                         "bias": conv["bias"].at[4:].set(-7.0)}
     for name in proxies.PROXIES:
-        a = proxies.score(name, supernet.apply, params, enc, x, y)
-        b = proxies.score(name, supernet.apply, changed, enc, x, y)
+        a = proxies.score_model(name, model, params, enc, x, y)
+        b = proxies.score_model(name, model, changed, enc, x, y)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
-        assert float(a[0]) > 0
+        assert np.isfinite(float(a[0])) and float(a[0]) > 0
 
 
 PREFILTER = [

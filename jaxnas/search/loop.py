@@ -231,7 +231,7 @@ class SearchRun:
             self._proxy_inputs = (self.model.init(jax.random.key(self.cfg.seed)), train.images[batch],
                                   train.labels[batch])
         params, x, y = self._proxy_inputs
-        values = np.asarray(proxies.score(name, self.model.apply, params, encs[fresh], x, y), float)
+        values = np.asarray(proxies.score_model(name, self.model, params, encs[fresh], x, y), float)
         keep = math.ceil(self.cfg.search.prefilter_keep * len(fresh))
         order = sorted(range(len(fresh)), key=lambda j: (not np.isfinite(values[j]), -np.nan_to_num(values[j]), j))
         kept = set(order[:keep])

@@ -87,6 +87,8 @@ class SearchModel:
         """Whether candidates may carry BatchNorm (conv families): evaluation then needs recalibrated statistics."""
         return self.conv is not None
 
+    has_activation_kernel = True  # NASWOT (`activation_kernel`) for every family
+
     def _parts(self) -> dict:
         return {name: part for name, part in (("mlp", self.mlp), ("conv", self.conv)) if part is not None}
 
@@ -120,6 +122,14 @@ class SearchModel:
     def apply_eval(self, variables: dict, enc: jax.Array, x: jax.Array, *, train: bool, key=None) -> jax.Array:
         """`apply` with ``variables = {"params", "bn_stats"}`` (the statistics of this candidate, or None)."""
         return self.apply(variables["params"], enc, x, train=train, key=key, bn_stats=variables["bn_stats"])
+
+    def activation_kernel(self, params: dict, enc: jax.Array, x: jax.Array) -> jax.Array:
+        """NASWOT's kernel [B, B] of candidate ``enc`` on ``x`` (`jaxnas.supernet.codes`)."""
+        out = {name: part.activation_kernel(params[name], enc, x) for name, part in self._parts().items()}
+        if len(out) == 1:
+            return next(iter(out.values()))
+        is_mlp = self._family_index(enc) == self.space["family"].options.index("mlp")
+        return jnp.where(is_mlp, out["mlp"], out["conv"])
 
     def statistics(self, params, encs: jax.Array, x_batches: jax.Array, *, shared: bool):
         """BatchNorm statistics of every candidate (leaves [P, ...]), or None without conv families.
@@ -190,6 +200,13 @@ class SingleModel:
 
     def apply_eval(self, variables: dict, enc, x, *, train: bool, key=None) -> jax.Array:
         return self.apply(variables["params"], enc, x, train=train, key=key, bn_stats=variables["bn_stats"])
+
+    @property
+    def has_activation_kernel(self) -> bool:
+        return hasattr(self.supernet, "activation_kernel")
+
+    def activation_kernel(self, params, enc, x) -> jax.Array:
+        return self.supernet.activation_kernel(params, enc, x)
 
     def statistics(self, params, encs, x_batches, *, shared: bool):
         if not self.batchnorm:

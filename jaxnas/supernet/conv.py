@@ -43,6 +43,7 @@ from flax import nnx
 
 from jaxnas.spaces import MacroArch, Space
 from jaxnas.spaces.macro import CONV_FAMILIES
+from jaxnas.supernet.codes import ActivationCodes
 from jaxnas.supernet.mlp import ACTIVATION_FNS
 from jaxnas.supernet.ops import FORMULATIONS, conv2d, depthwise_conv2d
 
@@ -350,9 +351,27 @@ class ConvSupernet:
         stats = jax.lax.map(lambda x: self._forward(params, enc, x, None, None)[1], x_batches)
         return jax.tree.map(lambda a: a.mean(0), stats)
 
-    def _forward(self, params, enc, x, bn_stats, dropout_key):
+    def activation_kernel(self, params: dict, enc: jax.Array, x: jax.Array) -> jax.Array:
+        """NASWOT's kernel [B, B] of the candidate ``enc`` on ``x`` (`jaxnas.supernet.codes`), BatchNorm on the
+        batch's statistics; jit/vmap-able."""
+        codes = {family: ActivationCodes(x.shape[0]) for family in self.families}
+        self._forward(params, enc, x, None, None, codes)
+        return self._pick(enc, [codes[family].kernel for family in self.families])
+
+    def _pick(self, enc: jax.Array, per_family: list[jax.Array]) -> jax.Array:
+        """The entry of ``per_family`` (one per `families`, in order) of ``enc``'s family."""
+        if len(per_family) == 1:
+            return per_family[0]
+        options = self.space["family"].options
+        chosen = enc[self.space.index("family")]
+        out = per_family[0]
+        for family, value in zip(self.families[1:], per_family[1:], strict=True):
+            out = jnp.where(chosen == options.index(family), value, out)
+        return out
+
+    def _forward(self, params, enc, x, bn_stats, dropout_key, codes: dict | None = None):
         """(logits [B, classes], the BatchNorm statistics used) for every family of the supernet, then the
-        logits of ``enc``'s family."""
+        logits of ``enc``'s family. ``codes``: {family: `ActivationCodes`} to record each family's activations."""
         if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.image_shape):
             raise ValueError(
                 f"inputs must be [B, H, W, C] = [B, {', '.join(map(str, self.image_shape))}], got shape {x.shape}; "
@@ -361,20 +380,14 @@ class ConvSupernet:
         logits, stats = [], {}
         for family in self.families:
             given = None if bn_stats is None else bn_stats[family]
-            pooled, stats[family] = self._features(family, params[family], enc, x, given)
+            recorder = None if codes is None else codes[family]
+            pooled, stats[family] = self._features(family, params[family], enc, x, given, recorder)
             if dropout_key is not None:
                 rate = self.space.value(enc, "dropout")
                 keep = jax.random.uniform(dropout_key, pooled.shape) >= rate
                 pooled = jnp.where(keep, pooled / (1.0 - rate), 0.0)
             logits.append(self._head(params[family]["head"], enc, pooled))
-        if len(logits) == 1:
-            return logits[0], stats
-        options = self.space["family"].options
-        chosen = enc[self.space.index("family")]
-        out = logits[0]
-        for family, family_logits in zip(self.families[1:], logits[1:], strict=True):
-            out = jnp.where(chosen == options.index(family), family_logits, out)
-        return out, stats
+        return self._pick(enc, logits), stats
 
     def _head(self, heads: dict, enc: jax.Array, pooled: jax.Array) -> jax.Array:
         """Logits of the head of the candidate's number of stages (``heads[k]``: networks of k + 1 stages)."""
@@ -384,10 +397,14 @@ class ConvSupernet:
         bias = jnp.stack([heads[k]["bias"] for k in range(self.max_stages)])[last]
         return pooled @ kernel + bias
 
-    def _features(self, family: str, p: dict, enc: jax.Array, x: jax.Array, given: dict | None):
+    def _features(self, family: str, p: dict, enc: jax.Array, x: jax.Array, given: dict | None,
+                  codes: ActivationCodes | None = None):
         """Pooled features [B, C] of the last existing stage, and the BatchNorm statistics used."""
         space, fmt = self.space, self.conv_formulation
-        h = jax.nn.relu(conv2d(x, p["stem"]["kernel"], self.stem_stride, fmt) + p["stem"]["bias"])
+        stem = conv2d(x, p["stem"]["kernel"], self.stem_stride, fmt) + p["stem"]["bias"]
+        if codes is not None:
+            codes.add(stem)
+        h = jax.nn.relu(stem)
         channel = jnp.arange(self.max_width)
         centre = jnp.abs(jnp.arange(self.max_kernel) - (self.max_kernel - 1) // 2)
         in_width = self.stem_width
@@ -402,7 +419,9 @@ class ConvSupernet:
             branches = [ACTIVATION_FNS[name] for name in space[s + "activation"].options]
             act_index = enc[space.index(s + "activation")]
 
-            def act(z, act_index=act_index, branches=branches):
+            def act(z, valid, act_index=act_index, branches=branches):
+                if codes is not None:
+                    codes.add(z, valid)
                 return jax.lax.switch(act_index, branches, z)
 
             def conv(h, layer, stride=1, elastic=False, depthwise=False):
@@ -416,20 +435,22 @@ class ConvSupernet:
                 norms = _Norms(b, None if given is None else given["stages"][k][j], space.value(enc, s + "norm"))
                 stride = 2 if k > 0 and j == 0 else 1
                 first = j == 0
+                active = j < depth  # stage 1's first block always (depth >= 1); a later stage's only if it exists
                 if family == "cnn":
-                    a = jnp.where(mask, act(norms("norm", conv(h, b["conv"], stride, elastic=True))), 0.0)
+                    a = jnp.where(mask, act(norms("norm", conv(h, b["conv"], stride, elastic=True)), mask & active), 0.0)
                     out = a if first else jnp.where(space.value(enc, s + "skip"), h + a, a)
                 elif family == "resnet":
-                    a = jnp.where(mask, act(norms("norm1", conv(h, b["conv1"], stride, elastic=True))), 0.0)
+                    z = norms("norm1", conv(h, b["conv1"], stride, elastic=True))
+                    a = jnp.where(mask, act(z, mask & active), 0.0)
                     z = norms("norm2", conv(a, b["conv2"], elastic=True))
-                    out = jnp.where(mask, act(z + (conv(h, b["shortcut"], stride) if first else h)), 0.0)
+                    out = jnp.where(mask, act(z + (conv(h, b["shortcut"], stride) if first else h), mask & active), 0.0)
                 else:
                     # Hidden units beyond in_width * expansion are zero, matching the twin's sliced hidden layer.
                     n_hidden = (in_width if first else width) * space.value(enc, s + "expansion")
                     hidden = jnp.arange(b["expand"]["kernel"].shape[-1]) < n_hidden
-                    a = jnp.where(hidden, act(norms("expand_norm", conv(h, b["expand"]))), 0.0)
+                    a = jnp.where(hidden, act(norms("expand_norm", conv(h, b["expand"])), hidden & active), 0.0)
                     a = conv(a, b["depthwise"], stride, elastic=True, depthwise=True)
-                    a = jnp.where(hidden, act(norms("depthwise_norm", a)), 0.0)
+                    a = jnp.where(hidden, act(norms("depthwise_norm", a), hidden & active), 0.0)
                     z = jnp.where(mask, norms("project_norm", conv(a, b["project"])), 0.0)
                     out = z if first else h + z
                 stats[k][j] = norms.recorded

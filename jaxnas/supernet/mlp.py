@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from jaxnas.spaces import MacroArch, Space
+from jaxnas.supernet.codes import ActivationCodes
 
 ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -152,10 +153,14 @@ class MLPSupernet:
         ).to_pure_dict()
         return jax.jit(functools.partial(_lecun_init, shapes=shapes))
 
-    def apply(self, params: dict, enc: jax.Array, x: jax.Array, *, train: bool, key: jax.Array | None) -> jax.Array:
+    def apply(
+        self, params: dict, enc: jax.Array, x: jax.Array, *, train: bool, key: jax.Array | None,
+        codes: ActivationCodes | None = None,
+    ) -> jax.Array:
         """logits [B, classes] float32 of the subnet ``enc`` int32 [n_choices] on ``x`` [B, H, W, C] (or [B, D]).
 
         Pure and jit/vmap-able over (params, enc). ``key`` drives dropout and is needed only when ``train``.
+        ``codes`` records the activation codes of the candidate's units (`activation_kernel`).
         """
         space = self.space
         h = x.reshape(x.shape[0], -1)
@@ -178,6 +183,8 @@ class MLPSupernet:
                 block = params["stages"][k][j]
                 z = h @ block["dense"]["kernel"] + block["dense"]["bias"]
                 z = jnp.where(norm, _masked_layer_norm(z, width_mask, width, block["norm"]), z)
+                if codes is not None:
+                    codes.add(z, width_mask & ((k, j) == (0, 0) or j < depth))
                 a = jnp.where(width_mask, jax.lax.switch(act_index, branches, z), 0.0)
                 if j == 0:
                     out = a
@@ -192,6 +199,12 @@ class MLPSupernet:
             keep = jax.random.uniform(key, h.shape) >= rate
             h = jnp.where(keep, h / (1.0 - rate), 0.0)
         return h @ params["head"]["kernel"] + params["head"]["bias"]
+
+    def activation_kernel(self, params: dict, enc: jax.Array, x: jax.Array) -> jax.Array:
+        """NASWOT's kernel [B, B] of the candidate ``enc`` on ``x`` (`jaxnas.supernet.codes`); jit/vmap-able."""
+        codes = ActivationCodes(x.shape[0])
+        self.apply(params, enc, x, train=False, key=None, codes=codes)
+        return codes.kernel
 
     def largest(self, enc: jax.Array) -> jax.Array:
         """int32 [..., n_choices]: ``enc`` with every stage at its largest depth and width (other choices kept).

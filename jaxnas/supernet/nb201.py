@@ -51,6 +51,7 @@ from jaxnas.spaces import Space
 from jaxnas.spaces.nb201 import EDGES, OPS
 
 # One initialiser for every conv supernet: LeCun-normal kernels over their fan-in, BN scales 1, biases 0.
+from jaxnas.supernet.codes import ActivationCodes
 from jaxnas.supernet.conv import NORM_EPSILON, _lecun_init
 from jaxnas.supernet.ops import FORMULATIONS, conv2d
 
@@ -344,8 +345,19 @@ class NB201Supernet:
         stats = jax.lax.map(lambda x: self._forward(params, enc, x, None)[1], x_batches)
         return jax.tree.map(lambda a: a.mean(0), stats)
 
-    def _forward(self, params: dict, enc: jax.Array, x: jax.Array, given: dict | None) -> tuple[jax.Array, dict]:
-        """(logits [B, classes], the BatchNorm statistics used); ``given`` None: every BatchNorm uses the batch's."""
+    def activation_kernel(self, params: dict, enc: jax.Array, x: jax.Array) -> jax.Array:
+        """NASWOT's kernel [B, B] of the cell ``enc`` on ``x`` (`jaxnas.supernet.codes`), BatchNorm on the batch's
+        statistics. As in NB201's networks, every ReLU -> conv -> BN op has its own ReLU (so an edge's input counts
+        once per conv op leaving it), plus the reductions' two and the last one; jit/vmap-able."""
+        codes = ActivationCodes(x.shape[0])
+        self._forward(params, enc, x, None, codes)
+        return codes.kernel
+
+    def _forward(
+        self, params: dict, enc: jax.Array, x: jax.Array, given: dict | None, codes: ActivationCodes | None = None
+    ) -> tuple[jax.Array, dict]:
+        """(logits [B, classes], the BatchNorm statistics used); ``given`` None: every BatchNorm uses the batch's.
+        ``codes`` records the activation codes of every ReLU of the network."""
         if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.image_shape):
             raise ValueError(
                 f"inputs must be [B, H, W, C] = [B, {', '.join(map(str, self.image_shape))}], got shape {x.shape}; "
@@ -368,27 +380,39 @@ class NB201Supernet:
         for s in range(STAGES):
             if s > 0:
                 h, stats["reductions"][s - 1] = self._reduction(
-                    params["reductions"][s - 1], h, part("reductions", s - 1)
+                    params["reductions"][s - 1], h, part("reductions", s - 1), codes
                 )
 
             def cell(h, weights):
                 p, g = weights
-                return self._cell(p, g, enc, h)
+                cell_codes = None if codes is None else ActivationCodes(h.shape[0])
+                h, cell_stats = self._cell(p, g, enc, h, cell_codes)
+                return h, (cell_stats, None if codes is None else cell_codes.kernel)
 
-            h, stats["cells"][s] = jax.lax.scan(cell, h, (params["cells"][s], part("cells", s)))
+            h, (stats["cells"][s], kernels) = jax.lax.scan(cell, h, (params["cells"][s], part("cells", s)))
+            if codes is not None:
+                codes.kernel = codes.kernel + kernels.sum(0)
         h, stats["lastact"] = _normalised(h, part("lastact"), params["lastact"])
+        if codes is not None:
+            codes.add(h)
         pooled = jax.nn.relu(h).mean((1, 2))
         return pooled @ params["head"]["kernel"] + params["head"]["bias"], stats
 
-    def _reduction(self, p: dict, x: jax.Array, given: dict | None) -> tuple[jax.Array, dict]:
+    def _reduction(self, p: dict, x: jax.Array, given: dict | None, codes: ActivationCodes | None = None):
         """(NB201's stride-2 ResNet basic block on x [B, h, w, c] -> [B, h / 2, w / 2, 2c], its BN statistics)."""
         fmt = self.conv_formulation
         g_a, g_b = (None, None) if given is None else (given["norm_a"], given["norm_b"])
+        if codes is not None:
+            codes.add(x)
         a, stats_a = _normalised(conv2d(jax.nn.relu(x), p["conv_a"]["kernel"], 2, fmt), g_a, p["norm_a"])
+        if codes is not None:
+            codes.add(a)
         b, stats_b = _normalised(conv2d(jax.nn.relu(a), p["conv_b"]["kernel"], 1, fmt), g_b, p["norm_b"])
         return conv2d(_halve(x), p["shortcut"]["kernel"], 1, fmt) + b, {"norm_a": stats_a, "norm_b": stats_b}
 
-    def _cell(self, p: dict, given: dict | None, enc: jax.Array, x: jax.Array) -> tuple[jax.Array, dict]:
+    def _cell(
+        self, p: dict, given: dict | None, enc: jax.Array, x: jax.Array, codes: ActivationCodes | None = None
+    ) -> tuple[jax.Array, dict]:
         """(node 3 of one cell on x [B, h, w, c], each edge's conv statistics {edge: {"mean", "var"}}).
 
         Once node i is final, its n outgoing edges run together: one convolution per kernel size with the
@@ -401,6 +425,8 @@ class NB201Supernet:
             h = nodes[src]
             edges = [e for e, (_, i) in enumerate(EDGES) if i == src]
             relu = jax.nn.relu(h)
+            if codes is not None:  # one ReLU per conv op leaving this node
+                codes.add(h, sum((enc[e] == _CONV1) | (enc[e] == _CONV3) for e in edges))
             z = jnp.concatenate(
                 [conv2d(relu, jnp.concatenate([p[e][op]["kernel"] for e in edges], -1), 1, fmt) for op in CONV_OPS], -1
             )
