@@ -314,3 +314,22 @@ def test_generated_overrides_start_or_exit_2_naming_the_key(monkeypatch, capsys,
         assert rc == 2 and not started
         lines = err.strip().splitlines()
         assert len(lines) == 1 and key.split(".")[-1] in lines[0], (key, value, err)
+
+
+def test_a_ctrl_c_inside_held_interrupt_takes_effect_when_the_block_ends():
+    """What keeps a checkpoint whole: the block finishes its work, then KeyboardInterrupt; the handler is restored."""
+    code = (
+        "import os, signal, time\n"
+        "from jaxnas.search.runfolder import held_interrupt\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "done = []\n"
+        "try:\n"
+        "    with held_interrupt():\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(0.2)\n"
+        "        done.append('written')\n"
+        "except KeyboardInterrupt:\n"
+        "    print(done, signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "['written'] True", proc.stderr[-2000:]

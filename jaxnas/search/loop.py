@@ -52,6 +52,7 @@ from jaxnas.search.runfolder import (
     check_output,
     clean_stale_temporaries,
     config_changes,
+    held_interrupt,
 )
 from jaxnas.search.strategies import build_strategy
 from jaxnas.strategies import option_entropy
@@ -381,8 +382,9 @@ class SearchRun:
             elif archive["stalled"] >= cfg.search.stall_generations:
                 archive["stopped"] = (f"stalled: {archive['stalled']} generations in a row added no new evaluation "
                                       "(search.stall_generations)")
-            checkpoints.save(g + 1, state, archive)
-            self._write_tables(archive)
+            with held_interrupt():  # a Ctrl-C here stops the run after the generation is written whole
+                checkpoints.save(g + 1, state, archive)
+                self._write_tables(archive)
             progress.update(archive["evaluations"] - before)
             progress.set_postfix(gen=g, best=f"{archive['generations'][-1]['best_fitness']:.4g}")
             g += 1

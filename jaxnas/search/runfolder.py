@@ -7,13 +7,17 @@
                                        released on exit, and by the OS when the process dies (no stale locks)
     config_changes(saved, current)     the dotted keys whose values differ, but those a resume may change
     clean_stale_temporaries(out)       the temporary files of atomic writes cut short by a kill
+    held_interrupt()                   Ctrl-C inside the block takes effect when it ends (a checkpoint is whole)
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
+import signal
+import threading
 from pathlib import Path
 
 RESUMABLE_KEYS = ("progress", "distributed", "search.budget", "search.generations", "search.stall_generations")
@@ -113,3 +117,26 @@ def clean_stale_temporaries(out: Path) -> list[Path]:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+@contextlib.contextmanager
+def held_interrupt():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and deliver it when the block ends.
+
+    Orbax writes a checkpoint with helper threads; a KeyboardInterrupt in the middle left them running while the
+    interpreter shut down (tracebacks on stderr, a step cut short). Outside the main thread, or when SIGINT is
+    ignored or handled by someone else, the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not (
+        signal.default_int_handler
+    ):
+        yield
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
