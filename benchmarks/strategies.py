@@ -246,6 +246,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[int, np.ndarray]]:
         shown = ", ".join(f"{n} ({results[n][b].mean():.3f}, one-sided Welch p = {tests[n].pvalue:.3f})" for n in peers)
         print(f"at {b} queries our best, {leader} ({results[leader][b].mean():.3f}), {verdict} {shown}; the best is "
               f"chosen after the fact among {len(ours)} of ours, so these p-values are optimistic")
+    default = "RE"  # configs/nb201_table.yaml's search.strategy (evolution)
+    others = [n for n in ("random", "RE (published)", "TPE (Optuna)", "local (first)", "local (best)") if n in results]
+    if default in results and others:
+        print(f"the default strategy ({default}) minus each peer: mean difference [95% CI, Welch] over {len(seeds)} seeds")
+        for b in args.budgets:
+            parts = []
+            for n in others:
+                test = scipy.stats.ttest_ind(results[default][b], results[n][b], equal_var=False)
+                ci = test.confidence_interval(0.95)
+                diff = results[default][b].mean() - results[n][b].mean()
+                parts.append(f"{n} {diff:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]")
+            print(f"  {b} queries: " + "; ".join(parts))
     return results
 
 

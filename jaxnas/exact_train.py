@@ -4,7 +4,7 @@
 the fastest form, but on CPU the masked program trains every block at the largest width, depth and kernel, with
 every activation of a `lax.switch` and Adam updating the padded weights (in the macro space only ~18% of its
 FLOPs are the candidates' own, benchmarks/population.py), and XLA:CPU runs vmapped per-candidate convolutions
-densely (SPEC.md). `train_population_exact` is the CPU formulation of the same function for the macro space's
+densely (docs/benchmarks.md). `train_population_exact` is the CPU formulation of the same function for the macro space's
 families (MLP, CNN, ResNet, MobileNet; an `MLPSupernet`, a `ConvSupernet` or a search model holding both):
 
 - Each candidate runs **its own layers at their real sizes**: the layer programs of `jaxnas.exact` (widths,

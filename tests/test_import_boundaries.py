@@ -1,4 +1,4 @@
-"""SPEC.md: jaxnas never imports torch; torch_gating never imports jax; interop imports neither.
+"""The package boundaries: jaxnas never imports torch; torch_gating never imports jax; interop imports neither.
 
 Each check runs in a fresh interpreter so nothing imported by other tests can hide a violation.
 Every submodule is imported, not just the package, so a lazy import deep inside is caught too.

@@ -87,6 +87,7 @@ def _write_run(run, history=None, optional=True):
                     {"arch": BEST_ARCH, "generation": 2, "values": {"val_accuracy": 0.93, "params": 120_000}},
                     {"arch": "front-large", "generation": 1, "values": {"val_accuracy": 0.94, "params": 1_900_000}},
                 ],
+                "knee": BEST_ARCH,
             }
         )
     )
@@ -133,7 +134,9 @@ def test_write_report_writes_valid_plots_and_a_self_contained_html_page(tmp_path
     # Best architecture's final test numbers, the front with its knee, the config and the summary.
     assert "0.9271" in page and "Final (test split)" in page
     assert '<table class="matrix"><tr><td class="num">47</td><td class="num">3</td></tr>' in page
-    assert "front-large" in page and "1,900,000" in page and ">knee<" in page
+    assert "front-large" in page and "1,900,000" in page and page.count(">knee<") == 1
+    knee_row = page[page.rindex("<tr>", 0, page.index(">knee<")) : page.index(">knee<")]
+    assert BEST_ARCH in knee_row  # the run's knee (pareto.json), not one the report recomputes
     assert "strategy: nsga2" in page and "wall_time_s" in page
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp")), "a temporary file was left behind"
 

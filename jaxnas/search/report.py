@@ -41,7 +41,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from interop._atomic import atomic_write_bytes, atomic_write_text
-from jaxnas.search.pareto import Objective, knee_point, pareto_mask
+from jaxnas.search.pareto import Objective, pareto_mask
 from jaxnas.status import EVALUATED, Status
 
 HISTORY = "history.csv"
@@ -499,15 +499,12 @@ def _pareto_section(pareto: dict) -> str:
         "hypervolume": pareto.get("hypervolume"),
         "front size": len(front),
     }
-    values = np.array(
-        [[_number(p.get("values", {}).get(o.name)) for o in objectives] for p in front], dtype=np.float64
-    ).reshape(len(front), len(objectives))
-    knee = knee_point(values, objectives) if pareto_mask(values, objectives).any() else None
+    knee = pareto.get("knee")  # chosen by the run (pareto.json); the report only renders it
     header = ["arch", "generation", *(f"{o.name} ({o.direction})" for o in objectives), "note"]
     rows = [
         [p.get("arch"), p.get("generation"), *(p.get("values", {}).get(o.name) for o in objectives)]
-        + ["knee" if i == knee else ""]
-        for i, p in enumerate(front)
+        + ["knee" if knee is not None and p.get("arch") == knee else ""]
+        for p in front
     ]
     numeric = [False, True, *([True] * len(objectives)), False]
     table = _table(header, rows, numeric) if rows else "<p>The front is empty.</p>"

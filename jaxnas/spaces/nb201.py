@@ -23,7 +23,8 @@ EDGES = ((1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (3, 2))
 """(to node, from node) of each choice, in NB201 string order."""
 
 ANALOG_OPS = ("skip_connect", "none", "nor_conv_3x3", "nor_conv_1x1", "avg_pool_3x3")
-"""Operation of each op code in the ``analog-nasbench`` package's 6-tuples (checked by hand, see SPEC.md)."""
+"""Operation of each op code in the ``analog-nasbench`` package's 6-tuples (checked by hand;
+tests/test_tables.py rebuilds the shipped table with it)."""
 
 ANALOG_POSITIONS = (0, 1, 3, 2, 4, 5)
 """Tuple position of each of our edges: the tuples list edges as (0->1, 0->2, 0->3, 1->2, 1->3, 2->3)."""

@@ -1,4 +1,4 @@
-"""Search strategies as functional ask / tell over pytree states (SPEC.md principle 3), and their wrappers.
+"""Search strategies as functional ask / tell over pytree states (jittable, vmappable over seeds), and their wrappers.
 
     strategy = deduplicated(RegularizedEvolution(space, population_size=20, sample_size=5))
     state = strategy.init(key)

@@ -1,4 +1,4 @@
-"""The strategy protocol (SPEC.md principle 3) and the operators strategies are built from.
+"""The strategy protocol (pure, jittable ask / tell over a pytree state) and the operators strategies are built from.
 
 A strategy is an immutable object holding its hyper-parameters and the search space, with three pure
 functions over a pytree state::
