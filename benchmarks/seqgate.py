@@ -2,7 +2,7 @@
 
 Everything runs in this process, on the embedded model and text (no download):
 
-1. Calibration on validation (`torch_gating.seqgate.report.rank_layers`): static block importance and layer
+1. Calibration on validation (`torch_gating.seqgate.experiment.rank_layers`): static block importance and layer
    tolerance once; the most tolerant ``--layers`` layers are gated.
 2. For each guardrail (default 1%, 2%, 5%): `calibrate_policy` (experiences, sentinel, threshold, budget
    level, memory) and `enforce_guardrail` on the validation stream, which tightens the whole policy until its
@@ -53,7 +53,7 @@ from torch_gating.models import EMBEDDED_MODEL, ModelNotAvailableError, load_mod
 from torch_gating.perplexity import delta_ppl  # noqa: E402
 from torch_gating.seqgate import SeqGatePolicy  # noqa: E402
 from interop.jsonsafe import json_safe  # noqa: E402
-from torch_gating.seqgate.report import (  # noqa: E402
+from torch_gating.seqgate.experiment import (  # noqa: E402
     Settings,
     calibrate_policy,
     calibration_windows,

@@ -1,5 +1,6 @@
 """torch_gating.seqgate: the policy's forward, budgets, memory, validation-only calibration, guardrail, CLI."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -17,8 +18,8 @@ from torch_gating.models import tiny_random_model
 from torch_gating.seqgate import Settings, SeqGatePolicy, layer_key, run_seqgate
 from torch_gating.seqgate import __main__ as seqgate_cli
 from torch_gating.seqgate.calibrate import choose_level, choose_tau
+from torch_gating.seqgate.experiment import enforce_guardrail, gate_stats, plot_frontier
 from torch_gating.seqgate.policy import FINGERPRINT_DIM, Decision
-from torch_gating.seqgate.report import enforce_guardrail, gate_stats, plot_frontier
 from torch_gating.text import load_text, tokenize_text
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -241,6 +242,19 @@ def cli(*args, timeout):
     return subprocess.run(
         [sys.executable, "-m", "torch_gating.seqgate", *args], capture_output=True, text=True, env=env, timeout=timeout
     )
+
+
+def test_cli_settings_come_from_config_then_flags_then_overrides_and_are_frozen(tmp_path):
+    config = tmp_path / "seqgate.yaml"
+    config.write_text("window: 128\nprobe_tokens: 16\nrepeats: 0\nbl: 0.3\n")
+    args = seqgate_cli.parse_args(
+        ["--config", str(config), "--window", "64", "--frontier", "0.02,0.05", "bl=0.4", "n_gated=2"]
+    )
+    settings = seqgate_cli.settings_of(args)
+    assert (settings.window, settings.stride, settings.probe_tokens, settings.repeats) == (64, 32, 16, 0)
+    assert (settings.bl, settings.n_gated, settings.frontier, settings.progress) == (0.4, 2, (0.02, 0.05), True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.window = 256
 
 
 def test_cli_fails_fast_with_the_offline_alternatives_for_an_unreachable_hub_model(capsys):

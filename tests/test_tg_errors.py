@@ -20,7 +20,7 @@ import pytest
 
 from torch_gating.models import ModelNotAvailableError, load_model, tiny_random_model
 from torch_gating.seqgate import __main__ as seqgate_cli
-from torch_gating.seqgate.report import plot_frontier
+from torch_gating.seqgate.experiment import plot_frontier
 from torch_gating.text import TextNotAvailableError, load_text
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -157,6 +157,21 @@ def test_hub_id_not_cached_still_gets_the_hub_message_and_says_there_is_no_such_
     with pytest.raises(ModelNotAvailableError, match="HF_HUB_OFFLINE is set") as err:
         load_model("some-org/does-not-exist")
     assert "no local folder 'some-org/does-not-exist'" in str(err.value)
+
+
+# --- bad settings (flags, --config, key=value overrides) --------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--repeats", "3"], "at least 5"),
+    (["bl=2"], "'bl'"),
+    (["windw=64"], "Did you mean 'window'"),
+    (["--config", "no-such-settings.yaml"], "no-such-settings.yaml"),
+])
+def test_bad_settings_are_one_line_errors(argv, fragment, capsys):
+    assert seqgate_cli.main(["--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and fragment in err, err
 
 
 # --- 3. a text too short for the probe / calibration / evaluation splits ---------------------------------------

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+from torch_gating.kv_cache import with_cache
 from torch_gating.models import tiny_random_model
 from torch_gating.timing import (
     format_table,
@@ -18,7 +19,6 @@ from torch_gating.timing import (
     interleaved_order,
     prefill_workload,
     student_t_ci,
-    with_cache,
 )
 
 T_975_DF4 = 2.7764451051977987  # Student-t 97.5% quantile, 4 degrees of freedom (statistical tables)

@@ -12,8 +12,10 @@ class; every adapter has the same surface::
         probes[3]["unit_abs_mean"]           # [B, I]
     # remove(): the original MLP modules are back
 
-Gating never copies or permutes a weight (see :mod:`torch_gating.gated_mlp`), so the model with nothing
-pruned gives bit-identical logits, installed or not.
+Gating never permutes or modifies a weight: kept neurons are computed on views of the original weights,
+or, with ``copy_weights``, on dense copies of the kept weights made for short (decode) forwards (see
+:mod:`torch_gating.gated_mlp`). With nothing pruned the original MLPs run, so the logits are bit-identical,
+installed or not.
 """
 
 from __future__ import annotations
@@ -159,7 +161,8 @@ class ModelAdapter(ABC):
             mlp.runs = None
 
     def extra_memory_bytes(self) -> int:
-        """Bytes gating holds beyond the model's weights (run lists only; no weight copies exist)."""
+        """Bytes gating holds beyond the model's weights: run lists, plus any dense copies of kept weights
+        (``copy_weights``)."""
         return sum(mlp.extra_memory_bytes() for mlp in self.gated_mlps()) if self.installed else 0
 
     def weight_bytes(self) -> int:

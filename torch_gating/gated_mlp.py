@@ -1,4 +1,4 @@
-"""Gated MLPs: a decoder layer's MLP computed on a kept subset of its intermediate neurons, on views.
+"""Gated MLPs: a decoder layer's MLP computed on a kept subset of its intermediate neurons.
 
 The unit of selection is an aligned *block* of ``block`` consecutive intermediate neurons in the
 model's original order (the last block is shorter when the width is not a multiple of ``block``). A kept
@@ -12,18 +12,16 @@ Each run is computed on views of the original weight tensors, so:
 
 The views are zero-copy for matmul: a run of ``down_proj`` (``W[:, s:e]``, row stride ``I``) and of
 GPT-2's ``c_fc`` (Conv1D ``W[:, s:e]``) are strided matrices that BLAS reads through its leading
-dimension; the torch profiler shows ``aten::mm`` / ``aten::addmm`` on them with no ``aten::copy_`` /
-``contiguous`` of the weight (GPT-2's only ``copy_`` is the bias broadcast into the output, as in
-``Conv1D.forward``).
+dimension, so the weight is never made contiguous.
 
 Dense copies (``copy_weights=True``). At one token per forward (decode) the per-run kernels on views save
-nothing, while at a window of tokens they save roughly in proportion (SmolLM2-135M, docs/benchmarks.md). With ``copy_weights``,
-forwards of at most :data:`COPY_MAX_TOKENS` tokens (decode steps) run on contiguous copies of the kept
-rows / columns in the original layout, one dense matmul per projection, whose time falls with the kept
-fraction; longer forwards (prefill) keep using views, because making the copy costs about as much as a
-forward of a few dozen tokens. A copy is made at the first short forward of a kept set and lives as long
-as the kept set (changing ``runs`` drops it, so a per-sequence policy pays for its copies on every
-sequence); :meth:`GatedMLP.extra_memory_bytes` counts it. Recording (probes) always uses views.
+little, while over a window of tokens they save roughly in proportion to the kept fraction. With
+``copy_weights``, forwards of at most :data:`COPY_MAX_TOKENS` tokens (decode steps) run on contiguous copies
+of the kept rows / columns in the original layout, one dense matmul per projection; longer forwards
+(prefill) keep using views, where making the copy would cost more than it saves. A copy is made at the
+first short forward of a kept set and lives as long as the kept set (changing ``runs`` drops it, so a
+per-sequence policy pays for its copies on every sequence); :meth:`GatedMLP.extra_memory_bytes` counts it.
+Recording (probes) always uses views.
 
 Cost model: each run is a handful of small kernels (gate, up, activation, product, down accumulation).
 For a prefill of hundreds of tokens their fixed cost is negligible and time falls with the kept

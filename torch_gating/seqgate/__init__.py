@@ -5,7 +5,8 @@
   prefill / generation workloads for timing.
 - :mod:`~torch_gating.seqgate.calibrate` — importance, layer tolerance, experiences, sentinel, threshold,
   memory; validation text only.
-- :mod:`~torch_gating.seqgate.report` — the run: calibration, guardrail on validation, report on test.
+- :mod:`~torch_gating.seqgate.experiment` — the experiment: :class:`Settings` (frozen) and the run:
+  calibration, guardrail on validation, report on test.
 - ``python -m torch_gating.seqgate`` — the CLI.
 """
 
@@ -21,15 +22,15 @@ _EXPORTS = {
     "Probe": "torch_gating.seqgate.policy",
     "SeqGatePolicy": "torch_gating.seqgate.policy",
     "layer_key": "torch_gating.seqgate.policy",
-    "Settings": "torch_gating.seqgate.report",
-    "format_report": "torch_gating.seqgate.report",
-    "run_seqgate": "torch_gating.seqgate.report",
+    "Settings": "torch_gating.seqgate.experiment",
+    "format_report": "torch_gating.seqgate.experiment",
+    "run_seqgate": "torch_gating.seqgate.experiment",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from torch_gating.seqgate.experiment import Settings, format_report, run_seqgate
     from torch_gating.seqgate.policy import Decision, Probe, SeqGatePolicy, layer_key
-    from torch_gating.seqgate.report import Settings, format_report, run_seqgate
 
 
 def __getattr__(name: str):

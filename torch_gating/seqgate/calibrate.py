@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from interop import ExperienceMemory
 from torch_gating.adapters import ModelAdapter
+from torch_gating.kv_cache import forward_cached, rewind
 from torch_gating.seqgate.policy import FINGERPRINT_DIM, SeqGatePolicy, block_sums, down_column_norms, layer_key
-from torch_gating.timing import forward_cached
 
 # Fractions of the global budget Bg tried per calibration window (the outcome is the largest that held).
 LEVELS = (0.25, 0.5, 1.0)
@@ -123,11 +123,6 @@ def _rest_nll(logits: torch.Tensor, ids: torch.Tensor, n_probe: int) -> float:
     return F.cross_entropy(logits[0, :-1].float(), ids[0, n_probe + 1 :]).item()
 
 
-def _rewind(cache, n_tokens: int) -> None:
-    """Cut the KV cache back to its first ``n_tokens`` (transformers takes the number to remove, negated)."""
-    cache.crop(n_tokens - cache.get_seq_length())
-
-
 @torch.no_grad()
 def collect_experiences(
     policy: SeqGatePolicy, windows: torch.Tensor, *, guardrail: float, progress: bool = False
@@ -151,7 +146,7 @@ def collect_experiences(
         probe = policy.probe(ids[:, :n_probe], layers=all_layers)
         with adapter.record(policy.gated_layers, what=("unit_abs_mean",)) as rec:
             rest = forward_cached(model, ids[:, n_probe:], probe.cache).logits
-        _rewind(probe.cache, n_probe)
+        rewind(probe.cache, n_probe)
         base = _rest_nll(rest, ids, n_probe)
         n_rest = ids.shape[1] - n_probe
         payload = {}
@@ -165,7 +160,7 @@ def collect_experiences(
             adapter.set_kept(policy.select(probe, Bg=level * policy.Bg))
             gated = forward_cached(model, ids[:, n_probe:], probe.cache).logits
             adapter.reset()
-            _rewind(probe.cache, n_probe)
+            rewind(probe.cache, n_probe)
             if math.exp(_rest_nll(gated, ids, n_probe) - base) - 1.0 > guardrail:
                 break
             outcome = level

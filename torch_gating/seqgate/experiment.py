@@ -1,4 +1,5 @@
-"""The SeqGate run: calibrate on validation, enforce the guardrail on validation, report on test.
+"""The SeqGate experiment: its :class:`Settings` and the run (:func:`run_seqgate`) that calibrates on
+validation, enforces the guardrail on validation and reports on test.
 
 Phases, in this order (the test split is read only in phase 3):
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -45,47 +46,55 @@ from torch_gating.timing import (
 )
 
 
-@dataclass
-class Settings:
-    """Knobs of one run. Fractions are of blocks (``bl`` per layer, ``Bg`` over all gated layers);
-    ``align`` in neurons; token counts in tokens; ``repeats = 0`` skips timing."""
+def _field(default, help: str, **limits):
+    return field(default=default, metadata={"help": help, **limits})
 
-    guardrail: float = 0.01
-    bl: float = 0.12
-    Bg: float = 0.06
-    align: int = 64
-    block: int = 64
-    copy_weights: bool = True  # gated layers on contiguous copies of the kept weights (see gated_mlp)
-    n_gated: int | None = None  # default: a third of the layers
-    drop_fraction: float = 0.25  # of a layer's blocks, for the tolerance ranking
-    probe_tokens: int = 64
-    window: int = 512
-    stride: int | None = None  # default: window // 2
-    calibration_windows: int = 16
-    max_tokens: int = 16384  # per split: validation stream, test stream
-    wcur: float = 0.8
-    wmem: float = 0.2
-    max_tightening: int = 8
-    repeats: int = 5
-    warmup: int = 1
-    timing_windows: int = 2
-    decode_prompt: int = 128
-    decode_tokens: int = 32
-    frontier: tuple[float, ...] = ()  # further guardrails to report (same calibration), e.g. (0.02, 0.05)
-    progress: bool = False
+
+@dataclass(frozen=True)
+class Settings:
+    """Knobs of one run, immutable. The CLI builds them through :mod:`interop.config` (YAML file, flags,
+    ``key=value`` overrides), which checks each field's type and its metadata bounds; ``__post_init__``
+    checks the rules between fields. Derive a variant with :func:`dataclasses.replace`."""
+
+    guardrail: float = _field(0.01, "Max ΔPPL on validation, relative (0.01 = +1%).", nonfinite=True)
+    bl: float = _field(0.12, "Per-layer budget: max fraction of a layer's blocks removed.", min=0.0, max=1.0)
+    Bg: float = _field(0.06, "Global budget: max fraction of all gated layers' blocks removed.", min=0.0, max=1.0)
+    align: int = _field(64, "Kept neuron counts are multiples of this (64 or 128).", min=1)
+    block: int = _field(64, "Neurons per selectable block.", min=1)
+    copy_weights: bool = _field(True, "Gated layers compute decode steps on contiguous copies of the kept weights "
+                                "(see torch_gating.gated_mlp).")
+    n_gated: int | None = _field(None, "Number of gated layers (None: a third of the layers).", min=1)
+    drop_fraction: float = _field(0.25, "Fraction of a layer's blocks dropped to rank layer tolerance.",
+                                  min=0.0, max=1.0)
+    probe_tokens: int = _field(64, "Tokens probed at full width per sequence.", min=1)
+    window: int = _field(512, "Tokens per window (perplexity, prefill, calibration).", min=1)
+    stride: int | None = _field(None, "Sliding-window perplexity stride (None: window // 2).", min=1)
+    calibration_windows: int = _field(16, "Validation windows used for calibration.", min=1)
+    max_tokens: int = _field(16384, "Tokens used of each split (validation stream, test stream).", min=1)
+    wcur: float = _field(0.8, "Weight of the current sequence's evidence in block scores.", min=0.0)
+    wmem: float = _field(0.2, "Weight of the experiential memory's evidence in block scores.", min=0.0)
+    max_tightening: int = _field(8, "Guardrail tightening steps before the policy never gates.", min=0)
+    repeats: int = _field(5, f"Timed interleaved repeats per arm (>= {MIN_REPEATS}; 0 skips timing).", min=0)
+    warmup: int = _field(1, "Untimed warm-up rounds of every arm before timing.", min=1)
+    timing_windows: int = _field(2, "Prefill windows per timed call.", min=1)
+    decode_prompt: int = _field(128, "Prompt tokens before generation (timing).", min=1)
+    decode_tokens: int = _field(32, "Greedy tokens generated per timed call.", min=1)
+    frontier: tuple[float, ...] = _field((), "Further guardrails reported from the same calibration, e.g. "
+                                         "[0.02, 0.05].", nonfinite=True)
+    progress: bool = _field(False, "Show progress bars.")
 
     def __post_init__(self):
         if not 0 < self.guardrail:
             raise ValueError(f"guardrail is a relative ΔPPL bound and must be > 0 (0.01 = +1%), got {self.guardrail}.")
         if self.repeats != 0 and self.repeats < MIN_REPEATS:
             raise ValueError(
-                f"repeats={self.repeats}: timing needs at least {MIN_REPEATS} interleaved repeats (SPEC.md), or 0 "
-                "to skip timing."
+                f"repeats={self.repeats}: timing needs at least {MIN_REPEATS} interleaved repeats (for a Student-t "
+                "95% confidence interval), or 0 to skip timing."
             )
         if any(not 0 < g for g in self.frontier):
             raise ValueError(f"frontier guardrails must be > 0 (0.02 = +2%), got {list(self.frontier)}.")
         if self.stride is None:
-            self.stride = self.window // 2
+            object.__setattr__(self, "stride", self.window // 2)  # resolved once, while the instance is built
         if self.probe_tokens + 2 > self.window:
             raise ValueError(
                 f"probe_tokens={self.probe_tokens} leaves no tokens to gate in a window of {self.window}; "
@@ -434,7 +443,7 @@ def _run(adapter: ModelAdapter, tokenizer, corpus, settings: Settings) -> dict:
     frontier = [frontier_point(settings.guardrail, steps, delta_ppl(base, gated), stats, timing)]
     for guardrail in settings.frontier:
         policy.tau, policy.Bg = calibrated
-        other = Settings(**{**asdict(settings), "guardrail": guardrail, "frontier": ()})
+        other = replace(settings, guardrail=guardrail, frontier=())
         other_steps = enforce_guardrail(policy, validation_ids, other, ratios)
         other_ppl, other_decisions = policy_ppl(policy, test_ids, settings)
         other_timing = time_arms(adapter, test_ids, settings, policies={"seqgate": policy}) if settings.repeats > 0 else None
