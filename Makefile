@@ -35,7 +35,7 @@ run: $(STAMP)
 
 # Two workers (pytest-xdist), one per core; each test file stays on one worker so its module fixtures run once.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) .pytest_cache

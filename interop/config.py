@@ -5,7 +5,8 @@ A configuration is a tree of frozen dataclasses. Each field's type annotation is
 ``tuple[X, Y]``, ``dict[str, X]`` or a nested dataclass); its ``metadata`` may add
 ``help`` (one line), ``choices`` (allowed values), ``min`` / ``max`` (inclusive bounds).
 A dataclass may validate cross-field rules in ``__post_init__`` by raising ``ValueError``; the
-message is re-raised as a :class:`ConfigError` under the dataclass's key.
+message is re-raised as a :class:`ConfigError` under the dataclass's key. A class attribute
+``__moved__ = {"old_name": "what replaced it"}`` turns a removed key into an error that says so.
 
 Loading never guesses: an unknown key, a value of the wrong type or a value out of range raises
 :class:`ConfigError` naming the dotted key, the bad value and what is allowed::
@@ -229,8 +230,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, prefix: str = "") -> T:
     if unknown:
         k = unknown[0]
         full = f"{prefix}.{k}" if prefix else str(k)
+        moved = getattr(cls, "__moved__", {})  # {old field name: what replaced it}, kept for a clear error
         close = difflib.get_close_matches(str(k), fields, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
+        if k in moved:
+            raise ConfigError(f"config key '{full}' was replaced by {moved[k]}")
         raise ConfigError(
             f"unknown config key '{full}'.{hint} Allowed keys at {where}: {', '.join(sorted(fields))}"
         )
