@@ -11,7 +11,7 @@ a conv family uses a CPU-sized `ConvSupernet` (28 x 28 MNIST, stem stride 2, cha
       statistics from ``BN_BATCHES`` training batches) followed by `evaluate_population` of
       `ConvSupernet.apply_recalibrated`; one compile for the whole population. Its first call (compile included,
       paid once per search) and its steady state (every later population of the same size) are reported;
-    - exact: `jaxnas.exact.evaluate_exact`, every candidate at its own sizes through layer programs compiled
+    - exact: `jaxnas.population.sized.evaluate_sized`, every candidate at its own sizes through layer programs compiled
       once per layer size (the CPU formulation; the search uses it in mode oneshot on CPU). Its first call
       compiles the layer programs the population needs; then a *new* population of P other architectures is
       timed once (only its unseen layer sizes compile: what a search's next generation costs), then the
@@ -24,7 +24,7 @@ a conv family uses a CPU-sized `ConvSupernet` (28 x 28 MNIST, stem stride 2, cha
       timing, its logits are checked against the JAX twin's on a few architectures.
 (b) training P candidates from the same initial weights for one epoch (same batches, Adam, same lr):
     - vmapped: `train_population` (one compile, reported separately from the steady-state epoch);
-    - exact: `jaxnas.exact_train.train_population_exact`, every candidate at its real sizes in one program per
+    - exact: `jaxnas.population.sized_train.train_population_sized`, every candidate at its real sizes in one program per
       population (its compile, paid once per population, reported as the first call);
     - PyTorch eager: the same networks trained one after another (BatchNorm with the batch's statistics, as
       `ConvSupernet.apply` trains, and as `train_population` validates: the same validation batches).
@@ -67,10 +67,10 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
-from jaxnas import exact_train
 from jaxnas.data import epoch_indices, load_dataset
-from jaxnas.exact import evaluate_exact
 from jaxnas.population import evaluate_population, evaluate_shared, init_population, tile_population, train_population
+from jaxnas.population import sized_train
+from jaxnas.population.sized import evaluate_sized
 from jaxnas.spaces import macro_space
 from jaxnas.supernet import ConvSupernet, MLPSupernet
 from jaxnas.supernet.conv import NORM_EPSILON
@@ -570,7 +570,7 @@ def bench_evaluation(
 
     def exact(population=encs):
         bn = bn_x if conv else None
-        return evaluate_exact(supernet, params, population, x, y, bn_batches=bn, batch_size=EXACT_BATCH)["accuracy"]
+        return evaluate_sized(supernet, params, population, x, y, bn_batches=bn, batch_size=EXACT_BATCH)["accuracy"]
 
     first, acc_vmapped = timed(vmapped)
     first_exact, acc_exact = timed(exact)  # compiles the layer programs this population needs
@@ -664,14 +664,14 @@ def bench_training(supernet, encs, data, repeats: int, batch_size: int, lr: floa
         return torch_train(supernet, weights, encs, tx, ty, tvx, tvy, index, lr, eval_batch, steps)
 
     def exact():
-        result = exact_train.train_population_exact(
+        result = sized_train.train_population_sized(
             supernet, params_P, encs, optimizer, x, y, vx, vy, epochs=1, batch_size=batch_size, seed=seed,
             eval_batch_size=eval_batch,
         )
         return result.history[-1]
 
     arms = {"vmapped": vmapped, "torch": sequential}
-    if exact_train.supports(supernet):
+    if sized_train.supports(supernet):
         arms = {"vmapped": vmapped, "exact": exact, "torch": sequential}
     sequential(init_weights[:1], encs[:1], steps=5)  # warm-up, one architecture
     first, accuracy = {}, {}
@@ -787,8 +787,8 @@ def print_training(p: int, r: dict) -> None:
     print(row("vmapped train_population, steady epoch", t["vmapped"]))
     if "exact" in t:
         ex_first = r["first_call"]["exact"]
-        print(f"  {'exact train_population_exact, first call (compiles)':<{LABEL}} {ex_first:>9.3f}")
-        print(row("exact train_population_exact, steady epoch", t["exact"]))
+        print(f"  {'exact train_population_sized, first call (compiles)':<{LABEL}} {ex_first:>9.3f}")
+        print(row("exact train_population_sized, steady epoch", t["exact"]))
     print(row("PyTorch eager, one after another", t["torch"]))
     print(f"  ratio vmapped (steady) vs PyTorch sequential: {t['torch']['median'] / t['vmapped']['median']:.2f}x")
     print(f"  ratio vmapped (first call) vs PyTorch sequential: {t['torch']['median'] / first:.2f}x")

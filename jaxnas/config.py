@@ -133,13 +133,8 @@ class TrainConfig:
     eta: int = _field(2, "successive_halving / hyperband: 1/eta of a rung's candidates go on to the next.", min=2)
     min_epochs: int = _field(1, "successive_halving / hyperband: epochs of the first rung.", min=1)
     warm_start: bool = _field(False, "Start candidates from the trained supernet's weights (oneshot supernet first).")
-    formulation: Literal["auto", "exact", "vmapped"] = _field(
-        "auto",
-        "How a population of candidates is trained: exact (each candidate at its own sizes, one program per "
-        "population, jaxnas.exact_train: the fast form on CPU; macro space), vmapped (one masked program for every "
-        "population: the form for GPU / TPU and sharded populations), auto (exact for the macro space on a CPU "
-        "backend on one device, else vmapped). Both train the same networks.",
-    )
+
+    __moved__ = {"formulation": "population.backend (exact -> sized, vmapped -> masked)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,13 +157,22 @@ class SupernetConfig:
     )
     augment_shift: int = _field(0, "Augmentation: random translations of up to this many pixels (0: off).", min=0, max=8)
     bn_batches: int = _field(4, "Training batches used to recalibrate each subnet's BatchNorm statistics.", min=1)
-    scoring: Literal["auto", "exact", "vmapped"] = _field(
+
+    __moved__ = {"scoring": "population.backend (exact -> sized, vmapped -> masked)"}
+
+
+@dataclasses.dataclass(frozen=True)
+class PopulationConfig:
+    """How a population of candidates is computed: trained (mode train, final retraining) and scored with
+    recalibrated BatchNorm statistics (mode oneshot with the shared weights; trained candidates; the final test)."""
+
+    backend: Literal["auto", "masked", "sized"] = _field(
         "auto",
-        "How candidates are scored with recalibrated BatchNorm statistics (mode oneshot: the shared weights; "
-        "modes train / oneshot on one device: trained candidates and the final test too): exact (each at its own "
-        "sizes through cached layer programs, jaxnas.exact: the fast form on CPU), vmapped (one masked program for "
-        "the whole population: the form for GPU / TPU and sharded populations), auto (exact for macro spaces on a "
-        "CPU backend in one process, else vmapped). Both give the same scores to float tolerance.",
+        "masked: one vmapped program for the whole population, every candidate at the supernet's largest sizes with "
+        "masks (jaxnas.population.masked: the form for GPU / TPU and sharded populations; every space); sized: each "
+        "candidate at its own sizes (jaxnas.population.sized / sized_train: the fast form on CPU; macro space); "
+        "auto: sized for the macro space on a CPU backend in one process (training: on one device), else masked. "
+        "Both compute the same networks (scores equal to float tolerance).",
     )
 
 
@@ -259,6 +263,7 @@ class RunConfig:
     search: SearchConfig = _section(SearchConfig, "The strategy and budget.")
     train: TrainConfig = _section(TrainConfig, "Candidate training.")
     supernet: SupernetConfig = _section(SupernetConfig, "Supernet (weight-sharing) training.")
+    population: PopulationConfig = _section(PopulationConfig, "How populations are trained and scored (backend).")
     table: TableConfig = _section(TableConfig, "Tabular benchmark (mode table).")
     objectives: ObjectivesConfig = _section(ObjectivesConfig, "Objectives and constraints.")
     final: FinalConfig = _section(FinalConfig, "Final retraining and test evaluation.")
@@ -282,13 +287,8 @@ class RunConfig:
                 "search.prefilter=naswot needs binary activation codes, which the transformer supernet does not "
                 "record; use search.prefilter=grad_norm, snip or synflow"
             )
-        if self.train.formulation == "exact" and self.space.name != "macro":
+        if self.population.backend == "sized" and self.space.name != "macro":
             raise ValueError(
-                f"train.formulation=exact trains macro-space candidates, got space.name={self.space.name!r}; "
-                "use train.formulation=auto or vmapped"
-            )
-        if self.supernet.scoring == "exact" and self.space.name != "macro":
-            raise ValueError(
-                f"supernet.scoring=exact covers the macro space only, got space.name={self.space.name!r}; "
-                "use supernet.scoring=auto or vmapped"
+                f"population.backend=sized computes macro-space candidates at their own sizes, got space.name="
+                f"{self.space.name!r}; use population.backend=auto or masked"
             )

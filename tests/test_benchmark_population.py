@@ -58,8 +58,8 @@ def test_population_benchmark_quick_prints_every_arm_ratio_and_equal_accuracies(
         # BatchNorm statistics, each arm recalibrating its own): equal accuracies.
         assert re.search(r"accuracy mean: vmapped (\S+), exact \1, twin \1, torch \1 \(max \|diff\| 0\.0000", section)
     for section in (mlp, cnn):  # every family has the exact training arm
-        for label in ("exact train_population_exact, first call (compiles)",
-                      "exact train_population_exact, steady epoch"):
+        for label in ("exact train_population_sized, first call (compiles)",
+                      "exact train_population_sized, steady epoch"):
             assert re.search(rf"^  {re.escape(label)} +{NUMBER}", section, flags=re.M), label
         for ratio in ("exact (steady) vs PyTorch sequential", "exact (first call) vs PyTorch sequential",
                       "exact (steady) vs vmapped (steady)"):

@@ -20,8 +20,8 @@ TINY = [
     "search.population=4", "search.budget=12", "train.epochs=1", "train.batch_size=64", "train.learning_rate=0.01",
     "final.top_k=1", "final.epochs=1", "final.seeds=1", "final.control=0", "final.baselines=[]", "progress=false",
     # Several processes train and score through the masked programs only; the one-process reference must too
-    # (auto would take the exact forms for its one-candidate final retraining, equal only to float tolerance).
-    "train.formulation=vmapped", "supernet.scoring=vmapped",
+    # (auto would take the sized backend for its one-candidate final retraining, equal only to float tolerance).
+    "population.backend=masked",
 ]
 
 

@@ -164,34 +164,34 @@ def test_latency_objective_is_measured_on_the_twin_and_its_constraint_filters_be
     assert rows and all(r["status"] == "infeasible" and r["val_accuracy"] == "" for r in rows)
 
 
-def test_oneshot_scores_exact_and_vmapped_alike(tmp_path):
-    """supernet.scoring=exact (each candidate at its own sizes) and vmapped (one masked program) give one search."""
+def test_oneshot_scores_sized_and_masked_alike(tmp_path):
+    """population.backend=sized (each candidate at its own sizes) and masked (one masked program) give one search."""
     overrides = [o for o in TINY if not o.startswith(("final.", "search.budget", "supernet.epochs"))]
     overrides += ["final.top_k=0", "search.budget=4", "supernet.epochs=1"]
     histories = {}
-    for scoring in ("exact", "vmapped"):
-        out = tmp_path / scoring
-        assert main([f"output={out}", "mode=oneshot", f"supernet.scoring={scoring}", *overrides]) == 0
-        histories[scoring] = _rows(out / "history.csv")
-    exact, vmapped = histories["exact"], histories["vmapped"]
+    for backend in ("sized", "masked"):
+        out = tmp_path / backend
+        assert main([f"output={out}", "mode=oneshot", f"population.backend={backend}", *overrides]) == 0
+        histories[backend] = _rows(out / "history.csv")
+    exact, vmapped = histories["sized"], histories["masked"]
     assert [r["arch"] for r in exact] == [r["arch"] for r in vmapped] and len(exact) == 4
     for a, b in zip(exact, vmapped):
         assert float(a["val_accuracy"]) == pytest.approx(float(b["val_accuracy"]), abs=1e-6)
         assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), rel=1e-4)
 
 
-def test_search_trains_exact_and_vmapped_alike(tmp_path):
-    """train.formulation=exact (each candidate at its own sizes) and vmapped (one masked program) train the same
+def test_search_trains_sized_and_masked_alike(tmp_path):
+    """population.backend=sized (each candidate at its own sizes) and masked (one masked program) train the same
     networks, MLPs and CNNs alike."""
     overrides = [o for o in TINY if not o.startswith(("search.budget", "final."))]
     overrides += ["search.strategy=random", "search.budget=4", "final.top_k=1", "final.epochs=2", "final.seeds=1",
                   "final.control=0", "final.baselines=[]"]
     runs = {}
-    for formulation in ("exact", "vmapped"):
-        out = tmp_path / formulation
-        assert main([f"output={out}", "mode=train", f"train.formulation={formulation}", *overrides]) == 0
-        runs[formulation] = (_rows(out / "history.csv"), json.loads((out / "best.json").read_text()))
-    (exact, best_exact), (vmapped, best_vmapped) = runs["exact"], runs["vmapped"]
+    for backend in ("sized", "masked"):
+        out = tmp_path / backend
+        assert main([f"output={out}", "mode=train", f"population.backend={backend}", *overrides]) == 0
+        runs[backend] = (_rows(out / "history.csv"), json.loads((out / "best.json").read_text()))
+    (exact, best_exact), (vmapped, best_vmapped) = runs["sized"], runs["masked"]
     assert [r["arch"] for r in exact] == [r["arch"] for r in vmapped] and len(exact) == 4
     assert {r["arch"].split("|")[0] for r in exact} == {"mlp", "cnn"}  # both kinds of family were trained
     # Adam turns float-rounding differences of near-zero gradients into different first steps: close, not equal.
@@ -201,14 +201,14 @@ def test_search_trains_exact_and_vmapped_alike(tmp_path):
     assert abs(best_exact["fitness"] - best_vmapped["fitness"]) <= 0.05
 
 
-def test_exact_training_outside_the_macro_space_is_refused(tmp_path, capsys):
-    assert main([f"output={tmp_path / 'r'}", "mode=train", "train.formulation=exact", "space.name=nb201",
+def test_the_sized_backend_outside_the_macro_space_is_refused(tmp_path, capsys):
+    assert main([f"output={tmp_path / 'r'}", "mode=train", "population.backend=sized", "space.name=nb201",
                  *TINY[:1]]) == 2
-    assert "train.formulation=exact trains macro-space candidates" in capsys.readouterr().err
+    assert "population.backend=sized computes macro-space candidates" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
-def test_exact_training_trains_only_the_real_candidates_of_a_short_generation(monkeypatch):
+def test_sized_training_trains_only_the_real_candidates_of_a_short_generation(monkeypatch):
     """A generation with fewer new candidates than search.population: the masked program pads it (one compiled
     program for every generation); exact training, which compiles per population anyway, trains only the real
     ones, with the same results for them (each candidate's keys do not depend on the population size)."""
@@ -217,7 +217,7 @@ def test_exact_training_trains_only_the_real_candidates_of_a_short_generation(mo
     from jaxnas.search import evaluate
     from jaxnas.search.models import build_space, model_for
 
-    cfg = load_config(RunConfig, None, [*TINY, "mode=train", "train.formulation=exact", "train.epochs=1"])
+    cfg = load_config(RunConfig, None, [*TINY, "mode=train", "population.backend=sized", "train.epochs=1"])
     dataset = load_dataset(cfg.data)
     space = build_space(cfg.space)
     model = model_for(space, cfg.space, dataset.info.image_shape, dataset.info.num_classes)

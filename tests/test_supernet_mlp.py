@@ -340,7 +340,7 @@ def test_supernet_training_improves_both_ends_of_the_sandwich(train_setup, digit
 
 def test_shift_augmentation_translates_each_image_by_at_most_shift_pixels():
     images = jax.random.uniform(jax.random.key(0), (16, 8, 8, 1))
-    shifted = np.asarray(pop._shifted(jax.random.key(1), images, 2))
+    shifted = np.asarray(pop.shifted(jax.random.key(1), images, 2))
     padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)))
     offsets = set()
     for i in range(16):

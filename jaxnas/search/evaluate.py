@@ -8,8 +8,8 @@
 
 ``evaluate(encs [m, n_choices] int32, generation) -> list of metric dicts`` (each with a ``status``). A batch
 is padded to the strategy's population size P with copies of its first row, so one compiled program serves
-every generation; the copies' results are dropped. (Exact forms need no padding: `jaxnas.exact` compiles per
-layer size, `jaxnas.exact_train` per population.)
+every generation; the copies' results are dropped. (The sized backend needs no padding: `jaxnas.population.sized`
+compiles per layer size, `jaxnas.population.sized_train` per population.)
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnas import exact, exact_train
 from jaxnas import population as pop
+from jaxnas.population import sized, sized_train
 from jaxnas.config import RunConfig
 from jaxnas.data.core import Dataset
 from jaxnas.distributed import to_host, tree_to_host
@@ -114,7 +114,7 @@ class _Trained:
         self.population = cfg.search.population
         self.data = _device_data(dataset, cfg.supernet.bn_batches, cfg.supernet.batch_size, cfg.seed)
         self.optimizer = optax.adam(cfg.train.learning_rate)
-        self.exact = _use_exact(cfg.supernet.scoring, model)  # score through jaxnas.exact where it applies
+        self.sized = _sized_scoring(cfg.population.backend, model)  # each candidate at its own sizes where it applies
 
     def score(self, params, encs, x, y, *, shared: bool) -> dict[str, np.ndarray]:
         """{"accuracy", "loss"} [P] of candidates with their own recalibrated BatchNorm statistics.
@@ -123,8 +123,8 @@ class _Trained:
         """
         population = len(encs)
         mesh = _mesh_for(population)
-        if self.exact and mesh is None:  # on one CPU device: each candidate at its own sizes
-            return self._score_exact(params, encs, x, y, shared=shared)
+        if self.sized and mesh is None:  # on one CPU device: each candidate at its own sizes
+            return self._score_sized(params, encs, x, y, shared=shared)
         encs = jnp.asarray(encs, jnp.int32)
         if mesh is not None:
             if shared:
@@ -134,10 +134,11 @@ class _Trained:
         out = self._score(params, encs, x, y, shared=shared)
         return {k: v[:population] for k, v in out.items()}
 
-    def _score_exact(self, params, encs, x, y, *, shared: bool) -> dict[str, np.ndarray]:
-        """`_score` through `jaxnas.exact` (the same scores to float tolerance; no masks, no padded FLOPs)."""
-        return exact.evaluate_exact(
-            self.model, params, np.asarray(encs), x, y, bn_batches=self.data.bn_batches, batch_size=EXACT_BATCH,
+    def _score_sized(self, params, encs, x, y, *, shared: bool) -> dict[str, np.ndarray]:
+        """`_score` through `jaxnas.population.sized` (the same scores to float tolerance; no masks, no padded
+        FLOPs)."""
+        return sized.evaluate_sized(
+            self.model, params, np.asarray(encs), x, y, bn_batches=self.data.bn_batches, batch_size=SIZED_BATCH,
             shared=shared,
         )
 
@@ -164,9 +165,9 @@ class _Trained:
         if mesh is not None:
             (encs_j, params_P, keys), _ = pop.shard_population((encs_j, params_P, keys), mesh)
         d = self.data
-        trained_exact = _train_exact(self.cfg.train.formulation, self.model, mesh)
-        if trained_exact:
-            result = exact_train.train_population_exact(
+        trained_sized = _sized_training(self.cfg.population.backend, self.model, mesh)
+        if trained_sized:
+            result = sized_train.train_population_sized(
                 self.model, params_P, encs_j, self.optimizer, d.train_x, d.train_y, d.val_x, d.val_y,
                 epochs=epochs, batch_size=self.cfg.train.batch_size, seed=seed, patience=patience, keys=keys,
                 shift=self.cfg.train.augment_shift,
@@ -177,7 +178,7 @@ class _Trained:
                 epochs=epochs, batch_size=self.cfg.train.batch_size, seed=seed, patience=patience, keys=keys,
                 shift=self.cfg.train.augment_shift,
             )
-        score = self._score_exact if trained_exact and self.exact else self._score
+        score = self._score_sized if trained_sized and self.sized else self._score
         scores = {k: v[:P] for k, v in score(result.params, encs_j, d.val_x, d.val_y, shared=False).items()}
         if len(encs_j) != P:
             result = dataclasses.replace(
@@ -245,7 +246,7 @@ class TrainEvaluator(_Trained):
     def evaluate(self, encs: np.ndarray, generation: int) -> list[dict]:
         t = self.cfg.train
         epochs = t.fast_epochs if generation < t.fast_generations else t.epochs
-        # Padding keeps one masked program for every generation; exact training compiles per population anyway,
+        # Padding keeps one masked program for every generation; sized training compiles per population anyway,
         # so it trains only the real candidates (each one's keys and results are the same either way).
         seed = self.cfg.seed * 100_003 + generation
         if t.fidelity != "full" and generation >= t.fast_generations:
@@ -259,8 +260,8 @@ class TrainEvaluator(_Trained):
         return [{**r, "epochs": epochs} for r in self._train_rows(encs, epochs, seed)]
 
     def _train_rows(self, encs: np.ndarray, epochs: int, seed: int) -> list[dict]:
-        exact = _train_exact(self.cfg.train.formulation, self.model, _mesh_for(len(encs)))
-        batch = np.asarray(encs, np.int32) if exact else _padded(encs, self.population)
+        per_size = _sized_training(self.cfg.population.backend, self.model, _mesh_for(len(encs)))
+        batch = np.asarray(encs, np.int32) if per_size else _padded(encs, self.population)
         result, scores = self.train_candidates(batch, epochs, self.cfg.train.patience, seed, self.start)
         return self._rows(result.status, scores, len(encs))
 
@@ -273,30 +274,30 @@ class OneShotEvaluator(_Trained):
         self.params = supernet_params
 
     def evaluate(self, encs: np.ndarray, generation: int) -> list[dict]:
-        if self.exact:  # every candidate at its own sizes; no padding to P needed (nothing is recompiled)
-            scores = self._score_exact(self.params, encs, self.data.val_x, self.data.val_y, shared=True)
+        if self.sized:  # every candidate at its own sizes; no padding to P needed (nothing is recompiled)
+            scores = self._score_sized(self.params, encs, self.data.val_x, self.data.val_y, shared=True)
             return self._rows(None, scores, len(encs))
         padded = _padded(encs, self.population)
         scores = self.score(self.params, padded, self.data.val_x, self.data.val_y, shared=True)
         return self._rows(None, scores, len(encs))
 
 
-EXACT_BATCH = 500  # validation examples per batch of exact scoring (activations of one tree path stay small)
+SIZED_BATCH = 500  # validation examples per batch of sized scoring (activations of one tree path stay small)
 
 
-def _train_exact(formulation: str, model, mesh) -> bool:
-    """Whether candidates train through `jaxnas.exact_train` (see ``train.formulation``)."""
-    if formulation == "auto":
-        macro = isinstance(model, SearchModel) and exact_train.supports(model)
+def _sized_training(backend: str, model, mesh) -> bool:
+    """Whether candidates train through `jaxnas.population.sized_train` (see ``population.backend``)."""
+    if backend == "auto":
+        macro = isinstance(model, SearchModel) and sized_train.supports(model)
         return macro and jax.default_backend() == "cpu" and jax.process_count() == 1 and mesh is None
-    return formulation == "exact"
+    return backend == "sized"
 
 
-def _use_exact(scoring: str, model) -> bool:
-    """Whether mode oneshot scores through `jaxnas.exact` (see ``supernet.scoring``)."""
-    if scoring == "auto":
-        return exact.supports(model) and jax.default_backend() == "cpu" and jax.process_count() == 1
-    return scoring == "exact"
+def _sized_scoring(backend: str, model) -> bool:
+    """Whether candidates are scored through `jaxnas.population.sized` (see ``population.backend``)."""
+    if backend == "auto":
+        return sized.supports(model) and jax.default_backend() == "cpu" and jax.process_count() == 1
+    return backend == "sized"
 
 
 def train_supernet(cfg: RunConfig, model: SearchModel, dataset: Dataset):

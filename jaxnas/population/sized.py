@@ -1,9 +1,9 @@
 """Shared-weight evaluation of a population at every candidate's exact sizes: no masks, no padded FLOPs.
 
-`jaxnas.population.evaluate_shared` runs a whole population as one vmapped program over masks: on GPU / TPU
+`jaxnas.population.masked.evaluate_shared` runs a whole population as one vmapped program over masks: on GPU / TPU
 that is the fastest form, but on CPU the masked program computes every block at the largest width, depth and
 kernel (only ~18-24% of its FLOPs are the candidates' own in the macro space, benchmarks/population.py) and
-every activation of a `lax.switch`. `evaluate_exact` is the CPU formulation of the same function:
+every activation of a `lax.switch`. `evaluate_sized` is the CPU formulation of the same function:
 
 - each candidate is a chain of **layer programs** (`Op`: one block at its real input / output widths, kernel,
   activation, norm and skip, weights sliced from the supernet inside the program). A layer program is compiled
@@ -22,7 +22,7 @@ every activation of a `lax.switch`. `evaluate_exact` is the CPU formulation of t
 The results equal `evaluate_shared` (MLP) / recalibrated `evaluate_population` (conv) to float tolerance;
 tests/test_exact.py checks both, and benchmarks/population.py times the formulations side by side.
 
-    out = evaluate_exact(supernet, params, encs, x, y, bn_batches=x_batches)   # {"loss", "accuracy"}: [P]
+    out = evaluate_sized(supernet, params, encs, x, y, bn_batches=x_batches)   # {"loss", "accuracy"}: [P]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 import optax
 
 from jaxnas.supernet.conv import NORM_EPSILON as BN_EPSILON
-from jaxnas.supernet.conv import STEM_KERNEL, ConvSupernet
+from jaxnas.supernet.conv import ConvSupernet
 from jaxnas.supernet.mlp import ACTIVATION_FNS, NORM_EPSILON, MLPSupernet
 from jaxnas.supernet.ops import conv2d, depthwise_conv2d
 
@@ -49,7 +49,7 @@ DEPTHWISE_FORMULATION = {"lax": "slices", "slices": "slices"}
 
 
 # An op's runtime arguments (activation index, norm, skip) are either traced (one compiled layer program serves
-# every choice: evaluation) or concrete numpy values (plain ops, decided while tracing: `jaxnas.exact_train`).
+# every choice: evaluation) or concrete numpy values (plain ops, decided while tracing: `jaxnas.population.sized_train`).
 def _static(flag) -> bool:
     return isinstance(flag, bool | int | np.bool_ | np.integer)
 
@@ -68,7 +68,7 @@ def _if(flag, yes, no, *operands):
     return jax.lax.cond(flag, yes, no, *operands)
 
 
-def _crop(full: tuple[int, ...], own: tuple[int, ...]) -> tuple[slice, ...]:
+def crop(full: tuple[int, ...], own: tuple[int, ...]) -> tuple[slice, ...]:
     """The slices of a supernet leaf of shape ``full`` holding an op's own ``own``-shaped weights: leading slices,
     and for a conv kernel [K, K, Ci, Co] the centred k x k taps (Once-for-All's elastic kernel)."""
     own = tuple(f if o is None else o for f, o in zip(full, own, strict=True))  # None: the whole axis
@@ -76,7 +76,7 @@ def _crop(full: tuple[int, ...], own: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(a, a + o) for a, o in zip(starts, own, strict=True))
 
 
-def _at(tree, path: Path):
+def at(tree, path: Path):
     for key in path:
         tree = tree[key]
     return tree
@@ -377,7 +377,7 @@ def ops_for(model, enc, formulation: str = "lax") -> tuple[Op, ...]:
 
 
 def supports(model) -> bool:
-    """Whether `evaluate_exact` handles ``model`` (MLP / conv supernets of the macro space, or a model of them)."""
+    """Whether `evaluate_sized` handles ``model`` (MLP / conv supernets of the macro space, or a model of them)."""
     if isinstance(model, MLPSupernet | ConvSupernet):
         return True
     return hasattr(model, "mlp") and hasattr(model, "conv") and (model.mlp is not None or model.conv is not None)
@@ -445,12 +445,12 @@ def _children_outputs(node: _Node, params, h, run):
     for ops in groups.values():
         if len(ops) > 1:
             widest = max(ops, key=lambda o: o.linear_width)
-            z = _linear(widest.program, _at(params, widest.path), h)
+            z = _linear(widest.program, at(params, widest.path), h)
             for op in ops:
                 shared[op] = z if op.linear_width == widest.linear_width else z[..., : op.linear_width]
     for op, child in node.children.items():
         if op in shared:
-            yield op, child, _run_on(op.program, _at(params, op.path), h, child.stats, op.arguments, shared[op])
+            yield op, child, _run_on(op.program, at(params, op.path), h, child.stats, op.arguments, shared[op])
         else:
             yield op, child, run(op, child, h)
 
@@ -460,7 +460,7 @@ def _recalibrate_tree(node: _Node, params, hs) -> None:
     for op, child in node.children.items():
         if not child.children:  # a head: nothing after it needs statistics
             continue
-        out, child.stats = _recalibrate(op.program, _at(params, op.path), hs, op.arguments)
+        out, child.stats = _recalibrate(op.program, at(params, op.path), hs, op.arguments)
         _recalibrate_tree(child, params, out)
 
 
@@ -470,7 +470,7 @@ def _needs_stats(node: _Node) -> bool:
 
 def _evaluate_tree(node: _Node, params, h, y, weight, totals) -> None:
     def run(op, child, h):
-        return _run(op.program, _at(params, op.path), h, child.stats, op.arguments)
+        return _run(op.program, at(params, op.path), h, child.stats, op.arguments)
 
     for _, child, out in _children_outputs(node, params, h, run):
         if child.leaves:
@@ -481,7 +481,7 @@ def _evaluate_tree(node: _Node, params, h, y, weight, totals) -> None:
             _evaluate_tree(child, params, out, y, weight, totals)
 
 
-def evaluate_exact(
+def evaluate_sized(
     model,
     params,
     encs,
@@ -522,7 +522,7 @@ def evaluate_exact(
                 f"sizes {sorted(sizes, key=str)}; pass shared=True for one supernet's weights"
             )
         scores = [
-            evaluate_exact(
+            evaluate_sized(
                 model, jax.tree.map(lambda a, c=c: a[c], params), encs[c : c + 1], x, y, bn_batches=bn_batches,
                 batch_size=batch_size, formulation=formulation,
             )
@@ -533,7 +533,7 @@ def evaluate_exact(
     if _needs_stats(root):
         if bn_batches is None:
             raise ValueError(
-                "candidates use BatchNorm, so evaluate_exact needs training batches for their statistics: pass "
+                "candidates use BatchNorm, so evaluate_sized needs training batches for their statistics: pass "
                 "bn_batches=[n, B, H, W, C] (the same batches recalibrate_bn takes)"
             )
         _recalibrate_tree(root, params, jnp.asarray(bn_batches))

@@ -1,4 +1,4 @@
-"""jaxnas.exact: shared-weight evaluation at every candidate's exact sizes equals the masked vmapped programs.
+"""jaxnas.population.sized: shared-weight evaluation at every candidate's own sizes equals the masked vmapped programs.
 
 Tiny spaces on the 8x8 digits; supernet weights are perturbed so BatchNorm / LayerNorm scales and biases are
 not 1 / 0 (a slicing error would then change the numbers).
@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxnas import exact
 from jaxnas import population as pop
 from jaxnas.data import load_dataset
+from jaxnas.population import sized
 from jaxnas.search.models import SearchModel
 from jaxnas.spaces import macro_space
 from jaxnas.supernet import ConvSupernet, MLPSupernet
@@ -72,7 +72,7 @@ def test_mlp_population_equals_the_masked_vmapped_evaluation():
     pair[:, space.index("stage2.depth")] = space["stage2.depth"].options.index(1)
     pair[:, space.index("stage2.activation")] = [0, 1]
     encs = np.concatenate([encs, np.asarray(space.canonicalize(jnp.asarray(pair))), encs[:1]])
-    root = exact._tree([exact.ops_for(supernet, e) for e in encs])
+    root = sized._tree([sized.ops_for(supernet, e) for e in encs])
     assert len({op.n_out for op in root.children}) > 1
 
     def branches(node):
@@ -80,7 +80,7 @@ def test_mlp_population_equals_the_masked_vmapped_evaluation():
 
     assert branches(root)
     x, y, _ = _data()
-    got = exact.evaluate_exact(supernet, params, encs, x, y, batch_size=64)  # 150 = 2 full batches + a padded one
+    got = sized.evaluate_sized(supernet, params, encs, x, y, batch_size=64)  # 150 = 2 full batches + a padded one
     _assert_equal_scores(got, _masked_scores(supernet, params, encs, x, y, None))
     assert got["loss"][-1] == got["loss"][0]
 
@@ -95,11 +95,11 @@ def test_conv_population_with_recalibrated_batchnorm_equals_the_masked_program(f
     params = _perturbed(supernet.init(jax.random.key(0)), jax.random.key(1))
     encs = _distinct(space, 3, 8)
     # The first blocks after the shared stem include siblings that share one first convolution at the widest.
-    (stem,) = exact._tree([exact.ops_for(supernet, e) for e in encs]).children.values()
+    (stem,) = sized._tree([sized.ops_for(supernet, e) for e in encs]).children.values()
     keys = [op.linear_key for op in stem.children]
     assert len(set(keys)) < len(keys)
     x, y, bn = _data()
-    got = exact.evaluate_exact(supernet, params, encs, x, y, bn_batches=bn, batch_size=75)
+    got = sized.evaluate_sized(supernet, params, encs, x, y, bn_batches=bn, batch_size=75)
     _assert_equal_scores(got, _masked_scores(supernet, params, encs, x, y, bn))
 
 
@@ -113,9 +113,9 @@ def test_a_mixed_search_model_population_equals_its_masked_scores():
     encs = _distinct(space, 4, 10)
     families = {model.family(e) for e in encs}
     assert families == {"mlp", "cnn"}, families
-    assert exact.supports(model)
+    assert sized.supports(model)
     x, y, bn = _data()
-    got = exact.evaluate_exact(model, params, encs, x, y, bn_batches=bn)
+    got = sized.evaluate_sized(model, params, encs, x, y, bn_batches=bn)
     _assert_equal_scores(got, _masked_scores(model, params, encs, x, y, bn))
 
 
@@ -132,15 +132,15 @@ def test_candidates_own_weights_are_scored_as_the_masked_program_scores_them():
     params_P = jax.vmap(_perturbed)(pop.init_population(model.init, jax.random.key(0), len(encs)),
                                     jax.random.split(jax.random.key(1), len(encs)))
     x, y, bn = _data()
-    got = exact.evaluate_exact(model, params_P, encs, x, y, bn_batches=bn, shared=False)
+    got = sized.evaluate_sized(model, params_P, encs, x, y, bn_batches=bn, shared=False)
     stats = model.statistics(params_P, jnp.asarray(encs), bn, shared=False)
     want = pop.evaluate_population(model.apply_eval, {"params": params_P, "bn_stats": stats}, jnp.asarray(encs), x, y)
     _assert_equal_scores(got, want)
     # Each candidate's own weights: its score alone, with shared weights, is the same.
-    alone = exact.evaluate_exact(model, jax.tree.map(lambda a: a[2], params_P), encs[2:3], x, y, bn_batches=bn)
+    alone = sized.evaluate_sized(model, jax.tree.map(lambda a: a[2], params_P), encs[2:3], x, y, bn_batches=bn)
     assert alone["loss"][0] == got["loss"][2]
     with pytest.raises(ValueError, match=r"leaves \[P = 5"):
-        exact.evaluate_exact(model, params_P, encs[:5], x, y, bn_batches=bn, shared=False)
+        sized.evaluate_sized(model, params_P, encs[:5], x, y, bn_batches=bn, shared=False)
 
 
 def test_new_architectures_of_seen_layer_configurations_compile_nothing():
@@ -159,10 +159,10 @@ def test_new_architectures_of_seen_layer_configurations_compile_nothing():
     later = np.asarray(space.canonicalize(jnp.asarray(later)))
     assert not {space.to_string(e) for e in later} & {space.to_string(e) for e in first}
     x, y, _ = _data()
-    exact.evaluate_exact(supernet, params, first, x, y)
-    sizes = exact._run._cache_size(), exact._run_on._cache_size(), exact._linear._cache_size()
-    exact.evaluate_exact(supernet, params, later, x, y)
-    assert (exact._run._cache_size(), exact._run_on._cache_size(), exact._linear._cache_size()) == sizes
+    sized.evaluate_sized(supernet, params, first, x, y)
+    sizes = sized._run._cache_size(), sized._run_on._cache_size(), sized._linear._cache_size()
+    sized.evaluate_sized(supernet, params, later, x, y)
+    assert (sized._run._cache_size(), sized._run_on._cache_size(), sized._linear._cache_size()) == sizes
 
 
 def test_bad_inputs_are_refused_with_the_fix():
@@ -172,16 +172,25 @@ def test_bad_inputs_are_refused_with_the_fix():
     encs = _distinct(space, 0, 2)
     x, y, _ = _data()
     with pytest.raises(ValueError, match="bn_batches="):
-        exact.evaluate_exact(supernet, params, encs, x, y)
+        sized.evaluate_sized(supernet, params, encs, x, y)
     with pytest.raises(ValueError, match=r"\[P, n_choices\]"):
-        exact.evaluate_exact(supernet, params, encs[0], x, y)
+        sized.evaluate_sized(supernet, params, encs[0], x, y)
     with pytest.raises(ValueError, match="must match"):
-        exact.evaluate_exact(supernet, params, encs, x, y[:3])
+        sized.evaluate_sized(supernet, params, encs, x, y[:3])
 
 
-def test_exact_scoring_of_a_space_it_does_not_cover_is_refused_by_the_config():
+def test_the_sized_backend_for_a_space_it_does_not_cover_is_refused_by_the_config():
     from interop.config import ConfigError, load_config
     from jaxnas.config import RunConfig
 
-    with pytest.raises(ConfigError, match="macro space only"):
-        load_config(RunConfig, None, ["space.name=nb201", "supernet.scoring=exact"])
+    with pytest.raises(ConfigError, match="macro-space candidates"):
+        load_config(RunConfig, None, ["space.name=nb201", "population.backend=sized"])
+
+
+@pytest.mark.parametrize("old", ["train.formulation=exact", "supernet.scoring=vmapped"])
+def test_the_replaced_backend_keys_say_what_replaced_them(old):
+    from interop.config import ConfigError, load_config
+    from jaxnas.config import RunConfig
+
+    with pytest.raises(ConfigError, match=r"was replaced by population.backend \(exact -> sized, vmapped -> masked\)"):
+        load_config(RunConfig, None, [old])

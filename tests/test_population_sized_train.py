@@ -1,4 +1,4 @@
-"""jaxnas.exact_train: MLP population training at exact sizes equals the masked vmapped `train_population`.
+"""jaxnas.population.sized_train: MLP population training at own sizes equals the masked vmapped `train_population`.
 
 With SGD the two agree to float tolerance (weights, histories, losses). Tiny space on the 8x8 digits; the
 population covers depth-1 and depth-2 stages, norm, skip, two activations and dropout.
@@ -11,9 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxnas import exact_train
 from jaxnas import population as pop
 from jaxnas.data import load_dataset
+from jaxnas.population import sized_train
 from jaxnas.spaces import macro_space, nb201_space
 from jaxnas.supernet import ConvSupernet, MLPSupernet
 from jaxnas.supernet.nb201 import NB201Supernet
@@ -48,7 +48,7 @@ def _both(setup, *, params=None, epochs=2, patience=None, val=None, optimizer=OP
     params = params0 if params is None else params
     kw = dict(epochs=epochs, batch_size=64, seed=5, patience=patience, eval_batch_size=40, shift=shift)
     masked = pop.train_population(supernet.apply, params, encs, optimizer, tx, ty, vx, vy, **kw)
-    exact = exact_train.train_population_exact(supernet, params, encs, optimizer, tx, ty, vx, vy, **kw)
+    exact = sized_train.train_population_sized(supernet, params, encs, optimizer, tx, ty, vx, vy, **kw)
     return masked, exact
 
 
@@ -71,10 +71,10 @@ def test_exact_training_equals_masked_population_training(trained):
 def test_plans_on_one_device_or_spread_over_devices_give_the_same_result(setup, trained):
     supernet, encs, params, (tx, ty, vx, vy) = setup
     assert jax.local_device_count() == 4  # conftest's host devices: the default spreads plans over them
-    assert [p.members for p in exact_train.plans_for(supernet, encs, devices=4)] == [(0, 1), (2, 3), (4,)]
-    assert [p.members for p in exact_train.plans_for(supernet, encs)] == [tuple(range(P))]
+    assert [p.members for p in sized_train.plans_for(supernet, encs, devices=4)] == [(0, 1), (2, 3), (4,)]
+    assert [p.members for p in sized_train.plans_for(supernet, encs)] == [tuple(range(P))]
     _, spread = trained
-    one = exact_train.train_population_exact(
+    one = sized_train.train_population_sized(
         supernet, params, encs, OPTIMIZER, tx, ty, vx, vy, epochs=2, batch_size=64, seed=5, eval_batch_size=40,
         devices=jax.devices()[:1],
     )
@@ -121,19 +121,19 @@ def test_bad_inputs_are_refused_with_the_fix(setup):
     supernet, encs, params, (tx, ty, vx, vy) = setup
     args = (supernet, params, encs, OPTIMIZER, tx, ty, vx, vy)
     with pytest.raises(ValueError, match="cannot take opt_state"):
-        exact_train.train_population_exact(*args, epochs=1, batch_size=64, opt_state=jax.vmap(OPTIMIZER.init)(params))
+        sized_train.train_population_sized(*args, epochs=1, batch_size=64, opt_state=jax.vmap(OPTIMIZER.init)(params))
     with pytest.raises(ValueError, match="devices must name at least one device"):
-        exact_train.train_population_exact(*args, epochs=1, batch_size=64, devices=[])
+        sized_train.train_population_sized(*args, epochs=1, batch_size=64, devices=[])
     with pytest.raises(ValueError, match="shift must be >= 0 pixels"):
-        exact_train.train_population_exact(*args, epochs=1, batch_size=64, shift=-1)
+        sized_train.train_population_sized(*args, epochs=1, batch_size=64, shift=-1)
     with pytest.raises(ValueError, match="population axis P = 3"):
-        exact_train.train_population_exact(supernet, params, encs[:3], OPTIMIZER, tx, ty, vx, vy, epochs=1, batch_size=64)
+        sized_train.train_population_sized(supernet, params, encs[:3], OPTIMIZER, tx, ty, vx, vy, epochs=1, batch_size=64)
     cell = NB201Supernet(nb201_space(), (8, 8, 1), CLASSES, channels=4, cells=1)
     with pytest.raises(TypeError, match="macro-space supernets"):
-        exact_train.train_population_exact(cell, params, encs, OPTIMIZER, tx, ty, vx, vy, epochs=1, batch_size=64)
+        sized_train.train_population_sized(cell, params, encs, OPTIMIZER, tx, ty, vx, vy, epochs=1, batch_size=64)
     conv = ConvSupernet(macro_space(families=("cnn",), max_stages=1, max_depth=1, channels=(4,)), (8, 8, 1), CLASSES)
-    assert exact_train.supports(supernet) and exact_train.supports(supernet.apply) and exact_train.supports(conv)
-    assert not exact_train.supports(cell)
+    assert sized_train.supports(supernet) and sized_train.supports(supernet.apply) and sized_train.supports(conv)
+    assert not sized_train.supports(cell)
 
 
 # ---------------------------------------------------------------------------------------------- conv families
@@ -169,7 +169,7 @@ def test_conv_exact_training_equals_masked_population_training(conv_setup):
     # XLA optimisation both epochs agree to 2e-6): it is held to that looser bound, every other candidate to 2e-5.
     kw = dict(epochs=2, batch_size=32, seed=3, eval_batch_size=40)
     masked = pop.train_population(supernet.apply, params, encs, OPTIMIZER, tx, ty, vx, vy, **kw)
-    exact = exact_train.train_population_exact(supernet, params, encs, OPTIMIZER, tx, ty, vx, vy, **kw)
+    exact = sized_train.train_population_sized(supernet, params, encs, OPTIMIZER, tx, ty, vx, vy, **kw)
     assert list(exact.status) == ["ok"] * CONV_P
     # BatchNorm of the batch's statistics (training, and validation without stored statistics), centre-cropped
     # kernels, 1x1 kernels of a 3x3 supernet, projection shortcuts, depthwise layers: the same networks.
@@ -197,6 +197,6 @@ def test_search_model_with_mlp_and_conv_families_trains_exactly(conv_setup):
     params = pop.init_population(model.init, jax.random.key(2), len(encs))
     kw = dict(epochs=1, batch_size=32, seed=4, eval_batch_size=64)
     masked = pop.train_population(model.apply, params, encs, OPTIMIZER, tx, ty, vx, vy, **kw)
-    exact = exact_train.train_population_exact(model, params, encs, OPTIMIZER, tx, ty, vx, vy, **kw)
+    exact = sized_train.train_population_sized(model, params, encs, OPTIMIZER, tx, ty, vx, vy, **kw)
     chex.assert_trees_all_close(exact.params, masked.params, atol=5e-5, rtol=5e-5)
     np.testing.assert_allclose(exact.history, masked.history, atol=1e-6)

@@ -1,13 +1,13 @@
 """Population training at every candidate's exact sizes: one program, no masks, no padded FLOPs.
 
-`jaxnas.population.train_population` vmaps one masked train step over the population: on GPU / TPU that is
+`jaxnas.population.masked.train_population` vmaps one masked train step over the population: on GPU / TPU that is
 the fastest form, but on CPU the masked program trains every block at the largest width, depth and kernel, with
 every activation of a `lax.switch` and Adam updating the padded weights (in the macro space only ~18% of its
 FLOPs are the candidates' own, benchmarks/population.py), and XLA:CPU runs vmapped per-candidate convolutions
-densely (docs/benchmarks.md). `train_population_exact` is the CPU formulation of the same function for the macro space's
+densely (docs/benchmarks.md). `train_population_sized` is the CPU formulation of the same function for the macro space's
 families (MLP, CNN, ResNet, MobileNet; an `MLPSupernet`, a `ConvSupernet` or a search model holding both):
 
-- Each candidate runs **its own layers at their real sizes**: the layer programs of `jaxnas.exact` (widths,
+- Each candidate runs **its own layers at their real sizes**: the layer programs of `jaxnas.population.sized` (widths,
   centre-cropped kernels, expansion) on weights cut to those sizes, with its activation, norm and skip as plain
   ops (no masks, no `lax.switch`), BatchNorm on the batch's statistics as the masked supernet trains. P
   candidates are one program: a jitted step (forward, backward and the optimiser of every candidate, its
@@ -33,7 +33,7 @@ Differences: the optimiser states live in the candidates' own layout for the cal
 (``PopulationResult.opt_state`` is None, and ``opt_state`` cannot be passed in). Plans are spread over the
 local devices instead of sharding one program: each plan runs on one device, side by side with the others.
 
-    result = train_population_exact(supernet, params_P, encs, optax.adam(1e-3), x, y, vx, vy, epochs=3, batch_size=64)
+    result = train_population_sized(supernet, params_P, encs, optax.adam(1e-3), x, y, vx, vy, epochs=3, batch_size=64)
 """
 
 from __future__ import annotations
@@ -46,15 +46,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxnas import exact
 from jaxnas.data import epoch_indices
 from jaxnas.distributed import to_host
-from jaxnas.population import PopulationResult, _all_finite, _batched, _shifted, check_training, run_epochs
+from jaxnas.population import sized
+from jaxnas.population.common import (
+    PopulationResult,
+    all_finite,
+    batched,
+    check_training,
+    guard,
+    run_epochs,
+    shifted,
+    step_keys,
+)
 from jaxnas.supernet.conv import ConvSupernet
 from jaxnas.supernet.mlp import MLPSupernet
 
 # XLA's own convolution for the candidates' dense convolutions (the fast one at a single network's real sizes
-# on CPU, benchmarks/population.py); depthwise ones run as shifted slices (`jaxnas.exact.DEPTHWISE_FORMULATION`).
+# on CPU, benchmarks/population.py); depthwise ones run as shifted slices (`jaxnas.sized.DEPTHWISE_FORMULATION`).
 FORMULATION = "lax"
 
 
@@ -65,13 +74,13 @@ CHUNK = 16  # candidates per compiled program (see the module docstring: compile
 class _Plan:
     """The static structure of some candidates (``members``: their rows in the population; hashable).
 
-    ``chains``: each member's layer programs (`jaxnas.exact` ops run on weights at their own sizes), the head
+    ``chains``: each member's layer programs (`jaxnas.population.sized` ops run on weights at their own sizes), the head
     last; ``max_widths``: the width of the member's family at the head's input (dropout masks are drawn there
     and cut, as the masked supernet draws them); ``rates``: dropout before the head.
     """
 
     members: tuple[int, ...]
-    chains: tuple[tuple[exact.Op, ...], ...]
+    chains: tuple[tuple[sized.Op, ...], ...]
     max_widths: tuple[int, ...]
     rates: tuple[float, ...]
 
@@ -91,7 +100,7 @@ def plans_for(model, encs, chunk: int | None = None, devices: int = 1) -> list[_
     plans = []
     for first in range(0, len(encs), chunk):
         rows = encs[first : first + chunk]
-        chains = tuple(tuple(op.own() for op in exact.ops_for(model, enc, FORMULATION)) for enc in rows)
+        chains = tuple(tuple(op.own() for op in sized.ops_for(model, enc, FORMULATION)) for enc in rows)
         parts = [_part(model, enc) for enc in rows]
         plans.append(_Plan(
             tuple(range(first, first + len(rows))), chains, tuple(part.max_width for part in parts),
@@ -105,7 +114,7 @@ def _cut(shapes: dict, full: dict, c: int) -> dict:
     """Member ``c``'s weights of supernet-layout leaves ``full`` ([P, ...]) cut to an op's ``shapes`` tree."""
     return {
         name: _cut(shape, full[name], c) if isinstance(shape, dict)
-        else full[name][(c, *exact._crop(full[name].shape[1:], shape))]
+        else full[name][(c, *sized.crop(full[name].shape[1:], shape))]
         for name, shape in shapes.items()
     }
 
@@ -116,7 +125,7 @@ def _paste(shapes: dict, full: dict, own: dict, c: int) -> None:
         if isinstance(shape, dict):
             _paste(shape, full[name], own[name], c)
         else:
-            full[name][(c, *exact._crop(full[name].shape[1:], shape))] = own[name]
+            full[name][(c, *sized.crop(full[name].shape[1:], shape))] = own[name]
 
 
 # The conversions run in numpy on the host: jitted, they compiled for seconds per population for what is copying
@@ -125,7 +134,7 @@ def to_plan(plan: _Plan, host_P) -> list[list[dict]]:
     """The plan's members' weights from supernet-layout ``host_P`` (numpy leaves [P, ...]) cut to their own
     sizes: per member, per op, the op's `weight_shapes` tree of arrays."""
     return [
-        [_cut(op.weight_shapes(), exact._at(host_P, op.path), c) for op in chain]
+        [_cut(op.weight_shapes(), sized.at(host_P, op.path), c) for op in chain]
         for c, chain in zip(plan.members, plan.chains, strict=True)
     ]
 
@@ -135,11 +144,11 @@ def from_plan(plan: _Plan, own: list[list[dict]], host_P) -> None:
     leaves [P, ...])."""
     for c, chain, weights in zip(plan.members, plan.chains, own, strict=True):
         for op, w in zip(chain, weights, strict=True):
-            _paste(op.weight_shapes(), exact._at(host_P, op.path), jax.tree.map(np.asarray, w), c)
+            _paste(op.weight_shapes(), sized.at(host_P, op.path), jax.tree.map(np.asarray, w), c)
 
 
 # ---------------------------------------------------------------------------------------------- programs
-def _forward_one(chain: tuple[exact.Op, ...], rate: float, max_width: int, weights: list, x, dropout_key=None):
+def _forward_one(chain: tuple[sized.Op, ...], rate: float, max_width: int, weights: list, x, dropout_key=None):
     """Logits [B, classes] of one candidate at its own sizes (its own ops only: no masks, no switch).
 
     BatchNorm normalises with the batch's statistics, as the masked supernet trains (and, without stored
@@ -175,22 +184,16 @@ def _step(plan: _Plan, optimizer, own, opt_states, keys, failed, running, x, y, 
         return losses.sum(), losses
 
     xb = x[rows]
-    if shift:  # each candidate's own translations, from its own key (as train_population draws them)
-        split = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
-        keys, dropout_keys = split[:, 0], split[:, 1]
-        xbs = [_shifted(k, xb, shift) for k in split[:, 2]]
-    else:
-        split = jax.vmap(jax.random.split)(keys)
-        keys, dropout_keys = split[:, 0], split[:, 1]
-        xbs = [xb] * len(plan.members)
+    keys, dropout_keys, shift_keys = jax.vmap(lambda k: step_keys(k, shift))(keys)
+    # each candidate's own translations, from its own key (as the masked backend draws them)
+    xbs = [shifted(k, xb, shift) for k in shift_keys] if shift else [xb] * len(plan.members)
     (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(own, xbs, y[rows], list(dropout_keys))
     new_own, new_states = [], []
     for i, (w, g, state) in enumerate(zip(own, grads, opt_states, strict=True)):
         updates, new_state = optimizer.update(g, state, w)
         # Non-finite gradients give non-finite updates (and a finite weight plus a finite update stays finite).
-        finite = jnp.isfinite(losses[i]) & _all_finite(updates)
-        take = running[i] & ~failed[i] & finite
-        failed = failed.at[i].set(failed[i] | (running[i] & ~finite))
+        take, failed_i = guard(jnp.isfinite(losses[i]) & all_finite(updates), running[i], failed[i])
+        failed = failed.at[i].set(failed_i)
         # A frozen candidate's update is zero, inside the optimiser's own elementwise pass (no extra copy of the
         # weights); its optimiser state runs on but is never used again (frozen candidates stay frozen).
         new_own.append(jax.tree.map(lambda p, u, take=take: p + jnp.where(take, u, 0).astype(p.dtype), w, updates))
@@ -234,8 +237,8 @@ def evaluate_plans(
     padded batches `jaxnas.population.evaluate_population` uses (BatchNorm sees the same batches).
 
     ``devices``: the device of each plan's weights (the data is copied there; default: one device)."""
-    xb, weight = _batched(jnp.asarray(x), batch_size)
-    yb, _ = _batched(jnp.asarray(y, jnp.int32), batch_size)
+    xb, weight = batched(jnp.asarray(x), batch_size)
+    yb, _ = batched(jnp.asarray(y, jnp.int32), batch_size)
     data = _on_devices((xb, yb, weight), devices or [None] * len(plans))
     sums = [[] for _ in plans]
     for i in range(xb.shape[0]):  # batch by batch, every plan: the devices' programs run side by side
@@ -255,13 +258,13 @@ def _on_devices(tree, devices: list) -> list:
 
 
 def supports(model) -> bool:
-    """Whether `train_population_exact` trains ``model``'s candidates: an `MLPSupernet` or `ConvSupernet` (or its
+    """Whether `train_population_sized` trains ``model``'s candidates: an `MLPSupernet` or `ConvSupernet` (or its
     bound ``apply``), or a search model holding them (``model.mlp`` / ``model.conv``)."""
     model = getattr(model, "__self__", model)
-    return exact.supports(model)
+    return sized.supports(model)
 
 
-def train_population_exact(
+def train_population_sized(
     model,
     params_P,
     encs,
@@ -281,7 +284,7 @@ def train_population_exact(
     shift: int = 0,
     devices=None,
 ) -> PopulationResult:
-    """`jaxnas.population.train_population` with every candidate at its exact sizes (see the module docstring).
+    """`jaxnas.population.masked.train_population` with every candidate at its exact sizes (see the module docstring).
 
     Arguments as there, with the model itself (an `MLPSupernet`, a `ConvSupernet` or a search model holding
     them; ``params_P`` in its layout) instead of its ``apply``. ``opt_state`` must be None (the optimiser starts
@@ -290,12 +293,12 @@ def train_population_exact(
     """
     if not supports(model):
         raise TypeError(
-            f"train_population_exact trains macro-space supernets (MLPSupernet, ConvSupernet or a search model of "
+            f"train_population_sized trains macro-space supernets (MLPSupernet, ConvSupernet or a search model of "
             f"them), got {type(model).__name__}; use jaxnas.population.train_population(model.apply, ...) for it"
         )
     if opt_state is not None:
         raise ValueError(
-            "train_population_exact starts every optimiser state fresh and cannot take opt_state; to resume an "
+            "train_population_sized starts every optimiser state fresh and cannot take opt_state; to resume an "
             "optimiser state use jaxnas.population.train_population(model.apply, ..., opt_state=...)"
         )
     encs = np.asarray(encs, np.int32)
