@@ -22,7 +22,7 @@ IN_FEATURES, CLASSES = 64, 10
 SPACE = macro_space(
     families=("mlp",), max_stages=2, max_depth=2, units=(8, 16), activations=("relu", "gelu"), dropouts=(0.0, 0.3)
 )
-OPTIMIZER = optax.sgd(0.1)  # exact agreement with the masked program (see the module docstring of exact_train)
+OPTIMIZER = optax.sgd(0.1)  # exact agreement with the masked program (see the module docstring of sized_train)
 P = 5
 
 
@@ -57,7 +57,7 @@ def trained(setup):
     return _both(setup)
 
 
-def test_exact_training_equals_masked_population_training(trained):
+def test_sized_training_equals_masked_population_training(trained):
     masked, exact = trained
     assert list(exact.status) == ["ok"] * P and exact.opt_state is None
     chex.assert_shape([exact.history, exact.train_loss], [(2, P), (2, P)])
@@ -161,7 +161,7 @@ def conv_setup():
     return supernet, picked, pop.init_population(supernet.init, jax.random.key(8), CONV_P), data
 
 
-def test_conv_exact_training_equals_masked_population_training(conv_setup):
+def test_conv_sized_training_equals_masked_population_training(conv_setup):
     supernet, encs, params, (tx, ty, vx, vy) = conv_setup
     # Two epochs: the second starts from weights the first trained (both forms), so any difference compounds. A
     # mobilenet without BatchNorm (candidate 5) is ill-conditioned enough that, under the tests' unoptimised XLA,

@@ -20,7 +20,7 @@ every activation of a `lax.switch`. `evaluate_sized` is the CPU formulation of t
   means and variances, exactly `ConvSupernet.recalibrate_bn`), also once per tree node.
 
 The results equal `evaluate_shared` (MLP) / recalibrated `evaluate_population` (conv) to float tolerance;
-tests/test_exact.py checks both, and benchmarks/population.py times the formulations side by side.
+tests/test_population_sized.py checks both, and benchmarks/population.py times the formulations side by side.
 
     out = evaluate_sized(supernet, params, encs, x, y, bn_batches=x_batches)   # {"loss", "accuracy"}: [P]
 """
@@ -196,7 +196,7 @@ def _batch_norm(name: str, z: jax.Array, w: dict, stats, recorded: dict, on: jax
     """BatchNorm over the real channels of z with the given statistics, or (``stats`` None) with the batch's;
     z itself where ``on`` is false (the statistics are recorded either way: one program for both)."""
     c = z.shape[-1]
-    if _static(on) and not on:  # a block without BatchNorm (its weights need not even exist: exact_train)
+    if _static(on) and not on:  # a block without BatchNorm (its weights need not even exist: sized_train)
         return z
     if stats is None:
         mean = z.mean((0, 1, 2))

@@ -25,7 +25,7 @@ families (MLP, CNN, ResNet, MobileNet; an `MLPSupernet`, a `ConvSupernet` or a s
   early stopping with patience and NaN / inf isolation (a failing candidate is frozen at its last finite
   weights; the others train on unaffected), validation in the same padded batches, the same
   `PopulationResult`. Weights outside a candidate's sizes are returned as given (a masked Adam / SGD step
-  leaves them unchanged too). tests/test_exact_train.py checks the result against `train_population` for every
+  leaves them unchanged too). tests/test_population_sized_train.py checks the result against `train_population` for every
   family (to float tolerance with SGD; with Adam, float-rounding differences of near-zero gradients become sign
   flips of Adam's first steps, so trained networks agree in accuracy, not bit for bit).
 
