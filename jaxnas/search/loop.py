@@ -40,6 +40,7 @@ from jaxnas.data import load_dataset
 from jaxnas.search import objectives as obj
 from jaxnas.search.checkpoint import RunCheckpoints, load_arrays, save_arrays
 from jaxnas.search import fidelity, proxies
+from jaxnas.search.archive import Archive
 from jaxnas.search.evaluate import OneShotEvaluator, TableEvaluator, TrainEvaluator, Ends, train_supernet
 from jaxnas.search.export import export_model
 from jaxnas.search.models import build_space, model_for
@@ -168,18 +169,18 @@ class SearchRun:
             metrics["latency_ms"] = distributed.from_primary(latency)  # one measurement decides in every process
         return metrics
 
-    def _generation(self, g: int, state, archive: dict, cache: dict, evaluator):
+    def _generation(self, g: int, state, archive: Archive, cache: dict, evaluator):
         cfg = self.cfg
         encs, state = self._ask(jax.random.fold_in(self.key, g + 1), state)
         encs = np.asarray(encs)
-        remaining = cfg.search.budget - archive["evaluations"]
+        remaining = cfg.search.budget - archive.evaluations
         rows: list[dict | None] = [None] * len(encs)
         fresh: list[int] = []
         seen_now: dict[str, int] = {}
         for i, enc in enumerate(encs):
             arch = self.space.to_string(enc)
             if arch in cache or arch in seen_now:
-                archive["cache_hits"] += 1
+                archive.cache_hits += 1
                 rows[i] = {"arch": arch, "cached_from": cache.get(arch, {}).get("generation", g)}
                 continue
             metrics = self._cheap(enc)
@@ -196,14 +197,14 @@ class SearchRun:
         if new:
             for i, result in zip(new, evaluator.evaluate(encs[new], g), strict=True):
                 rows[i].update(result)
-                archive["evaluations"] += 1
+                archive.evaluations += 1
         repeats = [i for i, row in enumerate(rows) if "status" not in row]
         for i, row in enumerate(rows):
             if i in repeats:
                 continue
             if row["status"] in EVALUATED and obj.total_violation(row, self.constraints) > 0:
                 row["status"] = Status.INFEASIBLE  # a constraint on a trained metric (e.g. val_accuracy>=0.9)
-            archive["infeasible"] += row["status"] == Status.INFEASIBLE
+            archive.infeasible += row["status"] == Status.INFEASIBLE
             row["fitness"] = self._fitness(row)
             row.update(generation=g, index=i)
         for i in repeats:  # a repeat is told its source's fitness (within this generation: its first occurrence)
@@ -214,12 +215,12 @@ class SearchRun:
             if row["status"] in REUSED:
                 cache.setdefault(row["arch"], row)
             if row["status"] != Status.NOT_EVALUATED:
-                archive["candidates"].append(row)
-        archive["generations"].append(self._generation_stats(g, encs, rows, archive))
-        archive["generation"] = g + 1
+                archive.candidates.append(row)
+        archive.generations.append(self._generation_stats(g, encs, rows, archive))
+        archive.generation = g + 1
         return state
 
-    def _prefilter(self, encs, fresh: list[int], rows: list[dict], archive: dict) -> list[int]:
+    def _prefilter(self, encs, fresh: list[int], rows: list[dict], archive: Archive) -> list[int]:
         """search.prefilter: of the new candidates ``fresh`` (indices into ``encs``), those the zero-cost proxy ranks
         in the best prefilter_keep (ties: first asked); the rest are marked filtered. Every one gets the proxy's
         value as a column."""
@@ -240,7 +241,7 @@ class SearchRun:
             rows[i][name] = float(values[j])
             if j not in kept:
                 rows[i]["status"] = Status.FILTERED
-                archive["filtered"] = archive.get("filtered", 0) + 1
+                archive.filtered += 1
         return [i for j, i in enumerate(fresh) if j in kept]
 
     def _tell(self, state, encs, rows):
@@ -256,19 +257,19 @@ class SearchRun:
         return self._tell_jit(state, jnp.asarray(encs), jnp.asarray(values, jnp.float32),
                               violation=jnp.asarray(np.minimum(violation, 1e30), jnp.float32))
 
-    def _feasible_values(self, archive: dict) -> tuple[list[dict], np.ndarray]:
-        rows = [r for r in archive["candidates"] if r["status"] in EVALUATED]
+    def _feasible_values(self, archive: Archive) -> tuple[list[dict], np.ndarray]:
+        rows = [r for r in archive.candidates if r["status"] in EVALUATED]
         values = np.asarray([[r.get(o.name, math.nan) for o in self.objectives] for r in rows], float)
         return rows, values.reshape(len(rows), len(self.objectives))
 
-    def _generation_stats(self, g: int, encs, rows, archive) -> dict:
+    def _generation_stats(self, g: int, encs, rows, archive: Archive) -> dict:
         """One line of generations.csv; ``archive`` already holds this generation's rows."""
         evaluated = [r["fitness"] for r in rows if r["status"] in EVALUATED and math.isfinite(r["fitness"])]
-        best = [r["fitness"] for r in archive["candidates"] if r["status"] in EVALUATED and math.isfinite(r["fitness"])]
+        best = [r["fitness"] for r in archive.candidates if r["status"] in EVALUATED and math.isfinite(r["fitness"])]
         stats = {
             "generation": g,
-            "evaluations": archive["evaluations"],
-            "cache_hits": archive["cache_hits"],
+            "evaluations": archive.evaluations,
+            "cache_hits": archive.cache_hits,
             "best_fitness": max(best) if best else math.nan,
             "mean_fitness": float(np.mean(evaluated)) if evaluated else math.nan,
             "diversity": float(_diversity(self.space, jnp.asarray(encs))),
@@ -280,9 +281,9 @@ class SearchRun:
         if len(values):
             stats["front_size"] = int(pareto_mask(values, self.objectives).sum())
             if len(self.objectives) >= 2:
-                if archive.get("reference") is None:
-                    archive["reference"] = default_reference(values, self.objectives).tolist()
-                stats["hypervolume"] = hypervolume(values, self.objectives, np.asarray(archive["reference"]))
+                if archive.reference is None:
+                    archive.reference = default_reference(values, self.objectives).tolist()
+                stats["hypervolume"] = hypervolume(values, self.objectives, np.asarray(archive.reference))
         return stats
 
     # ------------------------------------------------------------------ outputs
@@ -296,11 +297,11 @@ class SearchRun:
             metrics.append(self.cfg.search.prefilter)  # the zero-cost proxy's value (pre-filter)
         return ["generation", "index", "arch", "status", "fitness", *metrics, "cached_from"]
 
-    def _write_tables(self, archive: dict) -> None:
-        _write_csv(self.out / "history.csv", self._columns(), archive["candidates"])
-        _write_csv(self.out / "generations.csv", GENERATION_COLUMNS, archive["generations"])
+    def _write_tables(self, archive: Archive) -> None:
+        _write_csv(self.out / "history.csv", self._columns(), archive.candidates)
+        _write_csv(self.out / "generations.csv", GENERATION_COLUMNS, archive.generations)
 
-    def _pareto(self, archive: dict) -> dict:
+    def _pareto(self, archive: Archive) -> dict:
         rows, values = self._feasible_values(archive)
         finite = np.all(np.isfinite(values), axis=1)
         rows = [r for r, f in zip(rows, finite) if f]
@@ -312,8 +313,8 @@ class SearchRun:
         ]
         result = {
             "objectives": [{"name": o.name, "direction": o.direction} for o in self.objectives],
-            "reference": archive.get("reference"),
-            "hypervolume": archive["generations"][-1]["hypervolume"] if archive["generations"] else math.nan,
+            "reference": archive.reference,
+            "hypervolume": archive.generations[-1]["hypervolume"] if archive.generations else math.nan,
             "front": front,
         }
         if len(front) >= 1 and len(self.objectives) >= 2:
@@ -342,84 +343,84 @@ class SearchRun:
         self._ask, self._tell_jit = _compiled(self.strategy)
         state = self.strategy.init(jax.random.fold_in(self.key, 0))
         fingerprint = json.loads(json.dumps(json_safe(to_dict(cfg))))
-        archive = {"generation": 0, "candidates": [], "generations": [], "evaluations": 0, "cache_hits": 0,
-                   "infeasible": 0, "reference": None, "seconds": 0.0, "config": fingerprint}
+        archive = Archive(config=fingerprint)
         checkpoints = RunCheckpoints(self.out)
         if self.resume:
             restored = checkpoints.restore_latest(state)
             if restored is not None:
-                _, state, archive = restored
-                changed = config_changes(archive.get("config", fingerprint), fingerprint)
+                _, state, stored = restored
+                archive = Archive.from_dict(stored)
+                changed = config_changes(archive.config or fingerprint, fingerprint)
                 if changed:
                     raise RunError(f"--resume {self.out}: config.yaml was changed since the run started "
                                    f"({'; '.join(changed)}); only {', '.join(RESUMABLE_KEYS)} may change on resume. "
                                    "Restore those values, or start a new output= with the new config")
-                archive["config"] = fingerprint
-                self.log(f"resumed {self.out} after generation {archive['generation'] - 1} "
-                         f"({archive['evaluations']} evaluations)")
-        evaluator = self.evaluator = self._setup_evaluator(queries=archive["evaluations"])
+                archive.config = fingerprint
+                self.log(f"resumed {self.out} after generation {archive.generation - 1} "
+                         f"({archive.evaluations} evaluations)")
+        evaluator = self.evaluator = self._setup_evaluator(queries=archive.evaluations)
         if self.needs_latency:
             self._latency_params = self.model.init(jax.random.key(0))
             self._latency_batches = jnp.zeros((1, 2, *self.model.image_shape), jnp.float32)
         cache = {}
-        for row in archive["candidates"]:
+        for row in archive.candidates:
             if row["status"] in REUSED:
                 cache.setdefault(row["arch"], row)
-        progress = _progress(cfg, archive["evaluations"])
-        g = archive["generation"]
+        progress = _progress(cfg, archive.evaluations)
+        g = archive.generation
         size = self.space.size()
-        if str(archive.get("stopped", "")).startswith("stalled") and archive["stalled"] < cfg.search.stall_generations:
-            del archive["stopped"]  # resumed with a larger search.stall_generations
-        while (archive["evaluations"] < cfg.search.budget and not archive.get("stopped")
+        if (archive.stopped or "").startswith("stalled") and archive.stalled < cfg.search.stall_generations:
+            archive.stopped = None  # resumed with a larger search.stall_generations
+        while (archive.evaluations < cfg.search.budget and not archive.stopped
                and (cfg.search.generations is None or g < cfg.search.generations)):
-            before = archive["evaluations"]
+            before = archive.evaluations
             tick = time.perf_counter()
             state = self._generation(g, state, archive, cache, evaluator)
-            archive["seconds"] += time.perf_counter() - tick
-            archive["stalled"] = 0 if archive["evaluations"] > before else archive.get("stalled", 0) + 1
+            archive.seconds += time.perf_counter() - tick
+            archive.stalled = 0 if archive.evaluations > before else archive.stalled + 1
             if len(cache) >= size:
-                archive["stopped"] = f"space exhausted: all {size:,} architectures of the space were seen"
-            elif archive["stalled"] >= cfg.search.stall_generations:
-                archive["stopped"] = (f"stalled: {archive['stalled']} generations in a row added no new evaluation "
-                                      "(search.stall_generations)")
+                archive.stopped = f"space exhausted: all {size:,} architectures of the space were seen"
+            elif archive.stalled >= cfg.search.stall_generations:
+                archive.stopped = (f"stalled: {archive.stalled} generations in a row added no new evaluation "
+                                   "(search.stall_generations)")
             with held_interrupt():  # a Ctrl-C here stops the run after the generation is written whole
-                checkpoints.save(g + 1, state, archive)
+                checkpoints.save(g + 1, state, archive.to_dict())
                 self._write_tables(archive)
-            progress.update(archive["evaluations"] - before)
-            progress.set_postfix(gen=g, best=f"{archive['generations'][-1]['best_fitness']:.4g}")
+            progress.update(archive.evaluations - before)
+            progress.set_postfix(gen=g, best=f"{archive.generations[-1]['best_fitness']:.4g}")
             g += 1
-            if archive.get("stopped"):
+            if archive.stopped:
                 break
         progress.close()
         checkpoints.close()
-        if archive.get("stopped"):
-            self.log(f"search stopped before its budget ({archive['evaluations']} of {cfg.search.budget} evaluations): "
-                     f"{archive['stopped']}")
+        if archive.stopped:
+            self.log(f"search stopped before its budget ({archive.evaluations} of {cfg.search.budget} evaluations): "
+                     f"{archive.stopped}")
         self._write_tables(archive)
         return self._finish(archive, started)
 
-    def _finish(self, archive: dict, started: float) -> dict:
+    def _finish(self, archive: Archive, started: float) -> dict:
         cfg = self.cfg
-        rows = [r for r in archive["candidates"] if r["status"] in EVALUATED and math.isfinite(r["fitness"])]
+        rows = [r for r in archive.candidates if r["status"] in EVALUATED and math.isfinite(r["fitness"])]
         pareto = self._pareto(archive)
         _write(self.out / "pareto.json", json.dumps(json_safe(pareto), indent=2) + "\n")
         summary = {
             "mode": cfg.mode,
             "strategy": cfg.search.strategy,
             "space": self.space.name,
-            "generations": archive["generation"],
-            "evaluations": archive["evaluations"],
-            "cache_hits": archive["cache_hits"],
-            "infeasible": archive["infeasible"],
-            **({"stopped": archive["stopped"]} if archive.get("stopped") else {}),
-            **({"filtered": archive.get("filtered", 0)} if cfg.search.prefilter != "none" else {}),
-            "search_seconds": round(archive["seconds"], 2),
+            "generations": archive.generation,
+            "evaluations": archive.evaluations,
+            "cache_hits": archive.cache_hits,
+            "infeasible": archive.infeasible,
+            **({"stopped": archive.stopped} if archive.stopped else {}),
+            **({"filtered": archive.filtered} if cfg.search.prefilter != "none" else {}),
+            "search_seconds": round(archive.seconds, 2),
         }
         if cfg.mode == "table":
-            summary["queries"] = archive["evaluations"]
+            summary["queries"] = archive.evaluations
         if not rows:
             summary["best_arch"] = None
-            self.log(_why_nothing(archive["candidates"]))
+            self.log(_why_nothing(archive.candidates))
             _write(self.out / "best.json", json.dumps({"arch": None}) + "\n")
         else:
             best = max(rows, key=lambda r: r["fitness"])
