@@ -68,14 +68,6 @@ def _if(flag, yes, no, *operands):
     return jax.lax.cond(flag, yes, no, *operands)
 
 
-def crop(full: tuple[int, ...], own: tuple[int, ...]) -> tuple[slice, ...]:
-    """The slices of a supernet leaf of shape ``full`` holding an op's own ``own``-shaped weights: leading slices,
-    and for a conv kernel [K, K, Ci, Co] the centred k x k taps (Once-for-All's elastic kernel)."""
-    own = tuple(f if o is None else o for f, o in zip(full, own, strict=True))  # None: the whole axis
-    starts = [(f - o) // 2 if len(full) == 4 and axis < 2 else 0 for axis, (f, o) in enumerate(zip(full, own))]
-    return tuple(slice(a, a + o) for a, o in zip(starts, own, strict=True))
-
-
 def at(tree, path: Path):
     for key in path:
         tree = tree[key]

@@ -61,6 +61,7 @@ from jaxnas.population.common import (
 )
 from jaxnas.supernet.conv import ConvSupernet
 from jaxnas.supernet.mlp import MLPSupernet
+from jaxnas.supernet.weights import own_slices
 
 # XLA's own convolution for the candidates' dense convolutions (the fast one at a single network's real sizes
 # on CPU, benchmarks/population.py); depthwise ones run as shifted slices (`jaxnas.sized.DEPTHWISE_FORMULATION`).
@@ -114,7 +115,7 @@ def _cut(shapes: dict, full: dict, c: int) -> dict:
     """Member ``c``'s weights of supernet-layout leaves ``full`` ([P, ...]) cut to an op's ``shapes`` tree."""
     return {
         name: _cut(shape, full[name], c) if isinstance(shape, dict)
-        else full[name][(c, *sized.crop(full[name].shape[1:], shape))]
+        else full[name][(c, *own_slices(full[name].shape[1:], shape))]
         for name, shape in shapes.items()
     }
 
@@ -125,7 +126,7 @@ def _paste(shapes: dict, full: dict, own: dict, c: int) -> None:
         if isinstance(shape, dict):
             _paste(shape, full[name], own[name], c)
         else:
-            full[name][(c, *sized.crop(full[name].shape[1:], shape))] = own[name]
+            full[name][(c, *own_slices(full[name].shape[1:], shape))] = own[name]
 
 
 # The conversions run in numpy on the host: jitted, they compiled for seconds per population for what is copying

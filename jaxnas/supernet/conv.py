@@ -46,6 +46,7 @@ from jaxnas.spaces.macro import CONV_FAMILIES
 from jaxnas.supernet.codes import ActivationCodes
 from jaxnas.supernet.mlp import ACTIVATION_FNS
 from jaxnas.supernet.ops import FORMULATIONS, conv2d, depthwise_conv2d
+from jaxnas.supernet.weights import lecun_init, own_slices
 
 NORM_EPSILON = 1e-5
 STEM_KERNEL = 3
@@ -266,7 +267,7 @@ class ConvSupernet:
 
     @functools.cache  # noqa: B019 - the supernet is a small frozen value; one compiled init per distinct supernet
     def _compiled_init(self) -> Callable[[jax.Array], dict]:
-        return jax.jit(functools.partial(_lecun_init, shapes=self._shapes()))
+        return jax.jit(functools.partial(lecun_init, shapes=self._shapes()))
 
     def _shapes(self) -> dict:
         def f32(*shape):
@@ -568,19 +569,19 @@ class ConvSupernet:
                 stem_stride=self.stem_stride,
             )
         )
-        big = self.max_kernel
         blocks, block_stats = {}, {}
         ci = self.stem_width
         for k, stage in enumerate(arch.stages):
             co = stage.width
-            crop = slice((big - stage.kernel) // 2, (big + stage.kernel) // 2)
             for j in range(stage.depth):
                 b, i = p["stages"][k][j], len(blocks)
                 hidden = ci * (stage.expansion or 1)
 
-                def conv(name, n_in, n_out, elastic=False, b=b, crop=crop):
-                    kernel = b[name]["kernel"][crop, crop] if elastic else b[name]["kernel"]
-                    return {"kernel": kernel[:, :, :n_in, :n_out], "bias": b[name]["bias"][:n_out]}
+                def conv(name, n_in, n_out, elastic=False, b=b, k=stage.kernel):
+                    kernel = b[name]["kernel"]
+                    size = k if elastic else kernel.shape[0]
+                    own = kernel[own_slices(kernel.shape, (size, size, n_in, n_out))]
+                    return {"kernel": own, "bias": b[name]["bias"][:n_out]}
 
                 if family == "cnn":
                     sliced, norms = {"conv": conv("conv", ci, co, True)}, {"norm": co}
@@ -614,22 +615,3 @@ class ConvSupernet:
             nnx.update(twin, running)
         return state.to_pure_dict(), twin
 
-
-def _lecun_init(key: jax.Array, shapes: dict) -> dict:
-    """Arrays for the ShapeDtypeStruct tree ``shapes``: every ``kernel`` LeCun-normal over its fan-in (the product
-    of all axes but the last; truncated at 2 std, as flax's default), every ``scale`` 1, everything else 0."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    kernels = [leaf for path, leaf in leaves if path[-1].key == "kernel"]
-    draw = jax.random.truncated_normal(key, -2.0, 2.0, (sum(k.size for k in kernels),))
-    # Standard deviation of a unit normal truncated to [-2, 2]; dividing by it makes the variance 1 / fan_in.
-    truncated_std = 0.87962566103423978
-    values, start = [], 0
-    for path, leaf in leaves:
-        name = path[-1].key
-        if name == "kernel":
-            chunk = draw[start : start + leaf.size].reshape(leaf.shape)
-            values.append(chunk / (truncated_std * np.sqrt(np.prod(leaf.shape[:-1]))))
-            start += leaf.size
-        else:
-            values.append(jnp.full(leaf.shape, 1.0 if name == "scale" else 0.0, leaf.dtype))
-    return jax.tree_util.tree_unflatten(treedef, values)

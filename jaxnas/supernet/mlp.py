@@ -30,6 +30,7 @@ from flax import nnx
 
 from jaxnas.spaces import MacroArch, Space
 from jaxnas.supernet.codes import ActivationCodes
+from jaxnas.supernet.weights import lecun_init
 
 ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -151,7 +152,7 @@ class MLPSupernet:
             ),
             nnx.Param,
         ).to_pure_dict()
-        return jax.jit(functools.partial(_lecun_init, shapes=shapes))
+        return jax.jit(functools.partial(lecun_init, shapes=shapes))
 
     def apply(
         self, params: dict, enc: jax.Array, x: jax.Array, *, train: bool, key: jax.Array | None,
@@ -304,22 +305,3 @@ def _masked_layer_norm(z: jax.Array, mask: jax.Array, width: jax.Array, norm: di
     var = jnp.sum(centred * centred, -1, keepdims=True) / n
     return centred * jax.lax.rsqrt(var + NORM_EPSILON) * norm["scale"] + norm["bias"]
 
-
-def _lecun_init(key: jax.Array, shapes: dict) -> dict:
-    """Arrays for the ShapeDtypeStruct tree ``shapes``: every ``kernel`` [fan_in, fan_out] LeCun-normal
-    (truncated at 2 std, as flax's default), every ``scale`` 1, everything else 0; all kernels cut from one draw."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    kernels = [leaf for path, leaf in leaves if path[-1].key == "kernel"]
-    draw = jax.random.truncated_normal(key, -2.0, 2.0, (sum(k.size for k in kernels),))
-    # Standard deviation of a unit normal truncated to [-2, 2]; dividing by it makes the variance 1 / fan_in.
-    truncated_std = 0.87962566103423978
-    values, start = [], 0
-    for path, leaf in leaves:
-        name = path[-1].key
-        if name == "kernel":
-            chunk = draw[start : start + leaf.size].reshape(leaf.shape)
-            values.append(chunk / (truncated_std * np.sqrt(leaf.shape[0])))
-            start += leaf.size
-        else:
-            values.append(jnp.full(leaf.shape, 1.0 if name == "scale" else 0.0, leaf.dtype))
-    return jax.tree_util.tree_unflatten(treedef, values)

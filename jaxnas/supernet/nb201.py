@@ -50,10 +50,10 @@ from flax import nnx
 from jaxnas.spaces import Space
 from jaxnas.spaces.nb201 import EDGES, OPS
 
-# One initialiser for every conv supernet: LeCun-normal kernels over their fan-in, BN scales 1, biases 0.
 from jaxnas.supernet.codes import ActivationCodes
-from jaxnas.supernet.conv import NORM_EPSILON, _lecun_init
+from jaxnas.supernet.conv import NORM_EPSILON
 from jaxnas.supernet.ops import FORMULATIONS, conv2d
+from jaxnas.supernet.weights import lecun_init
 
 STAGES = 3
 CONV_OPS = {"nor_conv_1x1": 1, "nor_conv_3x3": 3}
@@ -267,7 +267,7 @@ class NB201Supernet:
         shapes = self._shapes()
 
         def init(key):
-            params = _lecun_init(key, shapes)
+            params = lecun_init(key, shapes)
             # Drawn per cell (the fan-in of a cell kernel excludes the cell axis), then stacked for the scan.
             params["cells"] = {
                 s: jax.tree.map(lambda *cells: jnp.stack(cells), *params["cells"][s].values())
