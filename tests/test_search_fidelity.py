@@ -107,6 +107,9 @@ def test_oneshot_run_reports_ranking_fidelity(run):
     assert summary["ranking"]["kendall_tau"] == pytest.approx(expected["kendall_tau"])
     assert summary["ranking"]["spearman"] == pytest.approx(expected["spearman"])
     assert ("warning" in summary["ranking"]) == (expected["kendall_tau"] < fidelity.LOW_TAU)
+    # the cheap references beside it: parameter count and the zero-cost synflow of the same control sample
+    assert -1.0 <= summary["ranking"]["params_kendall_tau"] <= 1.0
+    assert -1.0 <= summary["ranking"]["synflow_kendall_tau"] <= 1.0
     # the control sample is spread over the search's scores: it holds the best-scored candidate
     assert max(scores) == pytest.approx(summary["best_val_accuracy"])
     html = (out / "report.html").read_text()

@@ -71,8 +71,9 @@ def test_naswot_equals_the_hand_computed_kernel_of_the_candidates_own_units():
     # family, depth (1 of 1/2), units, activation, norm, skip, dropout: option indices
     encs = np.array([[0, 0, 0, 0, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0, 0]], np.int32)
     dense = params["mlp"]["stages"][0]
-    h1 = x.reshape(6, 16).astype(np.float64) @ np.asarray(dense[0]["dense"]["kernel"]) + np.asarray(dense[0]["dense"]["bias"])
-    h2 = np.maximum(h1, 0) @ np.asarray(dense[1]["dense"]["kernel"]) + np.asarray(dense[1]["dense"]["bias"])
+    w1, b1, w2, b2 = (np.asarray(dense[j]["dense"][v], np.float64) for j in (0, 1) for v in ("kernel", "bias"))
+    h1 = x.reshape(6, 16).astype(np.float64) @ w1 + b1
+    h2 = np.maximum(h1, 0) @ w2 + b2
 
     def kernel(*layers):
         codes = np.concatenate([z > 0 for z in layers], axis=1).astype(float)

@@ -441,7 +441,8 @@ class SearchRun:
                                             for k, b in f["baselines"].items()}
                     if f["ranking"]:
                         summary["ranking"] = {k: f["ranking"][k] for k in
-                                              ("kendall_tau", "spearman", "n", "params_kendall_tau", "warning")
+                                              ("kendall_tau", "spearman", "n", "params_kendall_tau",
+                                               "synflow_kendall_tau", "warning")
                                               if k in f["ranking"]}
             _write(self.out / "best.json", json.dumps(json_safe(record), indent=2) + "\n")
         summary["seconds"] = round(time.perf_counter() - started, 2)  # this process: set-up, search, final
@@ -568,12 +569,18 @@ class SearchRun:
         first = self.objectives[0]
         cheap = [r.get(first.name, math.nan) for r in control]
         standalone = [per_arch[r["arch"]]["test_accuracy"]["mean"] for r in control]
-        params = [self.model.param_count(self.space.from_string(r["arch"])) for r in control]
+        encs = np.stack([self.space.from_string(r["arch"]) for r in control])
+        params = [self.model.param_count(e) for e in encs]
+        # synflow: a zero-cost proxy (the untrained network, no data), for comparison with the search's scores
+        untrained = self.model.init(jax.random.key(self.cfg.seed))
+        train = self.dataset.train
+        synflow = proxies.score_model("synflow", self.model, untrained, encs, train.images[:1], train.labels[:1])
         out = {
             "score": f"{first.name} ({self.cfg.mode})",
             "reference": f"stand-alone test accuracy, mean of {self.cfg.final.seeds} seed(s)",
             **fidelity.rank_correlation([_signed(c, first.direction) for c in cheap], standalone),
             "params_kendall_tau": fidelity.rank_correlation(params, standalone)["kendall_tau"],
+            "synflow_kendall_tau": fidelity.rank_correlation(synflow, standalone)["kendall_tau"],
             "control": [{"arch": r["arch"], "score": c, "standalone": s} for r, c, s in zip(control, cheap, standalone)],
         }
         if not out["kendall_tau"] >= fidelity.LOW_TAU:

@@ -469,7 +469,8 @@ def _ranking_section(best: dict) -> str:
     ranking = _final(best).get("ranking")
     if not isinstance(ranking, dict) or not ranking:
         return ""
-    described = {k: ranking.get(k) for k in ("score", "reference", "kendall_tau", "spearman", "params_kendall_tau", "n")}
+    described = {k: ranking.get(k) for k in ("score", "reference", "kendall_tau", "spearman", "params_kendall_tau",
+                                            "synflow_kendall_tau", "n")}
     warning = (f"<p class=\"warning\"><strong>Warning:</strong> {html.escape(str(ranking['warning']))}</p>"
                if ranking.get("warning") else "")
     rows = [[c.get("arch"), c.get("score"), c.get("standalone")] for c in ranking.get("control", [])]

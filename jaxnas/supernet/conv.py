@@ -438,7 +438,8 @@ class ConvSupernet:
                 first = j == 0
                 active = j < depth  # stage 1's first block always (depth >= 1); a later stage's only if it exists
                 if family == "cnn":
-                    a = jnp.where(mask, act(norms("norm", conv(h, b["conv"], stride, elastic=True)), mask & active), 0.0)
+                    z = norms("norm", conv(h, b["conv"], stride, elastic=True))
+                    a = jnp.where(mask, act(z, mask & active), 0.0)
                     out = a if first else jnp.where(space.value(enc, s + "skip"), h + a, a)
                 elif family == "resnet":
                     z = norms("norm1", conv(h, b["conv1"], stride, elastic=True))
