@@ -21,9 +21,10 @@ def test_an_archive_round_trips_through_the_checkpoints_json():
 
 def test_an_older_checkpoint_without_the_newer_keys_takes_their_defaults():
     old = {"generation": 3, "candidates": [], "generations": [], "evaluations": 12, "cache_hits": 0,
-           "infeasible": 0, "reference": None, "seconds": 1.5, "config": {}}
+           "infeasible": 0, "reference": None, "seconds": 1.5}
     archive = Archive.from_dict(old)
     assert (archive.evaluations, archive.filtered, archive.stopped, archive.stalled) == (12, 0, None, 0)
+    assert archive.config == {}  # the loop then takes the current config as the fingerprint
 
 
 def test_a_checkpoint_with_unknown_keys_is_refused_naming_them():

@@ -15,7 +15,8 @@ class Archive:
     """What a run has done so far.
 
     Attributes:
-      config: the resolved config as JSON (what a resume must agree with, `runfolder.config_changes`).
+      config: the resolved config as JSON (what a resume must agree with, `runfolder.config_changes`); empty in
+        checkpoints written before it was recorded.
       generation: generations done (the index of the next one).
       candidates: the history rows of every asked architecture (repeats as status cached).
       generations: one generations.csv row per generation.
@@ -29,7 +30,7 @@ class Archive:
       stalled: generations in a row without a new evaluation.
     """
 
-    config: dict
+    config: dict = dataclasses.field(default_factory=dict)
     generation: int = 0
     candidates: list[dict] = dataclasses.field(default_factory=list)
     generations: list[dict] = dataclasses.field(default_factory=list)

@@ -227,12 +227,7 @@ class SearchRun:
         name = self.cfg.search.prefilter
         if name == "none" or not fresh:
             return fresh
-        if self._proxy_inputs is None:  # the untrained network (the run's seed) and one seeded training batch
-            train = self.dataset.train
-            batch = np.random.default_rng(self.cfg.seed).permutation(len(train.labels))[: proxies.BATCH]
-            self._proxy_inputs = (self.model.init(jax.random.key(self.cfg.seed)), train.images[batch],
-                                  train.labels[batch])
-        params, x, y = self._proxy_inputs
+        params, x, y = self._proxy_batch()
         values = np.asarray(proxies.score_model(name, self.model, params, encs[fresh], x, y), float)
         keep = math.ceil(self.cfg.search.prefilter_keep * len(fresh))
         order = sorted(range(len(fresh)), key=lambda j: (not np.isfinite(values[j]), -np.nan_to_num(values[j]), j))
@@ -243,6 +238,16 @@ class SearchRun:
                 rows[i]["status"] = Status.FILTERED
                 archive.filtered += 1
         return [i for j, i in enumerate(fresh) if j in kept]
+
+    def _proxy_batch(self):
+        """(the untrained network of the run's seed, one seeded training batch x, y): what zero-cost proxies see,
+        built once per run (the pre-filter and the ranking report share it)."""
+        if self._proxy_inputs is None:
+            train = self.dataset.train
+            batch = np.random.default_rng(self.cfg.seed).permutation(len(train.labels))[: proxies.BATCH]
+            self._proxy_inputs = (self.model.init(jax.random.key(self.cfg.seed)), train.images[batch],
+                                  train.labels[batch])
+        return self._proxy_inputs
 
     def _tell(self, state, encs, rows):
         if not self.multi:
@@ -571,10 +576,9 @@ class SearchRun:
         standalone = [per_arch[r["arch"]]["test_accuracy"]["mean"] for r in control]
         encs = np.stack([self.space.from_string(r["arch"]) for r in control])
         params = [self.model.param_count(e) for e in encs]
-        # synflow: a zero-cost proxy (the untrained network, no data), for comparison with the search's scores
-        untrained = self.model.init(jax.random.key(self.cfg.seed))
-        train = self.dataset.train
-        synflow = proxies.score_model("synflow", self.model, untrained, encs, train.images[:1], train.labels[:1])
+        # synflow: a zero-cost proxy (the untrained network; it reads only the inputs' shape), for comparison
+        untrained, x, y = self._proxy_batch()
+        synflow = proxies.score_model("synflow", self.model, untrained, encs, x, y)
         out = {
             "score": f"{first.name} ({self.cfg.mode})",
             "reference": f"stand-alone test accuracy, mean of {self.cfg.final.seeds} seed(s)",
