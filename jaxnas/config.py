@@ -11,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from jaxnas.blocks import FAMILIES as BLOCK_FAMILIES
 from jaxnas.data.config import DataConfig
 
 STRATEGIES = ("random", "evolution", "genetic", "nsga2", "local", "predictor", "progressive")
 MODES = ("oneshot", "train", "table")
+MACRO_FAMILIES = ("mlp", *BLOCK_FAMILIES)  # jaxnas.spaces.macro.FAMILIES, without importing jax here
 
 
 def _field(default, help: str, **limits):
@@ -32,8 +34,8 @@ class SpaceConfig:
     """Which search space, and the option lists of the macro space (shrink them for small budgets)."""
 
     name: Literal["macro", "nb201", "transformer"] = _field("macro", "Search space: macro, nb201 or transformer.")
-    families: tuple[Literal["mlp", "cnn", "resnet", "mobilenet"], ...] = _field(
-        ("mlp", "cnn", "resnet", "mobilenet"), "macro: network families searched."
+    families: tuple[Literal[MACRO_FAMILIES], ...] = _field(
+        MACRO_FAMILIES, "macro: network families searched."
     )
     max_stages: int = _field(3, "macro: most stages.", min=1, max=6)
     max_depth: int = _field(3, "macro: most blocks per stage.", min=1, max=8)

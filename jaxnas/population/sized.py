@@ -36,10 +36,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxnas.blocks import FAMILIES as BLOCK_FAMILIES
+from jaxnas.blocks import Conv, widths
 from jaxnas.supernet.conv import NORM_EPSILON as BN_EPSILON
 from jaxnas.supernet.conv import ConvSupernet
 from jaxnas.supernet.mlp import ACTIVATION_FNS, NORM_EPSILON, MLPSupernet
-from jaxnas.supernet.ops import conv2d, depthwise_conv2d
+from jaxnas.supernet.ops import batch_norm, conv2d, depthwise_conv2d
+from jaxnas.supernet.weights import own_slices
 
 Path = tuple  # keys from the supernet's params root to an op's weights
 ACTIVATION_NAMES = tuple(ACTIVATION_FNS)
@@ -132,10 +135,6 @@ class Dense:
             shapes["norm"] = {"scale": (self.n_out,), "bias": (self.n_out,)}
         return shapes
 
-    def own(self) -> Dense:
-        """This op run on weights already cut to `weight_shapes` (its slices are then the whole arrays)."""
-        return self
-
 
 class _Fixed:
     """Ops with nothing searched inside: no runtime arguments, no statistics, no sharable first layer."""
@@ -147,9 +146,6 @@ class _Fixed:
     @property
     def program(self):
         return dataclasses.replace(self, path=())
-
-    def own(self):
-        return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,34 +180,17 @@ class Stem(_Fixed):
         return {"kernel": (None, None, None, None), "bias": (None,)}
 
 
-def _batch_norm(name: str, z: jax.Array, w: dict, stats, recorded: dict, on: jax.Array) -> jax.Array:
-    """BatchNorm over the real channels of z with the given statistics, or (``stats`` None) with the batch's;
-    z itself where ``on`` is false (the statistics are recorded either way: one program for both)."""
-    c = z.shape[-1]
-    if _static(on) and not on:  # a block without BatchNorm (its weights need not even exist: sized_train)
-        return z
-    if stats is None:
-        mean = z.mean((0, 1, 2))
-        var = jnp.square(z - mean).mean((0, 1, 2))
-    else:
-        mean, var = stats[name]["mean"], stats[name]["var"]
-    recorded[name] = {"mean": mean, "var": var}
-    scale, bias = w[name]["scale"][:c], w[name]["bias"][:c]
-    normed = (z - mean) * (jax.lax.rsqrt(var + BN_EPSILON) * scale) + bias
-    return normed if _static(on) else jnp.where(on, normed, z)
-
-
 @dataclasses.dataclass(frozen=True)
 class ConvBlock:
-    """One cnn / resnet / mobilenet block at its real channels, centre-cropped kernel and expansion
-    (the layout of `jaxnas.supernet.conv`; ``first``: block 1 of its stage)."""
+    """One block of a `jaxnas.blocks` family at its real channels, kernel and expansion, run by the family's
+    forward on weights cut with `own_slices` (the supernet's leaves, or weights already at these sizes);
+    ``first``: block 1 of its stage."""
 
     path: Path
     family: str
     ci: int
     co: int
     kernel: int
-    max_kernel: int
     stride: int
     expansion: int
     activation: str
@@ -223,21 +202,22 @@ class ConvBlock:
     uses_stats = True
 
     @property
+    def _first_layer(self) -> Conv:
+        return BLOCK_FAMILIES[self.family].layers(self.first)[0]
+
+    @property
     def linear_key(self):
-        """Siblings with this key apply the same first convolution to the same input (cnn conv / resnet conv1 /
-        mobilenet expand): computed once at their widest output, each takes its first channels."""
-        if self.family == "mobilenet":
-            return (self.path, self.ci)  # a 1x1 expansion: kernel and stride play no part
-        return (self.path, self.ci, self.kernel, self.stride)
+        """Siblings with this key apply the same first convolution to the same input: computed once at their
+        widest output, each takes its first channels (elastic width keeps the first channels)."""
+        layer = self._first_layer
+        return (self.path, self.ci, layer.size(self.kernel), self.stride if layer.strided else 1)
 
     @property
     def linear_width(self) -> int:
-        return self.ci * self.expansion if self.family == "mobilenet" else self.co
+        return widths(self.ci, self.co, self.expansion)[self._first_layer.n_out]
 
     def linear(self, w: dict, h: jax.Array) -> jax.Array:
-        if self.family == "mobilenet":
-            return self._conv(w["expand"], h, self.ci, self.linear_width)
-        return self._conv(w["conv" if self.family == "cnn" else "conv1"], h, self.ci, self.co, self.stride, elastic=True)
+        return _SizedOps(self, w, None, None).conv(self._first_layer.name, h)
 
     @property
     def program(self) -> ConvBlock:
@@ -248,71 +228,63 @@ class ConvBlock:
     def arguments(self) -> np.ndarray:
         return np.array([ACTIVATION_NAMES.index(self.activation), self.norm, self.skip], np.int32)
 
-    def _conv(self, layer: dict, h, n_in, n_out, stride=1, elastic=False, depthwise=False):
-        kernel = layer["kernel"]
-        if elastic:
-            lo = (self.max_kernel - self.kernel) // 2
-            kernel = kernel[lo : lo + self.kernel, lo : lo + self.kernel]
-        kernel = kernel[:, :, : 1 if depthwise else n_in, :n_out]
-        if depthwise:  # XLA:CPU's grouped convolution is slow; K * K shifted multiply-adds are not
-            return depthwise_conv2d(h, kernel, stride, DEPTHWISE_FORMULATION[self.formulation]) + layer["bias"][:n_out]
-        return conv2d(h, kernel, stride, self.formulation) + layer["bias"][:n_out]
-
     def run(self, w: dict, h: jax.Array, stats, args, z=None):
-        recorded: dict = {}
-        z = self.linear(w, h) if z is None else z  # the block's first convolution
-
-        def act(z):
-            return _activation(args[0], z)
-
-        def bn(name, z):
-            return _batch_norm(name, z, w, stats, recorded, args[1] > 0)
-
-        ci, co = self.ci, self.co
-        if self.family == "cnn":
-            a = act(bn("norm", z))
-            out = _if(args[2] > 0, lambda: h + a, lambda: a) if not self.first and self.ci == self.co else a
-        elif self.family == "resnet":
-            a = act(bn("norm1", z))
-            z = bn("norm2", self._conv(w["conv2"], a, co, co, elastic=True))
-            shortcut = self._conv(w["shortcut"], h, ci, co, self.stride) if self.first else h
-            out = act(z + shortcut)
-        else:
-            hidden = ci * self.expansion
-            a = act(bn("expand_norm", z))
-            a = self._conv(w["depthwise"], a, hidden, hidden, self.stride, elastic=True, depthwise=True)
-            a = act(bn("depthwise_norm", a))
-            z = bn("project_norm", self._conv(w["project"], a, hidden, co))
-            out = z if self.first else h + z
-        return out, recorded
+        ops = _SizedOps(self, w, stats, args, z)
+        return BLOCK_FAMILIES[self.family].forward(ops, h, self.first), ops.recorded
 
     def weight_shapes(self) -> dict:
         """Shapes of the weights this block reads (under ``path``), at its own sizes (BatchNorm only when on)."""
-        k, ci, co = self.kernel, self.ci, self.co
+        shapes = {}
+        for layer in BLOCK_FAMILIES[self.family].layers(self.first):
+            shape = layer.kernel_shape(self.kernel, widths(self.ci, self.co, self.expansion))
+            shapes[layer.name] = {"kernel": shape, "bias": shape[-1:]}
+            if self.norm and layer.norm:
+                shapes[layer.norm] = {"scale": shape[-1:], "bias": shape[-1:]}
+        return shapes
 
-        def conv(kernel, n_in, n_out):
-            return {"kernel": (kernel, kernel, n_in, n_out), "bias": (n_out,)}
 
-        def norm(c):
-            return {"scale": (c,), "bias": (c,)} if self.norm else None
+class _SizedOps:
+    """`jaxnas.blocks.BlockOps` of a sized block: each layer's own slice of its weights, the activation, norm and
+    skip as runtime arguments (``args``), BatchNorm statistics given or the batch's (``recorded``); ``first_z``:
+    the block's first convolution, already computed for a group of siblings."""
 
-        if self.family == "cnn":
-            shapes = {"conv": conv(k, ci, co), "norm": norm(co)}
-        elif self.family == "resnet":
-            shapes = {"conv1": conv(k, ci, co), "norm1": norm(co), "conv2": conv(k, co, co), "norm2": norm(co)}
-            if self.first:
-                shapes["shortcut"] = conv(1, ci, co)
-        else:
-            hidden = ci * self.expansion
-            shapes = {
-                "expand": conv(1, ci, hidden), "expand_norm": norm(hidden), "depthwise": conv(k, 1, hidden),
-                "depthwise_norm": norm(hidden), "project": conv(1, hidden, co), "project_norm": norm(co),
-            }
-        return {name: leaves for name, leaves in shapes.items() if leaves is not None}
+    def __init__(self, block: ConvBlock, w: dict, stats, args, first_z=None):
+        self.block, self.w, self.stats, self.args, self.first_z = block, w, stats, args, first_z
+        self.layers = BLOCK_FAMILIES[block.family].convs(block.first)
+        self.widths = widths(block.ci, block.co, block.expansion)
+        self.recorded: dict = {}
 
-    def own(self) -> ConvBlock:
-        """This op run on weights already cut to `weight_shapes` (kernels centre-cropped: nothing left to crop)."""
-        return dataclasses.replace(self, max_kernel=self.kernel)
+    def conv(self, name, h):
+        layer, b = self.layers[name], self.block
+        if self.first_z is not None and name == next(iter(self.layers)):
+            return self.first_z
+        shape = layer.kernel_shape(b.kernel, self.widths)
+        kernel = self.w[name]["kernel"]
+        kernel = kernel[own_slices(kernel.shape, shape)]
+        bias = self.w[name]["bias"][: shape[-1]]
+        stride = b.stride if layer.strided else 1
+        if layer.depthwise:  # XLA:CPU's grouped convolution is slow; K * K shifted multiply-adds are not
+            return depthwise_conv2d(h, kernel, stride, DEPTHWISE_FORMULATION[b.formulation]) + bias
+        return conv2d(h, kernel, stride, b.formulation) + bias
+
+    def norm(self, name, z):
+        on = self.args[1] > 0
+        if _static(on) and not on:  # a block without BatchNorm (its weights need not even exist: sized_train)
+            return z
+        c = z.shape[-1]
+        given = None if self.stats is None else self.stats[name]
+        y, self.recorded[name] = batch_norm(z, self.w[name]["scale"][:c], self.w[name]["bias"][:c], given, BN_EPSILON)
+        return y if _static(on) else jnp.where(on, y, z)
+
+    def act(self, z, width):
+        return _activation(self.args[0], z)
+
+    def keep(self, z, width):
+        return z
+
+    def skip(self, h, a):
+        # Blocks 2 .. depth keep the stage's width, so the skip always fits; args[2] is the stage's choice.
+        return _if(self.args[2] > 0, lambda: h + a, lambda: a)
 
 
 Op = Dense | Head | Stem | ConvBlock
@@ -345,7 +317,7 @@ def conv_ops(supernet: ConvSupernet, enc, prefix: Path = (), formulation: str = 
         for j in range(stage.depth):
             ops.append(
                 ConvBlock(
-                    (*root, "stages", k, j), arch.family, width, stage.width, stage.kernel, supernet.max_kernel,
+                    (*root, "stages", k, j), arch.family, width, stage.width, stage.kernel,
                     2 if k > 0 and j == 0 else 1, stage.expansion or 1, stage.activation, stage.norm,
                     bool(stage.skip) and j > 0, j == 0, formulation,
                 )

@@ -101,7 +101,7 @@ def plans_for(model, encs, chunk: int | None = None, devices: int = 1) -> list[_
     plans = []
     for first in range(0, len(encs), chunk):
         rows = encs[first : first + chunk]
-        chains = tuple(tuple(op.own() for op in sized.ops_for(model, enc, FORMULATION)) for enc in rows)
+        chains = tuple(sized.ops_for(model, enc, FORMULATION) for enc in rows)
         parts = [_part(model, enc) for enc in rows]
         plans.append(_Plan(
             tuple(range(first, first + len(rows))), chains, tuple(part.max_width for part in parts),

@@ -2,13 +2,15 @@
 
 A network is a family, then up to ``max_stages`` stages in order, then a dropout rate before the classifier::
 
-    family                              mlp | cnn | resnet | mobilenet   (mutated at a lower rate, as in S-NAS)
+    family                              mlp | cnn | resnet | mobilenet   (mutated at a lower rate, as in S-NAS;
+                                        the conv families are declared in jaxnas.blocks)
     stage k:  depth                     blocks; stage 1 has at least one, and stage k+1 exists only if stage k does
               channels  (conv families) / units (mlp)
               kernel    (conv families)
-              expansion (mobilenet)
+              expansion (families that expand: mobilenet)
               activation, norm (on/off)
-              skip      (mlp, cnn: optional; resnet and mobilenet blocks are residual by design, so not a choice)
+              skip      (mlp, cnn: optional; resnet and mobilenet blocks are residual by design, so not a choice;
+                         a conv family's ``optional_skip`` in jaxnas.blocks)
     dropout
 
 Canonical string: ``cnn|s1:d2,w32,k5,relu,bn,skip|s2:d1,w64,k3,gelu|drop0.1`` - stages of depth 0 are left
@@ -22,11 +24,14 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jaxnas.blocks import FAMILIES as BLOCK_FAMILIES
 from jaxnas.spaces.core import Choice, Condition, Space, at_least, is_in
 
-FAMILIES = ("mlp", "cnn", "resnet", "mobilenet")
-CONV_FAMILIES = ("cnn", "resnet", "mobilenet")
-SKIP_FAMILIES = ("mlp", "cnn")  # families where a skip connection is optional
+# The conv families and what they use of a stage are declared in jaxnas.blocks; the mlp family is the supernet's.
+CONV_FAMILIES = tuple(BLOCK_FAMILIES)
+FAMILIES = ("mlp", *CONV_FAMILIES)
+SKIP_FAMILIES = ("mlp", *(f for f in CONV_FAMILIES if BLOCK_FAMILIES[f].optional_skip))  # an optional skip
+EXPANSION_FAMILIES = tuple(f for f in CONV_FAMILIES if BLOCK_FAMILIES[f].expansion)
 ACTIVATIONS = ("relu", "gelu", "silu", "elu", "leaky_relu")
 
 
@@ -37,10 +42,10 @@ class StageArch:
     depth: int
     width: int
     kernel: int | None  # None for mlp
-    expansion: int | None  # None unless mobilenet
+    expansion: int | None  # None unless the family expands (mobilenet)
     activation: str
     norm: bool
-    skip: bool  # always True for resnet and mobilenet
+    skip: bool  # always True for families whose residuals are their own (resnet, mobilenet)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +117,7 @@ def macro_space(
     present = [f for f in FAMILIES if f in families]
     conv = [f for f in CONV_FAMILIES if f in present]
     skip = [f for f in SKIP_FAMILIES if f in present]
+    expanding = [f for f in EXPANSION_FAMILIES if f in present]
 
     def stage(k: int) -> list[Choice]:
         exists = at_least(f"stage{k}.depth", 1)
@@ -129,7 +135,7 @@ def macro_space(
             Choice(s + "channels", channels, active_if=when(conv)) if conv else None,
             Choice(s + "units", units, active_if=when(["mlp"])) if "mlp" in present else None,
             Choice(s + "kernel", kernels, active_if=when(conv)) if conv else None,
-            Choice(s + "expansion", expansions, active_if=when(["mobilenet"])) if "mobilenet" in present else None,
+            Choice(s + "expansion", expansions, active_if=when(expanding)) if expanding else None,
             Choice(s + "activation", activations, active_if=exists),
             Choice(s + "norm", norms, active_if=exists),
             Choice(s + "skip", skips, active_if=when(skip)) if skip else None,

@@ -1,18 +1,19 @@
 """The conv families of the macro space (cnn, resnet, mobilenet) as one masked supernet, and their exact twins.
 
-Supernet layout per family (``C`` = largest ``channels`` option, ``K`` = largest kernel, ``E`` = largest
-expansion, ``S`` = stem channels; images NHWC)::
+Supernet layout (``C`` = largest ``channels`` option, ``K`` = largest kernel, ``E`` = largest expansion,
+``S`` = stem channels; images NHWC)::
 
     x [B, H, W, Cin] -> stem: 3x3 conv Cin -> S + bias, relu, stride 1 or 2   (fixed: not searched)
     stage k = 1 .. max_stages (stride 2 in the first block of every stage after the first), block j:
-        cnn        conv KxK -> BN -> act; + h when skip on and j >= 2
-        resnet     conv KxK -> BN -> act -> conv KxK -> BN, + shortcut, act
-                   shortcut: 1x1 conv (stride, new width) in block 1, h in blocks 2 .. depth
-        mobilenet  1x1 expand to in_width * expansion -> BN -> act -> depthwise KxK (stride) -> BN -> act
-                   -> 1x1 project -> BN (linear bottleneck); + h in blocks 2 .. depth
+        the family's block (jaxnas.blocks: cnn, resnet, mobilenet), its layers at C channels, K x K kernels
+        and E x input hidden channels
         h = block(h) if j <= stage depth else h      (an inactive block is exactly the identity)
     global average pool of the last existing stage [B, C] -> dropout (train only) -> head [C, classes] (one head per
     number of stages: ``head[k]`` classifies networks of k + 1 stages)
+
+Each block family is declared once in `jaxnas.blocks` (its convolutions and one forward); this module derives
+from that declaration the supernet's weight shapes, the masked forward (`_MaskedOps`), the twin (`TwinBlock`),
+extraction and the analytic counts.
 
 Elastic choices are masks: channels >= the stage width hold exact zeros (so weights beyond the width meet only
 zeros), a kernel of size k < K is the K x K kernel with everything outside its centre k x k zeroed (Once-for-All's
@@ -41,11 +42,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxnas.blocks import FAMILIES as BLOCK_FAMILIES
+from jaxnas.blocks import STAGE_KERNEL, Conv, widths
+from jaxnas.blocks import layers as block_layers
 from jaxnas.spaces import MacroArch, Space
-from jaxnas.spaces.macro import CONV_FAMILIES
 from jaxnas.supernet.codes import ActivationCodes
 from jaxnas.supernet.mlp import ACTIVATION_FNS
-from jaxnas.supernet.ops import FORMULATIONS, conv2d, depthwise_conv2d
+from jaxnas.supernet.ops import FORMULATIONS, batch_norm, conv2d, depthwise_conv2d
 from jaxnas.supernet.weights import lecun_init, own_slices
 
 NORM_EPSILON = 1e-5
@@ -60,59 +63,48 @@ def _conv(ci: int, co: int, k: int, stride: int, rngs: nnx.Rngs, groups: int = 1
     )
 
 
-def _bn(c: int, norm: bool, rngs: nnx.Rngs) -> nnx.BatchNorm | None:
-    return nnx.BatchNorm(c, use_running_average=True, epsilon=NORM_EPSILON, rngs=rngs) if norm else None
+class TwinBlock(nnx.Module):
+    """One block of a `jaxnas.blocks` family at its real sizes: an ``nnx.Conv`` per declared layer (and its
+    ``nnx.BatchNorm`` when the stage's norm is on), attributes named as declared, run by the family's forward."""
 
-
-def _normed(norm: nnx.BatchNorm | None, z: jax.Array) -> jax.Array:
-    return z if norm is None else norm(z)
-
-
-class _TwinCNNBlock(nnx.Module):
-    def __init__(self, ci: int, co: int, k: int, stride: int, norm: bool, activation: str, skip: bool, rngs):
-        self.conv = _conv(ci, co, k, stride, rngs)
-        self.norm = _bn(co, norm, rngs)
-        self.activation = activation
-        self.skip = skip
-
-    def __call__(self, h: jax.Array) -> jax.Array:
-        a = ACTIVATION_FNS[self.activation](_normed(self.norm, self.conv(h)))
-        return h + a if self.skip else a
-
-
-class _TwinResidualBlock(nnx.Module):
-    def __init__(self, ci: int, co: int, k: int, stride: int, norm: bool, activation: str, first: bool, rngs):
-        self.conv1 = _conv(ci, co, k, stride, rngs)
-        self.norm1 = _bn(co, norm, rngs)
-        self.conv2 = _conv(co, co, k, 1, rngs)
-        self.norm2 = _bn(co, norm, rngs)
-        self.shortcut = _conv(ci, co, 1, stride, rngs) if first else None
-        self.activation = activation
+    def __init__(self, family: str, ci: int, co: int, kernel: int, stride: int, expansion: int, norm: bool,
+                 activation: str, skip: bool, first: bool, rngs: nnx.Rngs):
+        self.family, self.activation, self.skip, self.first, self.normed = family, activation, skip, first, norm
+        w = widths(ci, co, expansion)
+        for layer in BLOCK_FAMILIES[family].layers(first):
+            n_in, n_out = w[layer.n_in], w[layer.n_out]
+            groups = n_in if layer.depthwise else 1
+            setattr(self, layer.name, _conv(n_in, n_out, layer.size(kernel), stride if layer.strided else 1, rngs,
+                                            groups))
+            if norm and layer.norm:
+                setattr(self, layer.norm, nnx.BatchNorm(n_out, use_running_average=True, epsilon=NORM_EPSILON,
+                                                        rngs=rngs))
 
     def __call__(self, h: jax.Array) -> jax.Array:
-        act = ACTIVATION_FNS[self.activation]
-        z = _normed(self.norm2, self.conv2(act(_normed(self.norm1, self.conv1(h)))))
-        return act(z + (h if self.shortcut is None else self.shortcut(h)))
+        return BLOCK_FAMILIES[self.family].forward(_TwinOps(self), h, self.first)
 
 
-class _TwinInvertedResidualBlock(nnx.Module):
-    def __init__(self, ci: int, co: int, k: int, stride: int, expansion: int, norm: bool, activation: str, first, rngs):
-        hidden = ci * expansion
-        self.expand = _conv(ci, hidden, 1, 1, rngs)
-        self.expand_norm = _bn(hidden, norm, rngs)
-        self.depthwise = _conv(hidden, hidden, k, stride, rngs, groups=hidden)
-        self.depthwise_norm = _bn(hidden, norm, rngs)
-        self.project = _conv(hidden, co, 1, 1, rngs)
-        self.project_norm = _bn(co, norm, rngs)
-        self.activation = activation
-        self.residual = not first
+@dataclasses.dataclass(frozen=True)
+class _TwinOps:
+    """`jaxnas.blocks.BlockOps` of a twin block: its own layers, activation and skip choice (layer names such as
+    ``conv`` and ``norm`` are the block's attributes, so the ops live beside it)."""
 
-    def __call__(self, h: jax.Array) -> jax.Array:
-        act = ACTIVATION_FNS[self.activation]
-        a = act(_normed(self.expand_norm, self.expand(h)))
-        a = act(_normed(self.depthwise_norm, self.depthwise(a)))
-        z = _normed(self.project_norm, self.project(a))
-        return h + z if self.residual else z
+    block: TwinBlock
+
+    def conv(self, name, h):
+        return getattr(self.block, name)(h)
+
+    def norm(self, name, z):
+        return getattr(self.block, name)(z) if self.block.normed else z
+
+    def act(self, z, width):
+        return ACTIVATION_FNS[self.block.activation](z)
+
+    def keep(self, z, width):
+        return z
+
+    def skip(self, h, a):
+        return h + a if self.block.skip else a
 
 
 class TwinConvNet(nnx.Module):
@@ -126,23 +118,18 @@ class TwinConvNet(nnx.Module):
         self, arch: MacroArch, in_channels: int, stem_channels: int, num_classes: int, *, rngs: nnx.Rngs,
         stem_stride: int = 1,
     ):
-        if arch.family not in CONV_FAMILIES:
-            raise ValueError(f"TwinConvNet builds {CONV_FAMILIES} architectures, got family {arch.family!r}")
+        if arch.family not in BLOCK_FAMILIES:
+            raise ValueError(f"TwinConvNet builds {tuple(BLOCK_FAMILIES)} architectures, got family {arch.family!r}")
         self.stem = _conv(in_channels, stem_channels, STEM_KERNEL, stem_stride, rngs)
         blocks = []
         width = stem_channels
         for k, stage in enumerate(arch.stages):
             for j in range(stage.depth):
                 stride = 2 if k > 0 and j == 0 else 1
-                common = (width, stage.width, stage.kernel, stride)
-                if arch.family == "cnn":
-                    blocks.append(_TwinCNNBlock(*common, stage.norm, stage.activation, stage.skip and j > 0, rngs))
-                elif arch.family == "resnet":
-                    blocks.append(_TwinResidualBlock(*common, stage.norm, stage.activation, j == 0, rngs))
-                else:
-                    blocks.append(
-                        _TwinInvertedResidualBlock(*common, stage.expansion, stage.norm, stage.activation, j == 0, rngs)
-                    )
+                blocks.append(TwinBlock(
+                    arch.family, width, stage.width, stage.kernel, stride, stage.expansion or 1, stage.norm,
+                    stage.activation, bool(stage.skip) and j > 0, j == 0, rngs,
+                ))
                 width = stage.width
         self.blocks = nnx.List(blocks)
         self.dropout = nnx.Dropout(arch.dropout, deterministic=True, rngs=rngs)
@@ -168,15 +155,47 @@ class _Norms:
         self.recorded: dict[str, dict[str, jax.Array]] = {}
 
     def __call__(self, name: str, z: jax.Array) -> jax.Array:
-        if self.given is None:
-            mean = z.mean((0, 1, 2))
-            var = jnp.square(z - mean).mean((0, 1, 2))
-        else:
-            mean, var = self.given[name]["mean"], self.given[name]["var"]
-        self.recorded[name] = {"mean": mean, "var": var}
-        # The order of operations of flax's BatchNorm, so the twin agrees to the last bits it can.
-        y = (z - mean) * (jax.lax.rsqrt(var + NORM_EPSILON) * self.params[name]["scale"]) + self.params[name]["bias"]
+        w = self.params[name]
+        y, self.recorded[name] = batch_norm(z, w["scale"], w["bias"], self.given and self.given[name], NORM_EPSILON)
         return jnp.where(self.on, y, z)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MaskedOps:
+    """`jaxnas.blocks.BlockOps` of the masked supernet: every layer at the supernet's largest sizes, the
+    candidate's kernel as the centre of the largest (``kernel_mask``), channels beyond each width zeroed after
+    every activation (``units``: width name -> bool [largest channels]), NASWOT codes recorded where the block is
+    ``active``."""
+
+    layers: dict[str, Conv]
+    weights: dict
+    norms: _Norms
+    units: dict[str, jax.Array]
+    kernel_mask: jax.Array
+    stride: int
+    formulation: str
+    activation: Callable[[jax.Array, jax.Array], jax.Array]
+    active: jax.Array | bool
+    skip_on: jax.Array | bool
+
+    def conv(self, name, h):
+        layer, w = self.layers[name], self.weights[name]
+        kernel = jnp.where(self.kernel_mask, w["kernel"], 0.0) if layer.kernel == STAGE_KERNEL else w["kernel"]
+        op = depthwise_conv2d if layer.depthwise else conv2d
+        return op(h, kernel, self.stride if layer.strided else 1, self.formulation) + w["bias"]
+
+    def norm(self, name, z):
+        return self.norms(name, z)
+
+    def act(self, z, width):
+        valid = self.units[width]
+        return jnp.where(valid, self.activation(z, valid & self.active), 0.0)
+
+    def keep(self, z, width):
+        return jnp.where(self.units[width], z, 0.0)
+
+    def skip(self, h, a):
+        return jnp.where(self.skip_on, h + a, a)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +225,7 @@ class ConvSupernet:
     def __post_init__(self) -> None:
         if "family" not in self.space.names or not self.families:
             raise ValueError(
-                f"ConvSupernet needs a macro space with a conv family {CONV_FAMILIES}, got {self.space!r}; "
+                f"ConvSupernet needs a macro space with a conv family {tuple(BLOCK_FAMILIES)}, got {self.space!r}; "
                 "build one with macro_space(families=('cnn', 'resnet', 'mobilenet'))"
             )
         if len(self.image_shape) != 3 or min(self.image_shape) < 1:
@@ -223,7 +242,7 @@ class ConvSupernet:
     # ------------------------------------------------------------------ sizes
     @property
     def families(self) -> tuple[str, ...]:
-        return tuple(f for f in self.space["family"].options if f in CONV_FAMILIES)
+        return tuple(f for f in self.space["family"].options if f in BLOCK_FAMILIES)
 
     @property
     def max_stages(self) -> int:
@@ -243,7 +262,8 @@ class ConvSupernet:
 
     @property
     def max_expansion(self) -> int:
-        return max(self.space["stage1.expansion"].options) if "mobilenet" in self.families else 1
+        uses = any(BLOCK_FAMILIES[f].expansion for f in self.families)
+        return max(self.space["stage1.expansion"].options) if uses else 1
 
     @property
     def stem_width(self) -> int:
@@ -273,37 +293,28 @@ class ConvSupernet:
         def f32(*shape):
             return jax.ShapeDtypeStruct(shape, jnp.float32)
 
-        def conv(k, ci, co, groups=1):
-            return {"kernel": f32(k, k, ci // groups, co), "bias": f32(co)}
-
         def norm(c):
             return {"scale": f32(c), "bias": f32(c)}
 
         c, kk, e = self.max_width, self.max_kernel, self.max_expansion
 
         def block(family, ci, first):
-            if family == "cnn":
-                return {"conv": conv(kk, ci, c), "norm": norm(c)}
-            if family == "resnet":
-                shortcut = {"shortcut": conv(1, ci, c)} if first else {}
-                convs = {"conv1": conv(kk, ci, c), "conv2": conv(kk, c, c)}
-                return convs | {"norm1": norm(c), "norm2": norm(c)} | shortcut
-            hidden = ci * e
-            return {
-                "expand": conv(1, ci, hidden),
-                "expand_norm": norm(hidden),
-                "depthwise": conv(kk, hidden, hidden, groups=hidden),
-                "depthwise_norm": norm(hidden),
-                "project": conv(1, hidden, c),
-                "project_norm": norm(c),
-            }
+            w = widths(ci, c, e if BLOCK_FAMILIES[family].expansion else 1)
+            shapes = {}
+            for layer in BLOCK_FAMILIES[family].layers(first):
+                shape = layer.kernel_shape(kk, w)
+                shapes[layer.name] = {"kernel": f32(*shape), "bias": f32(shape[-1])}
+                if layer.norm:
+                    shapes[layer.norm] = norm(shape[-1])
+            return shapes
 
         def network(family):
             stages = {
                 k: {j: block(family, self.stem_width if (k, j) == (0, 0) else c, j == 0) for j in range(self.max_depth)}
                 for k in range(self.max_stages)
             }
-            stem = conv(STEM_KERNEL, self.image_shape[2], self.stem_width)
+            stem = {"kernel": f32(STEM_KERNEL, STEM_KERNEL, self.image_shape[2], self.stem_width),
+                    "bias": f32(self.stem_width)}
             # One classifier per number of stages: the pooled features of stage 1 and of stage 3 mean different
             # things, and one shared head left every shallower subnet near chance (benchmarks/ranking.py).
             head = {k: {"kernel": f32(c, self.num_classes), "bias": f32(self.num_classes)} for k in range(self.max_stages)}
@@ -401,12 +412,11 @@ class ConvSupernet:
     def _features(self, family: str, p: dict, enc: jax.Array, x: jax.Array, given: dict | None,
                   codes: ActivationCodes | None = None):
         """Pooled features [B, C] of the last existing stage, and the BatchNorm statistics used."""
-        space, fmt = self.space, self.conv_formulation
+        space, fmt, block_family = self.space, self.conv_formulation, BLOCK_FAMILIES[family]
         stem = conv2d(x, p["stem"]["kernel"], self.stem_stride, fmt) + p["stem"]["bias"]
         if codes is not None:
             codes.add(stem)
         h = jax.nn.relu(stem)
-        channel = jnp.arange(self.max_width)
         centre = jnp.abs(jnp.arange(self.max_kernel) - (self.max_kernel - 1) // 2)
         in_width = self.stem_width
         stats, pooled = {}, None
@@ -414,7 +424,6 @@ class ConvSupernet:
             s = f"stage{k + 1}."
             depth = space.value(enc, s + "depth")
             width = space.value(enc, s + "channels")
-            mask = channel < width
             inside = centre <= (space.value(enc, s + "kernel") - 1) // 2
             kernel_mask = (inside[:, None] & inside[None, :])[:, :, None, None]
             branches = [ACTIVATION_FNS[name] for name in space[s + "activation"].options]
@@ -425,37 +434,25 @@ class ConvSupernet:
                     codes.add(z, valid)
                 return jax.lax.switch(act_index, branches, z)
 
-            def conv(h, layer, stride=1, elastic=False, depthwise=False):
-                kernel = jnp.where(kernel_mask, layer["kernel"], 0.0) if elastic else layer["kernel"]
-                op = depthwise_conv2d if depthwise else conv2d
-                return op(h, kernel, stride, fmt) + layer["bias"]
-
+            expansion = space.value(enc, s + "expansion") if block_family.expansion else 1
+            skip_on = space.value(enc, s + "skip") if block_family.optional_skip else False
             stats[k] = {}
             for j in range(self.max_depth):
                 b = p["stages"][k][j]
-                norms = _Norms(b, None if given is None else given["stages"][k][j], space.value(enc, s + "norm"))
-                stride = 2 if k > 0 and j == 0 else 1
                 first = j == 0
-                active = j < depth  # stage 1's first block always (depth >= 1); a later stage's only if it exists
-                if family == "cnn":
-                    z = norms("norm", conv(h, b["conv"], stride, elastic=True))
-                    a = jnp.where(mask, act(z, mask & active), 0.0)
-                    out = a if first else jnp.where(space.value(enc, s + "skip"), h + a, a)
-                elif family == "resnet":
-                    z = norms("norm1", conv(h, b["conv1"], stride, elastic=True))
-                    a = jnp.where(mask, act(z, mask & active), 0.0)
-                    z = norms("norm2", conv(a, b["conv2"], elastic=True))
-                    out = jnp.where(mask, act(z + (conv(h, b["shortcut"], stride) if first else h), mask & active), 0.0)
-                else:
-                    # Hidden units beyond in_width * expansion are zero, matching the twin's sliced hidden layer.
-                    n_hidden = (in_width if first else width) * space.value(enc, s + "expansion")
-                    hidden = jnp.arange(b["expand"]["kernel"].shape[-1]) < n_hidden
-                    a = jnp.where(hidden, act(norms("expand_norm", conv(h, b["expand"])), hidden & active), 0.0)
-                    a = conv(a, b["depthwise"], stride, elastic=True, depthwise=True)
-                    a = jnp.where(hidden, act(norms("depthwise_norm", a), hidden & active), 0.0)
-                    z = jnp.where(mask, norms("project_norm", conv(a, b["project"])), 0.0)
-                    out = z if first else h + z
-                stats[k][j] = norms.recorded
+                ci_max = self.stem_width if (k, j) == (0, 0) else self.max_width
+                most = widths(ci_max, self.max_width, self.max_expansion if block_family.expansion else 1)
+                real = widths(in_width if first else width, width, expansion)
+                ops = _MaskedOps(
+                    block_family.convs(first), b,
+                    _Norms(b, None if given is None else given["stages"][k][j], space.value(enc, s + "norm")),
+                    {name: jnp.arange(most[name]) < real[name] for name in most}, kernel_mask,
+                    2 if k > 0 and j == 0 else 1, fmt, act,
+                    j < depth,  # stage 1's first block always (depth >= 1); a later stage's only if it exists
+                    skip_on,
+                )
+                out = block_family.forward(ops, h, first)
+                stats[k][j] = ops.norms.recorded
                 # Block 1 exists whenever the stage does; a missing stage is handled at the pooling below.
                 h = out if first else jnp.where(j < depth, out, h)
             features = h.mean((1, 2))
@@ -509,25 +506,14 @@ class ConvSupernet:
         layers = [(STEM_KERNEL, self.image_shape[2], self.stem_width, False, n, False)]
         ci = self.stem_width
         for k, stage in enumerate(arch.stages):
-            n_in = n  # the resolution entering the stage: mobilenet's first expansion runs before the stride
+            n_in = n  # the resolution entering the stage (block 1 strides inside)
             if k > 0:
                 height, width = -(-height // 2), -(-width // 2)
                 n = height * width
-            co, kk, norm = stage.width, stage.kernel, stage.norm
             for j in range(stage.depth):
-                if arch.family == "cnn":
-                    layers.append((kk, ci, co, False, n, norm))
-                elif arch.family == "resnet":
-                    layers += [(kk, ci, co, False, n, norm), (kk, co, co, False, n, norm)]
-                    layers += [(1, ci, co, False, n, False)] if j == 0 else []
-                else:
-                    hidden = ci * stage.expansion
-                    layers += [
-                        (1, ci, hidden, False, n_in if j == 0 else n, norm),
-                        (kk, hidden, hidden, True, n, norm),
-                        (1, hidden, co, False, n, norm),
-                    ]
-                ci = co
+                layers += block_layers(BLOCK_FAMILIES[arch.family], j == 0, ci, stage.width, stage.kernel,
+                                       stage.expansion or 1, stage.norm, (n_in if j == 0 else n, n))
+                ci = stage.width
         layers.append((1, ci, self.num_classes, False, 1, False))
         return layers
 
@@ -576,27 +562,14 @@ class ConvSupernet:
             co = stage.width
             for j in range(stage.depth):
                 b, i = p["stages"][k][j], len(blocks)
-                hidden = ci * (stage.expansion or 1)
-
-                def conv(name, n_in, n_out, elastic=False, b=b, k=stage.kernel):
-                    kernel = b[name]["kernel"]
-                    size = k if elastic else kernel.shape[0]
-                    own = kernel[own_slices(kernel.shape, (size, size, n_in, n_out))]
-                    return {"kernel": own, "bias": b[name]["bias"][:n_out]}
-
-                if family == "cnn":
-                    sliced, norms = {"conv": conv("conv", ci, co, True)}, {"norm": co}
-                elif family == "resnet":
-                    sliced = {"conv1": conv("conv1", ci, co, True), "conv2": conv("conv2", co, co, True)}
-                    sliced |= {"shortcut": conv("shortcut", ci, co)} if j == 0 else {}
-                    norms = {"norm1": co, "norm2": co}
-                else:
-                    sliced = {
-                        "expand": conv("expand", ci, hidden),
-                        "depthwise": conv("depthwise", 1, hidden, True),
-                        "project": conv("project", hidden, co),
-                    }
-                    norms = {"expand_norm": hidden, "depthwise_norm": hidden, "project_norm": co}
+                first = j == 0
+                w = widths(ci, co, stage.expansion or 1)
+                sliced = {}
+                for layer in BLOCK_FAMILIES[family].layers(first):
+                    kernel = b[layer.name]["kernel"]
+                    own = kernel[own_slices(kernel.shape, layer.kernel_shape(stage.kernel, w))]
+                    sliced[layer.name] = {"kernel": own, "bias": b[layer.name]["bias"][: own.shape[-1]]}
+                norms = {name: w[width] for name, width in BLOCK_FAMILIES[family].norms(first).items()}
                 if stage.norm:
                     sliced |= {name: {v: b[name][v][:c] for v in ("scale", "bias")} for name, c in norms.items()}
                     block_stats[i] = {

@@ -127,3 +127,15 @@ def _depthwise_slices_bwd(stride, residuals, g):
 
 
 _depthwise_slices.defvjp(_depthwise_slices_fwd, _depthwise_slices_bwd)
+
+
+def batch_norm(z: jax.Array, scale: jax.Array, bias: jax.Array, given: dict | None, epsilon: float):
+    """(BatchNorm of z [B, H, W, C] over its batch and positions, the statistics used ``{"mean", "var"}``):
+    ``given`` statistics, or (None) the batch's own; the order of operations of flax's BatchNorm, so twins agree
+    to the last bits they can. The masked supernet and the sized backend both normalise through here."""
+    if given is None:
+        mean = z.mean((0, 1, 2))
+        var = jnp.square(z - mean).mean((0, 1, 2))
+    else:
+        mean, var = given["mean"], given["var"]
+    return (z - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias, {"mean": mean, "var": var}
