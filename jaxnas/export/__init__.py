@@ -24,6 +24,15 @@ The images are what `jaxnas.data.load_dataset` gives for the run's data settings
 ``config.yaml``), already scaled. The sidecar ``model.stablehlo.json`` records the input shape (the batch as
 "b"), its dtype, the number of classes, the architecture string, the jax version and how to call the file.
 
+ONNX (``--format onnx``, `export_onnx` / `load_onnx`): the same inference-mode twin converted by jax2onnx into
+``model.onnx`` (+ ``model.onnx.json``), input ``images`` [batch, H, W, C] float32 (dynamic batch), output
+``logits``; it runs in onnxruntime (or any ONNX runtime) without jax. jax2onnx pins an older orbax-checkpoint
+than jaxnas uses (for its orbax-export integration, which the conversion does not touch), so it is installed
+without its dependency resolution: ``pip install "jaxnas[onnx]"`` and then ``pip install --no-deps
+jax2onnx==0.17.1`` (``make install`` does both). The tests check the ONNX logits of every space's twin against
+jax with onnxruntime. A search does not write ONNX itself (the conversion takes about 20 s); run
+``python -m jaxnas.export <run> --format onnx``.
+
 This package imports jax only when it exports or loads, so ``python -m jaxnas.export`` refuses bad input at once.
 """
 
@@ -35,18 +44,17 @@ from pathlib import Path
 
 from interop._atomic import atomic_write_bytes, atomic_write_text
 
-__all__ = ["ExportError", "FORMATS", "PLATFORMS", "export_stablehlo", "load_stablehlo", "model_folder"]
+__all__ = ["ExportError", "FORMATS", "PLATFORMS", "export_onnx", "require_onnx", "export_stablehlo", "load_onnx", "load_stablehlo",
+           "model_folder"]
 
 STABLEHLO_NAME = "model.stablehlo"
+ONNX_NAME = "model.onnx"
+JAX2ONNX = "jax2onnx==0.17.1"
 SIDECAR_SUFFIX = ".json"
 # The file is lowered for each of these, so one file serves CPU, GPU (CUDA) and TPU; lowering needs no device.
 PLATFORMS = ("cpu", "cuda", "tpu")
 FORMATS = ("stablehlo", "onnx")
-ONNX_UNAVAILABLE = (
-    "ONNX export is not available: it needs the jax2onnx package, which jaxnas does not install (jax2onnx 0.17 pins "
-    "orbax-checkpoint<0.11.37, older than the one jaxnas uses, and pulls in onnxruntime, equinox and orbax-export); "
-    "use --format stablehlo, which runs with only jax"
-)
+ONNX_OPSET = 21  # onnxruntime 1.20 and later run it
 
 
 class ExportError(ValueError):
@@ -58,6 +66,49 @@ def _need_flatbuffers() -> None:
     if importlib.util.find_spec("flatbuffers") is None:
         raise ExportError("StableHLO (de)serialisation needs the flatbuffers package (jax.export uses it; jax does "
                           "not install it): pip install flatbuffers")
+
+
+def require_onnx() -> None:
+    missing = [name for name in ("jax2onnx", "onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(
+            f"ONNX export needs {', '.join(missing)}, not installed: pip install \"jaxnas[onnx]\" && pip install "
+            f"--no-deps {JAX2ONNX} (jax2onnx pins an older orbax-checkpoint than jaxnas uses; the conversion does "
+            "not need it); or use --format stablehlo, which runs with only jax"
+        )
+
+
+def _loaded(model_or_run_folder):
+    """(LoadedModel, its model/ folder or None) of a run folder, its model/, or a `LoadedModel`."""
+    from jaxnas.search.export import LoadedModel, load_model
+
+    if isinstance(model_or_run_folder, LoadedModel):
+        return model_or_run_folder, model_or_run_folder.folder
+    home = model_folder(model_or_run_folder)
+    return load_model(home), home
+
+
+def _target(path, home, name: str) -> Path:
+    if path is None:
+        if home is None:
+            raise ExportError("this model was not loaded from a folder, so there is no default path: pass path=")
+        path = Path(home) / name
+    path = Path(path)
+    return path / name if path.is_dir() else path
+
+
+def _inference_forward(loaded):
+    """(forward x -> logits with the twin's state closed over, image_shape, num_classes) of a loaded model."""
+    from flax import nnx
+
+    twin = loaded.twin
+    twin.eval()  # BatchNorm on its running statistics, dropout off (a loaded twin already is)
+    graph, state = nnx.split(twin)
+
+    def forward(x):
+        return nnx.merge(graph, state)(x)  # the state is closed over: its arrays become the file's constants
+
+    return forward, tuple(int(v) for v in loaded.meta["image_shape"]), int(loaded.meta["num_classes"])
 
 
 def model_folder(path: str | Path) -> Path:
@@ -87,33 +138,11 @@ def export_stablehlo(model_or_run_folder, path: str | Path | None = None, *, pla
     """
     import jax
     import jax.numpy as jnp
-    from flax import nnx
-
-    from jaxnas.search.export import LoadedModel, load_model
 
     _need_flatbuffers()
-    if isinstance(model_or_run_folder, LoadedModel):
-        loaded = model_or_run_folder
-        home = loaded.folder
-    else:
-        home = model_folder(model_or_run_folder)
-        loaded = load_model(home)
-    if path is None:
-        if home is None:
-            raise ExportError("this model was not loaded from a folder, so there is no default path: pass path=")
-        path = Path(home) / STABLEHLO_NAME
-    path = Path(path)
-    if path.is_dir():
-        path = path / STABLEHLO_NAME
-
-    image_shape = tuple(int(v) for v in loaded.meta["image_shape"])
-    num_classes = int(loaded.meta["num_classes"])
-    twin = loaded.twin
-    twin.eval()  # BatchNorm on its running statistics, dropout off (a loaded twin already is)
-    graph, state = nnx.split(twin)
-
-    def forward(x):
-        return nnx.merge(graph, state)(x)  # the state is closed over: its arrays become the file's constants
+    loaded, home = _loaded(model_or_run_folder)
+    path = _target(path, home, STABLEHLO_NAME)
+    forward, image_shape, num_classes = _inference_forward(loaded)
 
     batch = jax.export.symbolic_shape("b")[0]
     spec = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
@@ -163,4 +192,77 @@ def load_stablehlo(path: str | Path):
         return exported.call(jnp.asarray(x, jnp.float32))
 
     logits.exported = exported
+    return logits
+
+
+def export_onnx(model_or_run_folder, path: str | Path | None = None) -> Path:
+    """Write the model as ONNX (jax2onnx, opset `ONNX_OPSET`) and its JSON sidecar; return its path.
+
+    ``model_or_run_folder``: a run folder (or its ``model/``), or a `jaxnas.search.export.LoadedModel`.
+    ``path``: where to write (a folder: ``model.onnx`` inside it); default ``<run>/model/model.onnx``. Input
+    ``images`` [batch, H, W, C] float32 with a dynamic batch, output ``logits`` [batch, classes]; the weights are
+    constants inside. Both files are written atomically.
+    """
+    require_onnx()
+    import logging
+
+    import jax
+    import onnx
+
+    loaded, home = _loaded(model_or_run_folder)
+    path = _target(path, home, ONNX_NAME)
+    forward, image_shape, num_classes = _inference_forward(loaded)
+    quiet = logging.getLogger("jax2onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its plugin registry logs each optional example plugin it cannot import
+    try:
+        from jax2onnx import to_onnx
+
+        proto = to_onnx(forward, [("batch", *image_shape)], model_name="jaxnas", opset=ONNX_OPSET,
+                        input_names=["images"], output_names=["logits"])
+    finally:
+        quiet.setLevel(level)
+    onnx.checker.check_model(proto)
+    sidecar = {
+        "format": f"ONNX (opset {ONNX_OPSET}), converted by jax2onnx; run with onnxruntime or any ONNX runtime",
+        "input": {"name": "images", "shape": ["batch", *image_shape], "dtype": "float32",
+                  "layout": "NHWC images, batch >= 1"},
+        "output": {"name": "logits", "shape": ["batch", num_classes], "dtype": "float32"},
+        "num_classes": num_classes,
+        "arch": loaded.arch,
+        "jax_version": jax.__version__,
+        "usage": (
+            f"import onnxruntime as ort; session = ort.InferenceSession('{path.name}'); "
+            "logits = session.run(['logits'], {'images': images})[0]  # images: np.float32 array of shape "
+            f"({', '.join(['batch', *map(str, image_shape)])})"
+        ),
+    }
+    atomic_write_bytes(path, proto.SerializeToString())
+    atomic_write_text(path.with_name(path.name + SIDECAR_SUFFIX), json.dumps(sidecar, indent=2) + "\n")
+    return path
+
+
+def load_onnx(path: str | Path):
+    """A function images [B, H, W, C] -> logits [B, classes] (numpy) from a file `export_onnx` wrote, run by
+    onnxruntime on the CPU; ``path``: the ``.onnx`` file, or a run folder / its ``model/`` holding one. The
+    onnxruntime session is the function's ``session`` attribute."""
+    import numpy as np
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise ExportError('loading ONNX models needs onnxruntime: pip install "jaxnas[onnx]"')
+    import onnxruntime
+
+    file = Path(path)
+    if file.is_dir():
+        file = model_folder(file) / ONNX_NAME
+    if not file.is_file():
+        raise ExportError(f"no ONNX model at {file}; write one with python -m jaxnas.export <run folder> --format onnx")
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: shape-merge notes about layout transposes are not problems
+    session = onnxruntime.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+
+    def logits(x):
+        return session.run(["logits"], {"images": np.asarray(x, np.float32)})[0]
+
+    logits.session = session
     return logits

@@ -52,7 +52,7 @@ from jaxnas.spaces.nb201 import EDGES, OPS
 
 from jaxnas.supernet.codes import ActivationCodes
 from jaxnas.supernet.conv import NORM_EPSILON
-from jaxnas.supernet.ops import FORMULATIONS, conv2d
+from jaxnas.supernet.ops import FORMULATIONS, _taps, conv2d
 from jaxnas.supernet.weights import lecun_init
 
 STAGES = 3
@@ -64,12 +64,17 @@ _EDGE_NAMES = tuple(f"{to}<-{src}" for to, src in EDGES)
 
 def _avg_pool_3x3(x: jax.Array) -> jax.Array:
     """NB201's avg_pool_3x3: stride 1, padding 1, each output the mean over the window's real positions only."""
-    return nnx.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
+    # Nine shifted views summed (not nnx.avg_pool, whose padding jax2onnx's ONNX conversion drops).
+    total = functools.reduce(jnp.add, _taps(x, 3, 1))
+    count = functools.reduce(jnp.add, _taps(jnp.ones((1, *x.shape[1:3], 1), x.dtype), 3, 1))
+    return total / count
 
 
 def _halve(x: jax.Array) -> jax.Array:
     """[B, H / 2, W / 2, C]: the 2x2 average pool with stride 2 of a reduction block's shortcut."""
-    return nnx.avg_pool(x, (2, 2), strides=(2, 2))
+    ho, wo = x.shape[1] // 2, x.shape[2] // 2  # odd sizes drop the last row / column, as a VALID pool does
+    views = [x[:, i : 2 * ho : 2, j : 2 * wo : 2] for i in (0, 1) for j in (0, 1)]
+    return functools.reduce(jnp.add, views) / 4
 
 
 # ---------------------------------------------------------------------------------------------- twin

@@ -205,12 +205,14 @@ class TwinTransformer(nnx.Module):
             h = jnp.concatenate([jnp.broadcast_to(self.cls_token[...], (h.shape[0], 1, h.shape[-1])), h], 1)
         if self.position is not None:
             h = h + self.position[...][: h.shape[1]]
+        # rngs only when given: jax2onnx (ONNX export) patches nnx.Dropout with a call that takes none.
+        drop = self.dropout if rngs is None else functools.partial(self.dropout, rngs=rngs)
         for layer in self.layers:
-            h = h + self.dropout(layer.attn(layer.norm1(h)), rngs=rngs)
-            h = h + self.dropout(layer.ffn(layer.norm2(h)), rngs=rngs)
+            h = h + drop(layer.attn(layer.norm1(h)))
+            h = h + drop(layer.ffn(layer.norm2(h)))
         h = self.norm(h)
         pooled = h[:, 0] if self.pool == "cls" else h.mean(1)
-        return self.head(self.dropout(pooled, rngs=rngs))
+        return self.head(drop(pooled))
 
 
 # ---------------------------------------------------------------------------------------------- supernet
