@@ -1,0 +1,149 @@
+"""Calibration of a channel-gating policy, on the validation split only.
+
+1. **Evidence** (:func:`collect_evidence`, once per model): the calibration images (the first half of
+   validation) in batches of ``calibration_batch``; per batch, its probe (the first ``probe_images`` images:
+   stem fingerprint, channel activity) and each channel's measured importance on that batch - the increase of
+   its mean NLL when the channel alone is dropped (`channel_sensitivity`, on the exact masked twin).
+2. **Reference** (:func:`reference_of`): the mean importance and activity over the batches - the static
+   baseline's channel scores and the scale of the current evidence.
+3. **Outcomes** (:func:`outcomes`, per budget pair): gating each batch from its own probe at fractions of ``Bg``
+   (:data:`LEVELS`); the outcome is the largest whose accuracy on the batch's other images stayed within
+   ``max_drop`` points of the full twin's.
+4. **Memory** (:func:`build_memory`): one entry per batch whose decision held the guardrail (outcome > 0) -
+   fingerprint, outcome record, importance payload per gate; a batch that broke it teaches nothing to copy.
+5. **Guardrail** (:func:`enforce_guardrail`): the whole policy's accuracy drop on the whole validation split;
+   while it exceeds ``max_drop`` the policy is tightened - ``Bg`` halved, then ``bl`` halved, alternately -
+   down to never gating (``Bg = 0``), which holds by construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from interop import ExperienceMemory
+from jaxnas.adaptive.gated import GatedNet
+from jaxnas.adaptive.policy import FINGERPRINT_DIM, ChannelGatePolicy, Reference, predict_batches
+
+LEVELS = (0.25, 0.5, 1.0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class BatchEvidence:
+    """One calibration batch: ``images`` / ``labels``, its probe's ``fingerprint`` ``[64]`` and ``activity``
+    gate -> ``[C]``, the whole batch's ``activity`` and measured ``importance`` gate -> ``[C]``."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    fingerprint: np.ndarray
+    probe_activity: dict[str, np.ndarray]
+    activity: dict[str, np.ndarray]
+    importance: dict[str, np.ndarray]
+
+
+def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy in points (0-100)."""
+    return 100.0 * float(np.mean(predictions == labels)) if len(labels) else 0.0
+
+
+def _mean_nll(logits: jax.Array, labels: np.ndarray) -> float:
+    return float(-jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(labels)[:, None], 1).mean())
+
+
+def channel_sensitivity(net: GatedNet, images: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """gate -> ``[C]``: mean NLL of ``images`` with the channel alone dropped minus the full twin's (masked form)."""
+    base = _mean_nll(net(images), labels)
+    out = {}
+    for name, width in zip(net.names, net.full):
+        out[name] = np.array([
+            _mean_nll(net.masked(images, {name: np.delete(np.arange(width), c)}), labels) - base for c in range(width)
+        ])
+    return out
+
+
+def collect_evidence(
+    policy: ChannelGatePolicy, images: np.ndarray, labels: np.ndarray, *, batch_size: int
+) -> list[BatchEvidence]:
+    """Step 1 of the module docstring over ``images`` (validation), in batches of ``batch_size``."""
+    found = []
+    for start in range(0, len(images), batch_size):
+        x, y = images[start : start + batch_size], labels[start : start + batch_size]
+        if len(x) <= policy.probe_images:
+            continue
+        probe = policy.probe(x[: policy.probe_images])
+        whole = policy.probe(x)
+        found.append(BatchEvidence(x, y, probe.fingerprint, probe.activity, whole.activity,
+                                   channel_sensitivity(policy.net, x, y)))
+    if not found:
+        raise ValueError(f"no calibration batch has more than probe_images={policy.probe_images} images; use more "
+                         "validation images or fewer probe images")
+    return found
+
+
+def reference_of(evidence: list[BatchEvidence]) -> Reference:
+    """Mean importance and activity per gate and channel over the calibration batches."""
+    names = list(evidence[0].importance)
+    mean = lambda key: {n: np.mean([getattr(e, key)[n] for e in evidence], axis=0) for n in names}  # noqa: E731
+    return Reference(mean("importance"), mean("activity"))
+
+
+def outcomes(policy: ChannelGatePolicy, evidence: list[BatchEvidence], *, max_drop: float) -> list[tuple[float, float]]:
+    """Per calibration batch ``(outcome, accuracy drop there)`` at ``policy``'s budgets (no memory consulted)."""
+    found = []
+    n_probe = policy.probe_images
+    for e in evidence:
+        current = policy.current_evidence(e.probe_activity)
+        rest, rest_y = jnp.asarray(e.images[n_probe:]), e.labels[n_probe:]
+        base = accuracy(np.asarray(jnp.argmax(policy.net(rest), -1)), rest_y)
+        outcome, drop = 0.0, 0.0
+        for level in LEVELS:
+            keep = policy.budget(level * policy.Bg).select(policy.selector.scores(current))
+            gated = accuracy(np.asarray(jnp.argmax(policy.net(rest, keep), -1)), rest_y)
+            if base - gated > max_drop:
+                break
+            outcome, drop = level, base - gated
+        found.append((outcome, drop))
+    return found
+
+
+def build_memory(evidence: list[BatchEvidence], results: list[tuple[float, float]]) -> ExperienceMemory:
+    """An :class:`ExperienceMemory` of the batches whose decision held the guardrail (outcome > 0)."""
+    memory = ExperienceMemory(dim=FINGERPRINT_DIM, capacity=max(1, len(evidence)))
+    for e, (outcome, drop) in zip(evidence, results):
+        if outcome > 0:
+            memory.add(e.fingerprint, {"outcome": outcome, "accuracy_drop": drop}, e.importance)
+    return memory
+
+
+def enforce_guardrail(
+    policy: ChannelGatePolicy, images: np.ndarray, labels: np.ndarray, *, batch_size: int, max_drop: float,
+    max_tightening: int = 6,
+) -> list[dict]:
+    """Tighten ``policy`` in place until its accuracy drop on ``images`` (validation) is <= ``max_drop`` points.
+
+    Returns every step tried, ``{"bl", "Bg", "accuracy_full", "accuracy", "accuracy_drop", "holds"}``; the last
+    is the final policy. After ``max_tightening`` steps the policy never gates (``Bg = 0``).
+    """
+    base = accuracy(predict_batches(policy.net, images, batch_size), labels)
+    steps = []
+    for step in range(max_tightening + 1):
+        if step == max_tightening:
+            policy.Bg = 0.0
+        acc = accuracy(predict_batches(policy.predict, images, batch_size), labels)
+        holds = base - acc <= max_drop
+        steps.append(dict(bl=policy.bl, Bg=policy.Bg, accuracy_full=base, accuracy=acc, accuracy_drop=base - acc,
+                          holds=holds))
+        if holds or policy.never_gates:
+            break
+        if step % 2 == 0:
+            policy.Bg /= 2
+        else:
+            policy.bl /= 2
+    return steps
+
+
+__all__ = ["BatchEvidence", "LEVELS", "accuracy", "build_memory", "channel_sensitivity", "collect_evidence",
+           "enforce_guardrail", "outcomes", "reference_of"]

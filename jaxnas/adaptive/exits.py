@@ -1,0 +1,245 @@
+"""Early exits for an exported conv twin: linear heads after its blocks, a confidence threshold per exit.
+
+An exit after block ``k`` is a head ``pool(h_k) @ W_k + b_k`` (global average pool, one linear layer), trained on
+the train split with the backbone frozen (the twin is never changed). At inference the batch runs to the first
+exit; images whose softmax confidence reaches that exit's threshold leave with its prediction, the rest continue
+to the next exit and, at last, the twin's own head. The remaining images of a batch are padded to a power of two,
+so each segment compiles for a few static shapes.
+
+Thresholds are calibrated on validation only (:func:`calibrate_thresholds`): the thresholds that minimise the
+average MACs while the whole policy keeps its accuracy drop within the guardrail on validation. ``avg_macs``
+weighs each exit's MACs (backbone to that exit, and the heads evaluated on the way) by the fraction of images
+leaving there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxnas.adaptive.gated import GatedNet
+from jaxnas.supernet.conv import TwinConvNet
+
+
+def exit_points(twin: TwinConvNet) -> list[int]:
+    """Block indices after which an exit is attached: every block but the last (the twin's own head is there)."""
+    return list(range(len(twin.blocks) - 1))
+
+
+@dataclasses.dataclass
+class EarlyExitNet:
+    """An exported twin with exit heads after ``exits`` (block indices) and thresholds (``inf``: never exit)."""
+
+    twin: TwinConvNet
+    exits: list[int]
+    heads: list[dict]
+    thresholds: list[float]
+
+    def __post_init__(self):
+        self._graph, self._state = nnx.split(self.twin)
+        self._bounds = [0, *(k + 1 for k in self.exits), len(self.twin.blocks)]
+
+    @functools.cached_property
+    def _segments(self):
+        """Jitted ``(state, h, heads) -> (h, logits)`` per segment: blocks between exits, then that exit's head."""
+        graph, bounds = self._graph, self._bounds
+
+        def segment(index, state, h, head):
+            twin = nnx.merge(graph, state)
+            if index == 0:
+                h = jax.nn.relu(twin.stem(h))
+            for block in list(twin.blocks)[bounds[index] : bounds[index + 1]]:
+                h = block(h)
+            pooled = h.mean((1, 2))
+            logits = twin.head(pooled) if head is None else pooled @ head["w"] + head["b"]
+            return h, logits
+
+        return [jax.jit(functools.partial(segment, i)) for i in range(len(bounds) - 1)]
+
+    @functools.cached_property
+    def _trunks(self):
+        """Jitted ``(state, h) -> (h, pooled)`` per segment before an exit: its blocks only (no head)."""
+        graph, bounds = self._graph, self._bounds
+
+        def trunk(index, state, h):
+            twin = nnx.merge(graph, state)
+            if index == 0:
+                h = jax.nn.relu(twin.stem(h))
+            for block in list(twin.blocks)[bounds[index] : bounds[index + 1]]:
+                h = block(h)
+            return h, h.mean((1, 2))
+
+        return [jax.jit(functools.partial(trunk, i)) for i in range(len(self.exits))]
+
+    def features(self, x) -> list[jax.Array]:
+        """Pooled ``[B, C_k]`` features at every exit (full batch, no exiting)."""
+        out, h = [], jnp.asarray(x, jnp.float32)
+        for trunk in self._trunks:
+            h, pooled = trunk(self._state, h)
+            out.append(pooled)
+        return out
+
+    def all_logits(self, x) -> list[np.ndarray]:
+        """Logits of every exit and the final head for every image (no exiting): ``[n_exits + 1] x [B, classes]``."""
+        out, h = [], jnp.asarray(x, jnp.float32)
+        for i, segment in enumerate(self._segments):
+            h, logits = segment(self._state, h, self.heads[i] if i < len(self.exits) else None)
+            out.append(np.asarray(logits))
+        return out
+
+    def predict(self, x) -> tuple[np.ndarray, np.ndarray]:
+        """``(logits [B, classes], exit index [B])`` of one batch, images leaving at the first confident exit."""
+        h = jnp.asarray(x, jnp.float32)
+        n = h.shape[0]
+        logits_out = np.zeros((n, self.twin.head.out_features), np.float32)
+        where = np.full(n, len(self.exits), np.int32)
+        alive = np.arange(n)
+        for i, segment in enumerate(self._segments):
+            last = i == len(self.exits)
+            if not last and self.thresholds[i] == np.inf:  # nobody leaves here: no head, no look at the host
+                h, _ = self._trunks[i](self._state, h)
+                continue
+            h, logits = segment(self._state, h, None if last else self.heads[i])
+            logits = np.asarray(logits)[: len(alive)]
+            if last:
+                logits_out[alive] = logits
+                break
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            leave = probs.max(-1) / probs.sum(-1) >= self.thresholds[i]
+            logits_out[alive[leave]] = logits[leave]
+            where[alive[leave]] = i
+            stay = np.flatnonzero(~leave)
+            alive = alive[stay]
+            if not len(alive):
+                break
+            bucket = 1 << int(np.ceil(np.log2(len(stay))))  # a few static shapes per segment
+            h = jnp.take(h, jnp.asarray(np.pad(stay, (0, bucket - len(stay)), mode="edge")), axis=0)
+        return logits_out, where
+
+    def segment_macs(self, net: GatedNet, image_shape) -> list[int]:
+        """MACs of one image leaving at exit ``k`` (the last: the twin's head), heads on the way included (every
+        exit's head counts: the thresholds are not known yet when the calibration needs these)."""
+        layers = net.layer_macs(net.full, image_shape)
+        classes = self.twin.head.out_features
+        out = []
+        for k in range(len(self._bounds) - 1):
+            backbone = layers[0] + sum(layers[1 : self._bounds[k + 1] + 1])
+            heads = sum(int(self.heads[j]["w"].shape[0]) * classes for j in range(min(k + 1, len(self.exits))))
+            out.append(backbone + heads + (layers[-1] if k == len(self.exits) else 0))
+        return out
+
+
+def train_heads(net: EarlyExitNet, images: np.ndarray, labels: np.ndarray, *, epochs: int = 30,
+                learning_rate: float = 0.01, batch_size: int = 256, seed: int = 0) -> list[dict]:
+    """Exit heads trained on ``images`` (train split) with the backbone frozen: softmax cross-entropy, Adam."""
+    feats = [np.concatenate([np.asarray(f) for f in _batched(net.features, images, batch_size, len(net.exits))[k]])
+             for k in range(len(net.exits))]
+    heads = []
+    key = jax.random.key(seed)
+    y = jnp.asarray(labels)
+    classes = net.twin.head.out_features
+    for k, f in enumerate(feats):
+        f = jnp.asarray(f)
+        params = {"w": jax.random.normal(jax.random.fold_in(key, k), (f.shape[1], classes)) / np.sqrt(f.shape[1]),
+                  "b": jnp.zeros(classes)}
+        opt = optax.adam(learning_rate)
+
+        @jax.jit
+        def epoch(params, state, order):
+            def step(carry, idx):
+                params, state = carry
+                loss, grads = jax.value_and_grad(
+                    lambda p: optax.softmax_cross_entropy_with_integer_labels(f[idx] @ p["w"] + p["b"], y[idx]).mean()
+                )(params)
+                updates, state = opt.update(grads, state)
+                return (optax.apply_updates(params, updates), state), loss
+
+            (params, state), _ = jax.lax.scan(step, (params, state), order)
+            return params, state
+
+        state = opt.init(params)
+        rng = np.random.default_rng(seed + k)
+        n_batches = max(1, len(labels) // batch_size)
+        for _ in range(epochs):
+            order = rng.permutation(len(labels))[: n_batches * batch_size].reshape(n_batches, batch_size)
+            params, state = epoch(params, state, jnp.asarray(order))
+        heads.append(params)
+    return heads
+
+
+def _batched(features, images, batch_size, n_exits):
+    out = [[] for _ in range(n_exits)]
+    for i in range(0, len(images), batch_size):
+        for k, f in enumerate(features(images[i : i + batch_size])):
+            out[k].append(f)
+    return out
+
+
+def policy_accuracy(
+    all_logits: list[np.ndarray], labels: np.ndarray, thresholds: list[float]
+) -> tuple[float, np.ndarray]:
+    """Accuracy (points) and exit index per image of ``thresholds`` from precomputed logits of every exit."""
+    n = len(labels)
+    where = np.full(n, len(all_logits) - 1)
+    undecided = np.ones(n, bool)
+    for k, t in enumerate(thresholds):
+        logits = all_logits[k]
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        conf = probs.max(-1) / probs.sum(-1)
+        leave = undecided & (conf >= t)
+        where[leave] = k
+        undecided &= ~leave
+    preds = np.stack([a.argmax(-1) for a in all_logits])[where, np.arange(n)]
+    return 100.0 * float(np.mean(preds == labels)), where
+
+
+def _confidences(all_logits: list[np.ndarray]) -> list[np.ndarray]:
+    out = []
+    for logits in all_logits[:-1]:
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        out.append(probs.max(-1) / probs.sum(-1))
+    return out
+
+
+def average_macs(where: np.ndarray, segment_macs: list[int]) -> float:
+    """Mean MACs per image when image ``i`` leaves at exit ``where[i]``."""
+    return float(np.mean(np.asarray(segment_macs)[where]))
+
+
+def calibrate_thresholds(all_logits: list[np.ndarray], labels: np.ndarray, segment_macs: list[int], *,
+                         max_drop: float, grid: int = 100) -> list[float]:
+    """Thresholds minimising the average MACs on these (validation) logits with the whole policy's accuracy drop
+    <= ``max_drop`` points: the best threshold shared by every exit (of ``grid`` confidence quantiles), then each
+    exit from the earliest lowered to the candidate that saves the most while the whole policy still holds."""
+    base = 100.0 * float(np.mean(all_logits[-1].argmax(-1) == labels))
+    confs = _confidences(all_logits)
+    if not confs:
+        return []
+    candidates = np.unique(np.quantile(np.concatenate(confs), np.linspace(0, 1, grid + 1)))
+
+    def cost(thresholds):
+        acc, where = policy_accuracy(all_logits, labels, thresholds)
+        return (base - acc <= max_drop), average_macs(where, segment_macs)
+
+    best = [np.inf] * len(confs)
+    best_macs = cost(best)[1]
+    for t in candidates:
+        holds, macs = cost([float(t)] * len(confs))
+        if holds and macs < best_macs:
+            best, best_macs = [float(t)] * len(confs), macs
+    for k in range(len(confs)):
+        for t in candidates:
+            trial = best[:k] + [float(t)] + best[k + 1 :]
+            holds, macs = cost(trial)
+            if holds and macs < best_macs:
+                best, best_macs = trial, macs
+    return best
+
+
+__all__ = ["EarlyExitNet", "average_macs", "calibrate_thresholds", "exit_points", "policy_accuracy", "train_heads"]

@@ -1,0 +1,215 @@
+"""Experiential channel gating of a found conv network, decided per batch (ExNAS's promise, on images).
+
+For every batch of images:
+
+1. **Probe.** The first ``probe_images`` images run through the exported twin at full width (their logits are
+   the twin's) while every gate's mean |activation| is recorded. Current evidence per gate and channel: the
+   channel's calibrated importance (the validation loss increase when it alone is dropped) scaled by how active
+   it is in this batch relative to calibration; uncalibrated, that mean times the L2 norm of the weights
+   reading the channel (`GatedNet.reader_norms`).
+2. **Fingerprint and memory.** The stem's activations of the probe images (an early layer, pooled over images
+   and positions) are fingerprinted by :class:`interop.Fingerprinter` (d = 64) inside the probe's jitted
+   program; the top-K = 16 most similar calibration batches are retrieved from :class:`interop.ExperienceMemory`
+   and their measured channel importance (each batch's own loss increases) averaged by similarity (memory
+   evidence).
+3. **Selection.** :class:`interop.TransversalSelector` scores the channels of every gate - non-consecutive
+   layers, the stem and each stage's stream - as ``wcur * rank(current) + wmem * rank(memory)``;
+   :class:`interop.BudgetController` keeps channels under ``bl`` (per gate), ``Bg`` (over all gates) and
+   ``align`` (kept counts on a grid: the few static widths that get compiled programs).
+4. **Rest.** The other images run in the `GatedNet` program of exactly the kept widths.
+
+All of it happens inside :meth:`ChannelGatePolicy.predict`, so a timer around it includes the probe and the
+decision. A policy with ``Bg = 0`` never removes a channel and runs the plain twin (no probe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from interop import BudgetController, ExperienceMemory, Fingerprinter, TransversalSelector
+from jaxnas.adaptive.gated import GatedNet
+
+FINGERPRINT_DIM = 64
+TOP_K = 16
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Probe:
+    """What the full-width probe of one batch leaves: ``logits`` ``[P, classes]`` (jax); host numpy arrays for the
+    decision: ``activity`` gate -> ``[C]`` mean |activation|, ``evidence`` gate -> ``[C]`` current evidence (see
+    `ChannelGatePolicy`), ``fingerprint`` ``[64]`` (a unit vector)."""
+
+    logits: jax.Array
+    evidence: dict[str, np.ndarray]
+    fingerprint: np.ndarray
+    activity: dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Reference:
+    """Calibrated channel statistics: ``importance`` gate -> ``[C]`` (e.g. the validation loss increase when the
+    channel alone is dropped) and ``activity`` gate -> ``[C]`` its mean |activation| over the same images (> 0)."""
+
+    importance: dict[str, np.ndarray]
+    activity: dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """One batch's choice: ``widths`` (the kept width of each gate, in ``GatedNet.names`` order), the batch's
+    ``n_images`` of which the first ``n_probe`` ran at full width, and whether the memory was consulted."""
+
+    widths: tuple[int, ...]
+    n_images: int
+    n_probe: int
+    used_memory: bool
+
+
+@dataclasses.dataclass
+class ChannelGatePolicy:
+    """A channel-gating policy over a `GatedNet` (see the module docstring).
+
+    ``bl`` / ``Bg``: fractions of a gate's / of all gates' channels that may be removed; ``align``: kept counts
+    are multiples of it (or the whole gate); ``min_keep``: fewest channels a gate keeps (fraction or count);
+    ``memory``: payloads named by gate (``None``: current evidence only). Current evidence of a channel:
+    with a calibrated ``reference``, its measured importance scaled by how active it is in this batch relative to
+    calibration (``importance * activity / reference activity``); without, ``mean|activation| * reader norm``.
+    ``static``: fixed channel scores (gate -> ``[C]``): the static baseline - one kept set at the current budgets for every batch, no probe.
+    Decisions are appended to :attr:`decisions` when :attr:`log_decisions` is set.
+    """
+
+    net: GatedNet
+    bl: float = 0.12
+    Bg: float = 0.06
+    align: int = 4
+    min_keep: int | float = 0.5
+    probe_images: int = 8
+    memory: ExperienceMemory | None = None
+    wcur: float = 0.8
+    wmem: float = 0.2
+    fingerprint_seed: int = 0
+    static: dict | None = None
+    reference: Reference | None = None
+    log_decisions: bool = False
+    decisions: list[Decision] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if self.probe_images < 1:
+            raise ValueError(
+                f"probe_images must be >= 1 (the images run at full width per batch), got {self.probe_images}"
+            )
+        # Calibrated evidence is a loss increase, one scale across gates: compared as is. Raw activation evidence
+        # is not comparable across gates: ranked per gate.
+        normalize = "rank" if self.reference is None else "none"
+        self.selector = TransversalSelector(self.net.names, self.wcur, self.wmem, normalize=normalize)
+        self.fingerprinter = Fingerprinter(self.net.full[0], FINGERPRINT_DIM, seed=self.fingerprint_seed)
+        self._host_norms = jax.device_get(self.net.reader_norms())
+        self._static_cache: dict = {}
+
+    def budget(self, Bg: float | None = None) -> BudgetController:
+        return BudgetController(self.bl, self.Bg if Bg is None else Bg, align=self.align, min_keep=self.min_keep)
+
+    @functools.cached_property
+    def _probe(self):
+        recorder, names, fingerprinter = self.net.recorder, self.net.names, self.fingerprinter
+
+        def run(state, x):
+            logits, record = recorder(state, x)
+            activity = {n: record[n] for n in names}
+            return logits, activity, fingerprinter(record["stem_activations"], pool_axes=(0, 1, 2))
+
+        return jax.jit(run)
+
+    def probe(self, x) -> Probe:
+        """The full-width probe of images ``x`` ``[P, H, W, C]``: logits, channel evidence, stem fingerprint.
+
+        The activations stay in the jitted program; only the ``[C]`` evidence vectors and the ``[64]``
+        fingerprint come to the host (one transfer of a few hundred floats), where the decision runs in numpy:
+        the memory, selector and budget are a few dozen tiny array operations, which eager jax would dispatch
+        one by one at tens of microseconds each - milliseconds per batch, billed to every decision.
+        """
+        logits, activity, fp = self._probe(self.net.state, jnp.asarray(x, jnp.float32))
+        activity, fp = jax.device_get((activity, fp))
+        return Probe(logits, self.current_evidence(activity), fp, activity)
+
+    def current_evidence(self, activity: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """gate -> ``[C]`` current evidence from a batch's mean |activation| per channel (see the class docstring)."""
+        if self.reference is None:
+            return {n: activity[n] * self._host_norms[n] for n in self.net.names}
+        ref = self.reference
+        return {n: ref.importance[n] * activity[n] / np.maximum(ref.activity[n], 1e-12) for n in self.net.names}
+
+    def select(self, probe: Probe, *, memory: ExperienceMemory | None = None, Bg: float | None = None) -> dict:
+        """Kept channel indices per gate (int arrays) from ``probe``'s evidence and ``memory``'s, if given."""
+        memory_evidence = None
+        if memory is not None and len(memory):
+            retrieval = memory.query(probe.fingerprint, k=TOP_K)
+            memory_evidence = {n: memory.payload_evidence(n, retrieval) for n in self.net.names}
+        return self.budget(Bg).select(self.selector.scores(probe.evidence, memory_evidence))
+
+    def static_keep(self, importance: dict[str, jax.Array]) -> dict:
+        """Static pruning at this policy's budgets: one kept set for every batch, from fixed channel scores
+        (e.g. the calibrated mean evidence), scored and budgeted as :meth:`select` scores a probe's."""
+        return self.budget().select(self.selector.scores(importance))
+
+    @property
+    def never_gates(self) -> bool:
+        """Whether the budgets let no channel go (then no batch is probed): no gate may lose a chunk within
+        ``bl`` that also fits in the global budget."""
+        budget = self.budget()
+        cap = budget.global_cap(sum(self.net.full))
+        return not any(0 < r <= cap for w in self.net.full for r in budget.removal_options(w))
+
+    def predict(self, x) -> jax.Array:
+        """Logits ``[B, classes]`` of one batch ``x`` ``[B, H, W, C]``: probe, decision, the rest gated."""
+        x = jnp.asarray(x, jnp.float32)
+        n = x.shape[0]
+        if self.never_gates:
+            self._log(Decision(self.net.full, n, 0, False))
+            return self.net(x)
+        if self.static is not None:
+            keep = self._static_keep(self.bl, self.Bg)
+            self._log(Decision(self.net.widths(keep), n, 0, False))
+            return self.net(x, keep)
+        n_probe = min(self.probe_images, n)
+        probe = self.probe(x[:n_probe])
+        if n_probe == n:
+            self._log(Decision(self.net.full, n, n_probe, False))
+            return probe.logits
+        keep = self.select(probe, memory=self.memory)
+        self._log(Decision(self.net.widths(keep), n, n_probe, self.memory is not None and len(self.memory) > 0))
+        return jnp.concatenate([probe.logits, self.net(x[n_probe:], keep)])
+
+    def _static_keep(self, bl: float, Bg: float) -> dict:
+        """The static kept set at budgets ``(bl, Bg)``, computed once per pair (the guardrail changes them)."""
+        if (bl, Bg) not in self._static_cache:
+            self._static_cache[(bl, Bg)] = self.static_keep(self.static)
+        return self._static_cache[(bl, Bg)]
+
+    def _log(self, decision: Decision) -> None:
+        if self.log_decisions:
+            self.decisions.append(decision)
+
+
+def predict_batches(forward, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """int32 ``[N]`` predicted classes of ``images`` through ``forward`` (``x -> logits``), ``batch_size`` at a time."""
+    out = [np.asarray(jnp.argmax(forward(images[i : i + batch_size]), -1)) for i in range(0, len(images), batch_size)]
+    return np.concatenate(out).astype(np.int32)
+
+
+def active_fraction(net: GatedNet, decisions: list[Decision], image_shape) -> float:
+    """MACs actually computed over all decided images / MACs of the full twin on them (probe images count full)."""
+    full = net.macs(net.full, image_shape)
+    images = sum(d.n_images for d in decisions)
+    if not images:
+        return 1.0
+    spent = sum(d.n_probe * full + (d.n_images - d.n_probe) * net.macs(d.widths, image_shape) for d in decisions)
+    return spent / (images * full)
+
+
+__all__ = ["ChannelGatePolicy", "Decision", "Probe", "Reference", "active_fraction", "predict_batches"]
