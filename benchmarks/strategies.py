@@ -18,7 +18,7 @@ oracle (the best report value in the table). Our jittable strategies run as one 
 strategy: ``jax.vmap`` over seeds of a ``lax.while_loop`` of ask / lookup / tell. Each search runs once to
 the largest budget; the pick at a smaller budget B uses its first B queries (no strategy knows its budget).
 
-    python benchmarks/strategies.py                  # 30 seeds, budgets 50 100 200 (~5 min on 2 cores)
+    python benchmarks/strategies.py                  # 30 seeds, budgets 50 100 200 (~5-10 min on 2 cores)
     python benchmarks/strategies.py --quick          # 3 seeds, budget 50: a smoke run
 """
 
@@ -40,6 +40,7 @@ from jaxnas.spaces import nb201_space
 from jaxnas.spaces.core import Space
 from jaxnas.strategies import (
     NSGA2,
+    BayesianOptimization,
     GeneticAlgorithm,
     LocalSearch,
     PredictorGuided,
@@ -85,6 +86,9 @@ def entries(space: Space, budget: int) -> list[Entry]:
                                        capacity=capacity), [skips], generations_per_level=25)),
         Entry("predictor", "MLP-ensemble surrogate screens 256 candidates, 5 per ask after 10 random",
               PredictorGuided(space, batch_size=5, initial=10, capacity=capacity)),
+        Entry("BO", "GP (ARD Hamming kernel, best 128 told) + expected improvement over 512 proposals, "
+              "5 per ask after 10 random, deduplicated",
+              deduplicated(BayesianOptimization(space, batch_size=5, initial=10, capacity=128), capacity=capacity)),
     ]
 
 
@@ -248,14 +252,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[int, np.ndarray]]:
               f"chosen after the fact among {len(ours)} of ours, so these p-values are optimistic")
     default = "RE"  # configs/nb201_table.yaml's search.strategy (evolution)
     others = [n for n in ("random", "RE (published)", "TPE (Optuna)", "local (first)", "local (best)") if n in results]
-    if default in results and others:
-        print(f"the default strategy ({default}) minus each peer: mean difference [95% CI, Welch] over {len(seeds)} seeds")
+    for ours, label, peers in ((default, f"the default strategy ({default})", others),
+                               ("BO", "BO (search.strategy=bo)", [*others, default])):
+        peers = [n for n in peers if n in results]
+        if ours not in results or not peers:
+            continue
+        print(f"{label} minus each peer: mean difference [95% CI, Welch] over {len(seeds)} seeds")
         for b in args.budgets:
             parts = []
-            for n in others:
-                test = scipy.stats.ttest_ind(results[default][b], results[n][b], equal_var=False)
+            for n in peers:
+                test = scipy.stats.ttest_ind(results[ours][b], results[n][b], equal_var=False)
                 ci = test.confidence_interval(0.95)
-                diff = results[default][b].mean() - results[n][b].mean()
+                diff = results[ours][b].mean() - results[n][b].mean()
                 parts.append(f"{n} {diff:+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]")
             print(f"  {b} queries: " + "; ".join(parts))
     return results

@@ -14,7 +14,7 @@ from typing import Literal
 from jaxnas.blocks import FAMILIES as BLOCK_FAMILIES
 from jaxnas.data.config import DataConfig
 
-STRATEGIES = ("random", "evolution", "genetic", "nsga2", "local", "predictor", "progressive")
+STRATEGIES = ("random", "evolution", "genetic", "nsga2", "local", "predictor", "bo", "progressive")
 MODES = ("oneshot", "train", "table")
 MACRO_FAMILIES = ("mlp", *BLOCK_FAMILIES)  # jaxnas.spaces.macro.FAMILIES, without importing jax here
 
@@ -88,7 +88,7 @@ MAX_POPULATION = 65_536  # a strategy state and one generation's rows stay far b
 class SearchConfig:
     """The strategy and the budget."""
 
-    strategy: Literal["random", "evolution", "genetic", "nsga2", "local", "predictor", "progressive"] = _field(
+    strategy: Literal[STRATEGIES] = _field(
         "evolution", "Search strategy: " + ", ".join(STRATEGIES) + "."
     )
     population: int = _field(8, "Candidates asked per generation (the vmapped population size P).", min=1,

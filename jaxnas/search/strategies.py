@@ -10,6 +10,7 @@ from jaxnas.config import RunConfig
 from jaxnas.spaces.core import Space
 from jaxnas.strategies import (
     NSGA2,
+    BayesianOptimization,
     GeneticAlgorithm,
     LocalSearch,
     PredictorGuided,
@@ -18,6 +19,10 @@ from jaxnas.strategies import (
     deduplicated,
     progressive,
 )
+
+
+BO_MAX_POPULATION = 256
+"""Most candidates search.strategy=bo asks per generation (each pick conditions the GP on the ones before)."""
 
 
 def _levels(space: Space) -> list[list[str]]:
@@ -53,6 +58,14 @@ def build_strategy(cfg: RunConfig, space: Space, n_objectives: int):
         inner = NSGA2(space, n_objectives=n_objectives, population_size=P, crossover_rate=s.crossover_rate)
     elif s.strategy == "local":
         inner = LocalSearch(space, batch_size=P)
+    elif s.strategy == "bo":
+        if P > BO_MAX_POPULATION:
+            raise ValueError(f"search.strategy=bo picks each generation's candidates one by one from a Gaussian "
+                             f"process: search.population must be at most {BO_MAX_POPULATION}, got {P}")
+        # The GP's cost grows with the cube of its archive: capacity near the budget, the best 512 beyond.
+        initial = max(10, P)
+        inner = BayesianOptimization(space, batch_size=P, initial=initial, candidates=max(512, 4 * P),
+                                     capacity=max(initial, min(512, s.budget + 2 * P)))
     else:
         inner = PredictorGuided(space, batch_size=P, initial=max(2, P), capacity=max(512, 2 * s.budget))
     return deduplicated(inner, capacity=max(1024, 2 * s.budget))

@@ -10,6 +10,7 @@ vmappable over keys and states, with array-only states of static shapes.
 """
 
 from jaxnas.strategies.base import Strategy, mutate_changed, mutate_one, option_entropy, spearman, tournament
+from jaxnas.strategies.bo import BayesianOptimization
 from jaxnas.strategies.evolution import GeneticAlgorithm, RegularizedEvolution
 from jaxnas.strategies.local import LocalSearch
 from jaxnas.strategies.nsga2 import NSGA2, constrained_dominates, crowding_distance, non_dominated_ranks
@@ -20,6 +21,7 @@ from jaxnas.strategies.wrappers import deduplicated, with_constraints
 
 __all__ = [
     "NSGA2",
+    "BayesianOptimization",
     "GeneticAlgorithm",
     "LocalSearch",
     "PredictorGuided",

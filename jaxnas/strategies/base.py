@@ -175,6 +175,13 @@ def tournament(key: jax.Array, fitness: jax.Array, n: int, size: int) -> jax.Arr
     return entrants[jnp.arange(n), jnp.argmax(fitness[entrants], -1)].astype(jnp.int32)
 
 
+def one_hot_choices(space: Space, encodings: jax.Array) -> jax.Array:
+    """float32 [..., n_choices, M]: each choice's option as a one-hot vector of width M (the most options of any
+    choice), all zero where the choice is inactive; the features of the surrogate strategies."""
+    width = int(space.cardinalities.max())
+    return jax.nn.one_hot(encodings, width) * space.active_mask(encodings)[..., None]
+
+
 def spearman(x: jax.Array, y: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """float32 scalar: Spearman rank correlation of x, y float [n] over rows where ``mask`` (bool [n]) holds.
 

@@ -6,6 +6,9 @@ picked by tournament (plus some uniform samples), drops candidates already in th
 and asks the P with the highest predicted fitness (ensemble mean + ``exploration`` x ensemble std). At
 every tell, before retraining, the ensemble's predictions for the told candidates are compared with their
 real fitness: the Spearman rank correlation is kept in the state (``spearman``, and its running mean). Jittable.
+
+The Gaussian-process surrogate is `jaxnas.strategies.bo` (search.strategy=bo): the same one-hot features and the
+same logged rank correlation, with expected improvement in place of mean + exploration x std.
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ import optax
 from flax import struct
 
 from jaxnas.spaces.core import Space
-from jaxnas.strategies.base import check_batch, check_positive, clean_fitness, mutate_changed, spearman, tournament
+from jaxnas.strategies.base import (
+    check_batch,
+    check_positive,
+    clean_fitness,
+    mutate_changed,
+    one_hot_choices,
+    spearman,
+    tournament,
+)
 
 
 @struct.dataclass
@@ -94,8 +105,7 @@ class PredictorGuided:
 
     def features(self, encodings: jax.Array) -> jax.Array:
         """float32 [..., n_choices * M]: one-hot options of active choices (inactive choices all zero)."""
-        hot = jax.nn.one_hot(encodings, self._width) * self.space.active_mask(encodings)[..., None]
-        return hot.reshape(*encodings.shape[:-1], -1)
+        return one_hot_choices(self.space, encodings).reshape(*encodings.shape[:-1], -1)
 
     def _init_mlp(self, key: jax.Array) -> dict:
         d, h = self.space.n_choices * self._width, self.hidden
