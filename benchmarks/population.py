@@ -84,8 +84,10 @@ from jaxnas.supernet import ConvSupernet, MLPSupernet
 TORCH_THREADS = 1
 FAMILIES = ("mlp", "cnn", "resnet", "mobilenet")
 # The CPU-sized conv space (the full macro space at 28 x 28 is far too slow per arm on a small CPU); ``--quick``
-# shrinks it further.
+# shrinks it further, and the MLP space too (<= 2 stages x 1 block of 16 or 32 units: its masked and sized programs
+# compile in a fraction of the full MLP space's time; every arm still runs).
 CONV_SPACE = {"max_stages": 2, "max_depth": 2, "channels": (16, 32), "kernels": (3, 5), "expansions": (1, 2)}
+QUICK_MLP_SPACE = {"max_stages": 2, "max_depth": 1, "units": (16, 32)}
 QUICK_CONV_SPACE = {"max_stages": 2, "max_depth": 1, "channels": (4, 8), "kernels": (1, 3), "expansions": (1, 2)}
 STEM_STRIDE = 2
 BN_BATCHES = 4  # training batches (of --batch-size) for each subnet's BatchNorm statistics in (a)
@@ -585,7 +587,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--peak-size", type=int, default=2048, help="n of the [n, n] @ [n, n] peak matmul")
     parser.add_argument(
         "--quick", action="store_true",
-        help="P = 4, 256 train / 200 validation examples, 1 repeat, a smaller conv space",
+        help="P = 4, 256 train / 200 validation examples, 1 repeat, smaller MLP and conv spaces",
     )
     parser.add_argument(
         "--bucket", action="store_true",
@@ -651,9 +653,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     bn_images = bn_batches(train, args.batch_size)
     for family in args.families:
         if family == "mlp":
-            supernet = MLPSupernet(
-                macro_space(families=("mlp",)), int(np.prod(ds.info.image_shape)), ds.info.num_classes
-            )
+            mlp_space = macro_space(families=("mlp",), **(QUICK_MLP_SPACE if args.quick else {}))
+            supernet = MLPSupernet(mlp_space, int(np.prod(ds.info.image_shape)), ds.info.num_classes)
         else:
             options = QUICK_CONV_SPACE if args.quick else CONV_SPACE
             supernet = conv_supernet(family, ds.info, options, args.conv_formulation)

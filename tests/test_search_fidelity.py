@@ -82,8 +82,8 @@ def test_largest_architecture_has_every_size_at_its_maximum(families):
 TINY = [
     "data.name=digits", "mode=oneshot", "space.families=[cnn]", "space.max_stages=2", "space.max_depth=1",
     "space.channels=[4,8]", "space.kernels=[3]", "space.activations=[relu,gelu]", "space.dropouts=[0.0]",
-    "search.population=4", "search.budget=8", "supernet.epochs=2", "supernet.subnets=2", "supernet.distill=0.5",
-    "final.top_k=2", "final.epochs=3", "final.seeds=2", "final.control=5", "progress=false",
+    "search.population=4", "search.budget=8", "supernet.epochs=1", "supernet.subnets=2", "supernet.distill=0.5",
+    "final.top_k=2", "final.epochs=1", "final.seeds=2", "final.control=5", "progress=false",
 ]
 
 

@@ -105,7 +105,8 @@ def test_loaded_best_model_reproduces_its_recorded_test_accuracy(finished):
 
 def test_params_constraint_is_checked_before_training_and_holds_for_every_evaluated_candidate(tmp_path):
     out = tmp_path / "constrained"
-    overrides = [o for o in TINY if not o.startswith("final.")] + ["final.top_k=0", "objectives.constraints=[params<=1500]"]
+    overrides = [o for o in TINY if not o.startswith(("final.", "train.epochs"))]
+    overrides += ["train.epochs=1", "final.top_k=0", "objectives.constraints=[params<=1500]"]
     assert main([f"output={out}", "mode=train", "search.strategy=random", *overrides]) == 0
     history = _rows(out / "history.csv")
     assert any(r["status"] == "infeasible" for r in history)
@@ -123,7 +124,7 @@ def test_transformer_space_searches_on_image_patches_and_exports_a_loadable_twin
     overrides = ["data.name=digits", "space.name=transformer", "space.max_layers=1", "space.hidden=[8,16]",
                  "space.heads=[1,2]", "space.ffn_mults=[1]", "space.transformer_activations=[gelu]",
                  "space.positions=[learned,rope]", "space.patch=4", "search.strategy=random", "search.population=2",
-                 "search.budget=4", "train.epochs=1", "final.top_k=1", "final.epochs=2", "final.seeds=1",
+                 "search.budget=4", "train.epochs=1", "final.top_k=1", "final.epochs=1", "final.seeds=1",
                  "final.control=0", "final.baselines=[]", "progress=false"]
     assert main([f"output={out}", "mode=train", *overrides]) == 0
     final = json.loads((out / "best.json").read_text())["final"]
@@ -148,9 +149,10 @@ def test_nb201_cells_search_one_shot_on_images_and_export_a_loadable_twin(tmp_pa
 
 def test_latency_objective_is_measured_on_the_twin_and_its_constraint_filters_before_training(tmp_path):
     out = tmp_path / "latency"
-    overrides = [o for o in TINY if not o.startswith(("final.", "search.budget"))]
-    overrides += ["final.top_k=0", "search.budget=4", "objectives.objectives=[val_accuracy,latency_ms:min]",
-                  "objectives.constraints=[latency_ms<=10000]", "objectives.latency_repeats=3"]
+    overrides = [o for o in TINY if not o.startswith(("final.", "search.budget", "train.epochs"))]
+    overrides += ["train.epochs=1", "final.top_k=0", "search.budget=4",
+                  "objectives.objectives=[val_accuracy,latency_ms:min]", "objectives.constraints=[latency_ms<=10000]",
+                  "objectives.latency_repeats=3"]
     assert main([f"output={out}", "mode=train", "search.strategy=nsga2", *overrides]) == 0
     history = [r for r in _rows(out / "history.csv") if r["status"] == "ok"]
     assert history and all(0 < float(r["latency_ms"]) < 10000 for r in history)
@@ -184,7 +186,7 @@ def test_search_trains_sized_and_masked_alike(tmp_path):
     """population.backend=sized (each candidate at its own sizes) and masked (one masked program) train the same
     networks, MLPs and CNNs alike."""
     overrides = [o for o in TINY if not o.startswith(("search.budget", "final."))]
-    overrides += ["search.strategy=random", "search.budget=4", "final.top_k=1", "final.epochs=2", "final.seeds=1",
+    overrides += ["search.strategy=random", "search.budget=4", "final.top_k=1", "final.epochs=1", "final.seeds=1",
                   "final.control=0", "final.baselines=[]"]
     runs = {}
     for backend in ("sized", "masked"):
