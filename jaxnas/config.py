@@ -14,8 +14,11 @@ from typing import Literal
 from jaxnas.blocks import FAMILIES as BLOCK_FAMILIES
 from jaxnas.data.config import DataConfig
 
-STRATEGIES = ("random", "evolution", "genetic", "nsga2", "local", "predictor", "bo", "progressive")
-MODES = ("oneshot", "train", "table")
+GRADIENT_STRATEGIES = ("darts", "pc_darts", "gdas")
+"""The strategies of mode differentiable (jaxnas.search.differentiable); the others are ask / tell strategies."""
+STRATEGIES = ("random", "evolution", "genetic", "nsga2", "local", "predictor", "bo", "progressive",
+              *GRADIENT_STRATEGIES)
+MODES = ("oneshot", "train", "table", "differentiable")
 MACRO_FAMILIES = ("mlp", *BLOCK_FAMILIES)  # jaxnas.spaces.macro.FAMILIES, without importing jax here
 
 
@@ -89,7 +92,7 @@ class SearchConfig:
     """The strategy and the budget."""
 
     strategy: Literal[STRATEGIES] = _field(
-        "evolution", "Search strategy: " + ", ".join(STRATEGIES) + "."
+        "evolution", "Search strategy: " + ", ".join(STRATEGIES) + " (the last three: mode differentiable only)."
     )
     population: int = _field(8, "Candidates asked per generation (the vmapped population size P).", min=1,
                              max=MAX_POPULATION)
@@ -227,6 +230,61 @@ class FinalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DifferentiableConfig:
+    """Mode differentiable: gradient-based search over the nb201 cell (search.strategy darts, pc_darts or gdas).
+
+    The network weights learn on the train split (SGD with momentum, cosine schedule), the architecture
+    parameters on the validation split (Adam), one step of each per training batch (jaxnas.search.differentiable).
+    """
+
+    epochs: int = _field(10, "Search epochs: passes over the train split (the architecture steps cycle through the "
+                         "validation split alongside).", min=1)
+    batch_size: int = _field(64, "Batch size of the weight steps (train split) and the architecture steps "
+                             "(validation split).", min=1)
+    learning_rate: float = _field(0.025, "Weights: SGD learning rate at the start, cosine-decayed per step to "
+                                  "min_learning_rate (DARTS: 0.025).", min=0.0)
+    min_learning_rate: float = _field(0.001, "Weights: learning rate at the last step.", min=0.0)
+    momentum: float = _field(0.9, "Weights: SGD momentum.", min=0.0, max=1.0)
+    weight_decay: float = _field(3e-4, "Weights: L2 weight decay (added to the gradient).", min=0.0)
+    grad_clip: float = _field(5.0, "Weights: gradients clipped to this global norm (0: no clipping).", min=0.0)
+    arch_learning_rate: float = _field(
+        3e-3, "Architecture parameters: Adam learning rate (betas 0.5, 0.999). DARTS used 3e-4 for ~20k steps (50 "
+        "CIFAR-10 epochs); short searches on small data need more.", min=0.0,
+    )
+    arch_weight_decay: float = _field(1e-3, "Architecture parameters: L2 weight decay (added to the gradient).",
+                                      min=0.0)
+    warmup_epochs: int = _field(0, "Epochs of weight steps only before the architecture parameters start to learn "
+                                "(PC-DARTS: 15 of 50).", min=0)
+    second_order: bool = _field(
+        False, "darts / pc_darts: second-order architecture gradient (one unrolled virtual SGD step of the weights, "
+        "the Hessian-vector product by finite differences, Liu et al.); about 2.5x the cost of a first-order step.",
+    )
+    pc_k: int = _field(4, "pc_darts: 1 / pc_k of every edge's channels go through its mixed op (the rest bypass "
+                       "it, then a channel shuffle); must divide space.cell_channels.", min=1)
+    edge_normalisation: bool = _field(True, "pc_darts: scale each edge by a learnt softmax over the edges into its "
+                                      "node (the betas of PC-DARTS).")
+    tau_max: float = _field(10.0, "gdas: Gumbel-softmax temperature of the first epoch.", min=1e-6)
+    tau_min: float = _field(0.1, "gdas: temperature of the last epoch (linear in between).", min=1e-6)
+    exclude_none: bool = _field(
+        True, "Derivation: the op of each edge is its argmax over the ops other than none (DARTS); false: over all "
+        "five ops (NAS-Bench-201's own code), so an edge may be dropped.",
+    )
+    stop_skips: int | None = _field(
+        None, "Collapse guard (DARTS+): stop the search after the first epoch whose derived cell has at least this "
+        "many skip_connect edges (of 6); None: run every epoch. The share of parameter-free ops is recorded "
+        "either way.", min=1, max=6,
+    )
+
+    def __post_init__(self):
+        if self.tau_min > self.tau_max:
+            raise ValueError(f"differentiable.tau_min={self.tau_min} exceeds differentiable.tau_max={self.tau_max}; "
+                             "the temperature anneals from tau_max down to tau_min")
+        if self.min_learning_rate > self.learning_rate:
+            raise ValueError(f"differentiable.min_learning_rate={self.min_learning_rate} exceeds "
+                             f"differentiable.learning_rate={self.learning_rate}; the schedule decays to it")
+
+
+@dataclasses.dataclass(frozen=True)
 class DistributedConfig:
     """Several processes (hosts) searching together on JAX's distributed runtime (`jaxnas.distributed`)."""
 
@@ -257,8 +315,9 @@ class RunConfig:
 
     seed: int = _field(0, "Seed of every random choice in the run (a JAX PRNG seed: 32 bits).", min=0, max=2**32 - 1)
     output: str = _field("runs/quick", "Run folder: everything the run writes goes here.")
-    mode: Literal["oneshot", "train", "table"] = _field(
-        "train", "Evaluation: oneshot (trained supernet, inherited weights), train (population training), table."
+    mode: Literal[MODES] = _field(
+        "train", "Evaluation: oneshot (trained supernet, inherited weights), train (population training), table, "
+        "differentiable (gradient-based search of the nb201 cell: search.strategy darts, pc_darts or gdas)."
     )
     data: DataConfig = _section(DataConfig, "The dataset.")
     space: SpaceConfig = _section(SpaceConfig, "The search space.")
@@ -269,6 +328,8 @@ class RunConfig:
     table: TableConfig = _section(TableConfig, "Tabular benchmark (mode table).")
     objectives: ObjectivesConfig = _section(ObjectivesConfig, "Objectives and constraints.")
     final: FinalConfig = _section(FinalConfig, "Final retraining and test evaluation.")
+    differentiable: DifferentiableConfig = _section(DifferentiableConfig,
+                                                    "Gradient-based search (mode differentiable).")
     distributed: DistributedConfig = _section(DistributedConfig, "Multi-process (multi-host) runs.")
     progress: bool = _field(True, "Show a progress bar.")
 
@@ -289,8 +350,42 @@ class RunConfig:
                 "search.prefilter=naswot needs binary activation codes, which the transformer supernet does not "
                 "record; use search.prefilter=grad_norm, snip or synflow"
             )
+        self._check_differentiable()
         if self.population.backend == "sized" and self.space.name != "macro":
             raise ValueError(
                 f"population.backend=sized computes macro-space candidates at their own sizes, got space.name="
                 f"{self.space.name!r}; use population.backend=auto or masked"
             )
+
+    def _check_differentiable(self):
+        """Mode differentiable and the gradient strategies go together, on the nb201 space, without what they
+        cannot do (constraints, pre-filter, warm start)."""
+        strategy, gradient = self.search.strategy, self.search.strategy in GRADIENT_STRATEGIES
+        if gradient and self.mode != "differentiable":
+            raise ValueError(f"search.strategy={strategy} is a gradient-based search: it needs mode=differentiable, "
+                             f"got mode={self.mode}")
+        if self.mode != "differentiable":
+            return
+        if not gradient:
+            raise ValueError(f"mode=differentiable needs search.strategy={' | '.join(GRADIENT_STRATEGIES)}, got "
+                             f"search.strategy={strategy} (an ask / tell strategy: use mode train or oneshot for it)")
+        if self.space.name != "nb201":
+            raise ValueError(f"mode=differentiable searches the NAS-Bench-201 cell, got space.name={self.space.name}; "
+                             "set space.name=nb201")
+        if self.objectives.constraints:
+            raise ValueError(f"objectives.constraints={list(self.objectives.constraints)}: mode=differentiable cannot "
+                             "enforce constraints (its architecture follows the gradient); drop them, or use mode "
+                             "train / oneshot")
+        if self.search.prefilter != "none":
+            raise ValueError(f"search.prefilter={self.search.prefilter} filters asked candidates; mode=differentiable "
+                             "asks none. Use search.prefilter=none")
+        if self.train.warm_start:
+            raise ValueError("train.warm_start=true starts candidates from a oneshot supernet; mode=differentiable "
+                             "trains none. Use train.warm_start=false")
+        d = self.differentiable
+        if d.second_order and strategy == "gdas":
+            raise ValueError("differentiable.second_order=true needs search.strategy=darts or pc_darts (gdas samples "
+                             "its cell, so its gradient is first order); set differentiable.second_order=false")
+        if strategy == "pc_darts" and self.space.cell_channels % d.pc_k:
+            raise ValueError(f"differentiable.pc_k={d.pc_k} must divide space.cell_channels={self.space.cell_channels} "
+                             "(each edge's channels split into pc_k equal groups)")

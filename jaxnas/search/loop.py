@@ -12,6 +12,10 @@
 Every random choice derives from ``seed`` and the generation number, so a run resumed from its last checkpoint
 ends exactly as the same run left alone. Afterwards (modes oneshot, train) the top-k architectures are retrained
 from scratch and scored on the test split, the best by validation accuracy is exported, and the report is written.
+
+Mode differentiable runs epochs instead of generations (`jaxnas.search.differentiable`): one history row, one
+checkpoint (weights, architecture parameters, optimiser states, key) per epoch; its answer, the cell derived at
+the end, is retrained, tested and exported the same way.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from jaxnas.status import EVALUATED, REUSED, TOLD_WORST, Status
 from jaxnas.data import load_dataset
 from jaxnas.search import objectives as obj
 from jaxnas.search.checkpoint import RunCheckpoints, load_arrays, save_arrays
-from jaxnas.search import fidelity, proxies
+from jaxnas.search import differentiable, fidelity, proxies
 from jaxnas.search.archive import Archive
 from jaxnas.search.evaluate import OneShotEvaluator, TableEvaluator, TrainEvaluator, Ends, train_supernet
 from jaxnas.search.export import export_model
@@ -78,7 +82,8 @@ class SearchRun:
         self.constraints = tuple(obj.parse_constraint(c, allowed) for c in cfg.objectives.constraints)
         self.needs_latency = any(m == "latency_ms" for m in [o.name for o in self.objectives] + [
             c.metric for c in self.constraints])
-        self.strategy = build_strategy(cfg, self.space, len(self.objectives))
+        self.by_gradient = cfg.mode == "differentiable"  # epochs of a differentiable search, not generations
+        self.strategy = None if self.by_gradient else build_strategy(cfg, self.space, len(self.objectives))
         self.multi = cfg.search.strategy == "nsga2"
         self._proxy_inputs = None
 
@@ -117,10 +122,9 @@ class SearchRun:
                 f"largest network x 16 bytes) on a machine with {have / 2**30:.1f} GiB; use search.population <= {most}"
             )
 
-    def _setup_evaluator(self, queries: int):
+    def _setup_evaluator(self):
         cfg = self.cfg
         if cfg.mode == "table":
-            self._table.counter.queries = queries
             return self._table
         supernet = None
         if cfg.mode == "oneshot" or cfg.train.warm_start:
@@ -293,7 +297,12 @@ class SearchRun:
 
     # ------------------------------------------------------------------ outputs
     def _columns(self) -> list[str]:
-        metrics = ["signal", "report"] if self.cfg.mode == "table" else [*obj.TRAINED, *obj.CHEAP]
+        if self.cfg.mode == "table":
+            metrics = ["signal", "report"]
+        elif self.by_gradient:
+            metrics = [*differentiable.columns(self.cfg.search.strategy), *obj.CHEAP]
+        else:
+            metrics = [*obj.TRAINED, *obj.CHEAP]
         if self.cfg.mode == "train":
             metrics.append("epochs")  # the fidelity a candidate was scored at (fast mode, successive halving)
         if self.needs_latency:
@@ -345,8 +354,15 @@ class SearchRun:
         cfg = self.cfg
         started = time.perf_counter()
         self.key = jax.random.key(cfg.seed)
-        self._ask, self._tell_jit = _compiled(self.strategy)
-        state = self.strategy.init(jax.random.fold_in(self.key, 0))
+        evaluator = self.evaluator = self._setup_evaluator()
+        if self.by_gradient:
+            data = evaluator.data  # the final retraining's splits on the device serve the search too
+            self._search = differentiable.DifferentiableSearch(cfg, self.model.supernet, (data.train_x, data.train_y),
+                                                               (data.val_x, data.val_y))
+            state = self._search.init(jax.random.fold_in(self.key, 0))
+        else:
+            self._ask, self._tell_jit = _compiled(self.strategy)
+            state = self.strategy.init(jax.random.fold_in(self.key, 0))
         fingerprint = json.loads(json.dumps(json_safe(to_dict(cfg))))
         archive = Archive(config=fingerprint)
         checkpoints = RunCheckpoints(self.out)
@@ -361,17 +377,34 @@ class SearchRun:
                                    f"({'; '.join(changed)}); only {', '.join(RESUMABLE_KEYS)} may change on resume. "
                                    "Restore those values, or start a new output= with the new config")
                 archive.config = fingerprint
-                self.log(f"resumed {self.out} after generation {archive.generation - 1} "
-                         f"({archive.evaluations} evaluations)")
-        evaluator = self.evaluator = self._setup_evaluator(queries=archive.evaluations)
+                done = "" if self.by_gradient else f" ({archive.evaluations} evaluations)"
+                self.log(f"resumed {self.out} after {'epoch' if self.by_gradient else 'generation'} "
+                         f"{archive.generation - 1}{done}")
+        if cfg.mode == "table":
+            self._table.counter.queries = archive.evaluations
         if self.needs_latency:
             self._latency_params = self.model.init(jax.random.key(0))
             self._latency_batches = jnp.zeros((1, 2, *self.model.image_shape), jnp.float32)
+        if self.by_gradient:
+            self._epochs(state, archive, checkpoints)
+        else:
+            self._generations(state, archive, checkpoints, evaluator)
+        checkpoints.close()
+        if archive.stopped:
+            done = (f"{archive.generation} of {cfg.differentiable.epochs} epochs" if self.by_gradient else
+                    f"{archive.evaluations} of {cfg.search.budget} evaluations")
+            self.log(f"search stopped before its budget ({done}): {archive.stopped}")
+        self._write_tables(archive)
+        return self._finish(archive, started)
+
+    def _generations(self, state, archive: Archive, checkpoints: RunCheckpoints, evaluator) -> None:
+        """The generations of an ask / tell search until its budget (or another stop), each checkpointed."""
+        cfg = self.cfg
         cache = {}
         for row in archive.candidates:
             if row["status"] in REUSED:
                 cache.setdefault(row["arch"], row)
-        progress = _progress(cfg, archive.evaluations)
+        progress = _progress(cfg, archive.evaluations, cfg.search.budget, "eval")
         g = archive.generation
         size = self.space.size()
         if (archive.stopped or "").startswith("stalled") and archive.stalled < cfg.search.stall_generations:
@@ -397,16 +430,43 @@ class SearchRun:
             if archive.stopped:
                 break
         progress.close()
-        checkpoints.close()
-        if archive.stopped:
-            self.log(f"search stopped before its budget ({archive.evaluations} of {cfg.search.budget} evaluations): "
-                     f"{archive.stopped}")
-        self._write_tables(archive)
-        return self._finish(archive, started)
+
+    def _epochs(self, state, archive: Archive, checkpoints: RunCheckpoints) -> None:
+        """Mode differentiable: the search's epochs, each one history row (the cell derived after it) and one
+        checkpoint; the collapse guard (differentiable.stop_skips) may stop it early."""
+        cfg, d = self.cfg, self.cfg.differentiable
+        progress = _progress(cfg, archive.generation, d.epochs, "epoch")
+        for epoch in range(archive.generation, d.epochs):
+            if archive.stopped:
+                break
+            tick = time.perf_counter()
+            state, enc, metrics = self._search.epoch(state, epoch)
+            row = {"generation": epoch, "index": 0, "arch": self.space.to_string(enc), "status": Status.OK,
+                   "fitness": metrics["val_accuracy"], **metrics, **self._cheap(enc)}
+            archive.candidates.append(row)
+            archive.generations.append(self._generation_stats(epoch, enc[None], [row], archive))
+            archive.generation = epoch + 1
+            archive.seconds += time.perf_counter() - tick
+            if d.stop_skips is not None and row["skip_connections"] >= d.stop_skips:
+                archive.stopped = (f"collapse guard: the cell derived after epoch {epoch} has "
+                                   f"{row['skip_connections']} skip connections (differentiable.stop_skips="
+                                   f"{d.stop_skips})")
+            with held_interrupt():  # a Ctrl-C here stops the run after the epoch is written whole
+                checkpoints.save(epoch + 1, state, archive.to_dict())
+                self._write_tables(archive)
+            progress.update(1)
+            progress.set_postfix(epoch=epoch, val=f"{row['val_accuracy']:.4g}", free=f"{row['param_free_share']:.2f}")
+        progress.close()
+        last = archive.candidates[-1]
+        self.log(f"{cfg.search.strategy}: {archive.generation} epochs in {archive.seconds:.1f} s; derived "
+                 f"{last['arch']} (parameter-free share {last['param_free_share']:.2f}, alpha entropy "
+                 f"{last['alpha_entropy']:.3f})")
 
     def _finish(self, archive: Archive, started: float) -> dict:
         cfg = self.cfg
         rows = [r for r in archive.candidates if r["status"] in EVALUATED and math.isfinite(r["fitness"])]
+        if self.by_gradient:
+            rows = rows[-1:]  # the search's answer is the cell derived at its end, whatever earlier epochs scored
         pareto = self._pareto(archive)
         _write(self.out / "pareto.json", json.dumps(json_safe(pareto), indent=2) + "\n")
         summary = {
@@ -423,6 +483,8 @@ class SearchRun:
         }
         if cfg.mode == "table":
             summary["queries"] = archive.evaluations
+        if self.by_gradient:
+            summary["differentiable"] = differentiable.summary(archive.candidates)
         if not rows:
             summary["best_arch"] = None
             self.log(_why_nothing(archive.candidates))
@@ -655,15 +717,15 @@ def _cell(value):
     return value
 
 
-def _progress(cfg: RunConfig, done: int):
+def _progress(cfg: RunConfig, done: int, total: int, unit: str):
     enabled = cfg.progress and distributed.is_primary()
     if enabled:
         from tqdm.auto import tqdm
     else:
         from tqdm import tqdm  # disabled: tqdm.auto would still warn in a notebook without ipywidgets
 
-    return tqdm(total=cfg.search.budget, initial=done, desc=f"search ({cfg.search.strategy}, {cfg.mode})",
-                unit="eval", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, initial=done, desc=f"search ({cfg.search.strategy}, {cfg.mode})",
+                unit=unit, disable=not enabled, dynamic_ncols=True)
 
 
 def run_search(cfg: RunConfig, *, resume: bool = False, log=print) -> dict:

@@ -6,7 +6,7 @@ Every strategy asks ``search.population`` candidates per generation (P, the vmap
 
 from __future__ import annotations
 
-from jaxnas.config import RunConfig
+from jaxnas.config import GRADIENT_STRATEGIES, RunConfig
 from jaxnas.spaces.core import Space
 from jaxnas.strategies import (
     NSGA2,
@@ -38,6 +38,9 @@ def _levels(space: Space) -> list[list[str]]:
 
 def build_strategy(cfg: RunConfig, space: Space, n_objectives: int):
     s = cfg.search
+    if s.strategy in GRADIENT_STRATEGIES:
+        raise ValueError(f"search.strategy={s.strategy} is a gradient-based search, not an ask / tell strategy: "
+                         "mode=differentiable runs it (jaxnas.search.differentiable)")
     P = s.population
     pool = s.pool_size or 2 * P
     if s.strategy == "random":

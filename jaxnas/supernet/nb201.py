@@ -33,6 +33,11 @@ this costs nothing there and keeps every BatchNorm statistic defined. The N cell
 Measured on XLA:CPU (2 busy cores): the vmapped gradient of a C = 4, N = 1 supernet takes ~17 s of CPU to
 compile, almost all of it LLVM code generation for ~480 kernels; one op set per edge, 1x1 kernels merged into
 the 3x3 convolution, or no selects at all each changed that by less than the run-to-run noise.
+
+Mixed forward (`apply_mixed`, `mixed_cell`): DARTS' continuous relaxation from the same op implementations; every
+edge sums its ops weighted by ``op_weights`` [6, 5] instead of selecting one (`jaxnas.search.differentiable` learns
+those weights), with PC-DARTS' partial channels and edge weights as options. A cell derived from it is an ordinary
+encoding, so its twin comes from `extract` like any other.
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ CONV_OPS = {"nor_conv_1x1": 1, "nor_conv_3x3": 3}
 """Kernel size of each parametric op."""
 _SKIP, _CONV1, _CONV3 = (OPS.index(op) for op in ("skip_connect", "nor_conv_1x1", "nor_conv_3x3"))
 _EDGE_NAMES = tuple(f"{to}<-{src}" for to, src in EDGES)
+_LEAVING = {src: tuple(e for e, (_, i) in enumerate(EDGES) if i == src) for src in (0, 1, 2)}
+"""The edges leaving node ``src``, in `EDGES` order."""
 
 
 def _avg_pool_3x3(x: jax.Array) -> jax.Array:
@@ -75,6 +82,13 @@ def _halve(x: jax.Array) -> jax.Array:
     ho, wo = x.shape[1] // 2, x.shape[2] // 2  # odd sizes drop the last row / column, as a VALID pool does
     views = [x[:, i : 2 * ho : 2, j : 2 * wo : 2] for i in (0, 1) for j in (0, 1)]
     return functools.reduce(jnp.add, views) / 4
+
+
+def _channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
+    """x [..., c] with its channels interleaved across ``groups`` groups of c / groups (ShuffleNet's shuffle):
+    output channel i * groups + g is input channel g * c / groups + i."""
+    c = x.shape[-1]
+    return x.reshape(*x.shape[:-1], groups, c // groups).swapaxes(-1, -2).reshape(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------- twin
@@ -358,22 +372,70 @@ class NB201Supernet:
         self._forward(params, enc, x, None, codes)
         return codes.kernel
 
+    def apply_mixed(
+        self, params: dict, op_weights: jax.Array, x: jax.Array, *, edge_weights: jax.Array | None = None,
+        partial: int = 1,
+    ) -> jax.Array:
+        """logits [B, classes] float32 of the continuous relaxation of the cell (DARTS' mixed operations) on ``x``.
+
+        Every edge e of every cell computes ``sum_k op_weights[e, k] * op_k(its input)`` over the five ops in
+        `OPS` order (``op_weights`` float [6, 5]: softmax(alpha) for DARTS, a straight-through one-hot for
+        GDAS). BatchNorm always uses the batch's statistics, as DARTS' search cells (they keep none).
+
+        ``edge_weights`` float [6] (PC-DARTS' edge normalisation): edge e's output is scaled by it before the sum
+        into its node. ``partial`` K (PC-DARTS' partial channels): only the first c / K channels of an edge's
+        input go through its mixed op, whose conv ops use the first c / K input and output channels of their
+        kernels; the other channels bypass it, and the concatenation is shuffled with K groups. With K = 1, no
+        ``edge_weights`` and one-hot ``op_weights`` the logits equal ``apply(params, enc, x, train=True)`` of the
+        cell ``enc`` the one-hots pick. Pure and jit-able; differentiable in ``op_weights`` and ``edge_weights``.
+        """
+        if jnp.shape(op_weights) != (len(EDGES), len(OPS)):
+            raise ValueError(
+                f"op_weights must be float [{len(EDGES)}, {len(OPS)}] (edges {_EDGE_NAMES} x ops {OPS}), got shape "
+                f"{jnp.shape(op_weights)}"
+            )
+        if edge_weights is not None and jnp.shape(edge_weights) != (len(EDGES),):
+            raise ValueError(f"edge_weights must be float [{len(EDGES)}], got shape {jnp.shape(edge_weights)}")
+        if partial < 1 or self.channels % partial:
+            raise ValueError(
+                f"partial channels K={partial} must be >= 1 and divide the cell channels C={self.channels} (every "
+                "stage's c = C * 2^s then splits into K equal groups); choose a divisor of C"
+            )
+
+        def cell(p, given, h, codes):
+            return self.mixed_cell(p, op_weights, h, edge_weights=edge_weights, partial=partial), None
+
+        logits, _ = self._network(params, x, None, cell)
+        return logits
+
     def _forward(
         self, params: dict, enc: jax.Array, x: jax.Array, given: dict | None, codes: ActivationCodes | None = None
     ) -> tuple[jax.Array, dict]:
-        """(logits [B, classes], the BatchNorm statistics used); ``given`` None: every BatchNorm uses the batch's.
-        ``codes`` records the activation codes of every ReLU of the network."""
-        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.image_shape):
-            raise ValueError(
-                f"inputs must be [B, H, W, C] = [B, {', '.join(map(str, self.image_shape))}], got shape {x.shape}; "
-                f"build NB201Supernet(space, image_shape={tuple(x.shape[1:])}, ...) for these images"
-            )
+        """(logits [B, classes], the BatchNorm statistics used) of the cell ``enc``; ``given`` None: every
+        BatchNorm uses the batch's. ``codes`` records the activation codes of every ReLU of the network."""
         if jnp.shape(enc) != (len(EDGES),):
             raise ValueError(
                 f"an NB201 encoding is int32 [{len(EDGES)}] (one op index per edge {_EDGE_NAMES}), got shape "
                 f"{jnp.shape(enc)}; vmap apply over a population [P, {len(EDGES)}]"
             )
-        fmt, enc = self.conv_formulation, jnp.asarray(enc, jnp.int32)
+        enc = jnp.asarray(enc, jnp.int32)
+
+        def cell(p, g, h, cell_codes):
+            return self._cell(p, g, enc, h, cell_codes)
+
+        return self._network(params, x, given, cell, codes)
+
+    def _network(
+        self, params: dict, x: jax.Array, given: dict | None, cell: Callable, codes: ActivationCodes | None = None
+    ) -> tuple[jax.Array, dict]:
+        """(logits [B, classes], the BatchNorm statistics used) of the network whose every cell is
+        ``cell(cell params, given cell statistics | None, h, codes | None) -> (h, cell statistics)``."""
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.image_shape):
+            raise ValueError(
+                f"inputs must be [B, H, W, C] = [B, {', '.join(map(str, self.image_shape))}], got shape {x.shape}; "
+                f"build NB201Supernet(space, image_shape={tuple(x.shape[1:])}, ...) for these images"
+            )
+        fmt = self.conv_formulation
 
         def part(*path):
             """The given statistics at ``path``, or None (use the batch's)."""
@@ -388,13 +450,13 @@ class NB201Supernet:
                     params["reductions"][s - 1], h, part("reductions", s - 1), codes
                 )
 
-            def cell(h, weights):
+            def scanned(h, weights):
                 p, g = weights
                 cell_codes = None if codes is None else ActivationCodes(h.shape[0])
-                h, cell_stats = self._cell(p, g, enc, h, cell_codes)
+                h, cell_stats = cell(p, g, h, cell_codes)
                 return h, (cell_stats, None if codes is None else cell_codes.kernel)
 
-            h, (stats["cells"][s], kernels) = jax.lax.scan(cell, h, (params["cells"][s], part("cells", s)))
+            h, (stats["cells"][s], kernels) = jax.lax.scan(scanned, h, (params["cells"][s], part("cells", s)))
             if codes is not None:
                 codes.kernel = codes.kernel + kernels.sum(0)
         h, stats["lastact"] = _normalised(h, part("lastact"), params["lastact"])
@@ -415,45 +477,84 @@ class NB201Supernet:
         b, stats_b = _normalised(conv2d(jax.nn.relu(a), p["conv_b"]["kernel"], 1, fmt), g_b, p["norm_b"])
         return conv2d(_halve(x), p["shortcut"]["kernel"], 1, fmt) + b, {"norm_a": stats_a, "norm_b": stats_b}
 
+    def _edge_ops(self, p: dict, h: jax.Array, src: int, given: dict | None = None) -> tuple[dict, dict]:
+        """Every op's output on each edge leaving node ``src``, from the node's value h [B, h, w, c']:
+        ({edge: {op: [B, h, w, c']}}, {edge: {conv op: {"mean", "var"} it used}}).
+
+        c' may be fewer than the stage's channels (PC-DARTS' partial channels): conv ops then use the first c'
+        input and output channels of their kernels. The edges' conv ops run together: one convolution per kernel
+        size with the edges' kernels concatenated on the output axis ([B, h, w, n * c']: wider matmuls), and one
+        BatchNorm over all 2 * n * c' channels (per channel, so exactly the per-edge BatchNorms); an edge's
+        ``given`` statistics {edge: {"mean", "var"}} serve both its conv ops.
+        """
+        fmt, c = self.conv_formulation, h.shape[-1]
+        edges = _LEAVING[src]
+        relu = jax.nn.relu(h)
+        z = jnp.concatenate(
+            [conv2d(relu, jnp.concatenate([p[e][op]["kernel"][:, :, :c, :c] for e in edges], -1), 1, fmt)
+             for op in CONV_OPS], -1
+        )
+        # Channel block k of z is (op k // n, edge edges[k % n]).
+        blocks = [(op, e) for op in CONV_OPS for e in edges]
+        g = None
+        if given is not None:
+            g = {v: jnp.concatenate([given[e][v] for _, e in blocks]) for v in ("mean", "var")}
+        z, used = _normalised(z, g)
+        pool = _avg_pool_3x3(h)
+        outputs, stats = {}, {}
+        for e in edges:
+            at = {op: blocks.index((op, e)) * c for op in CONV_OPS}
+            outputs[e] = {"none": jnp.zeros_like(h), "skip_connect": h, "avg_pool_3x3": pool}
+            outputs[e] |= {op: z[..., i : i + c] for op, i in at.items()}
+            stats[e] = {op: {v: a[i : i + c] for v, a in used.items()} for op, i in at.items()}
+        return outputs, stats
+
     def _cell(
         self, p: dict, given: dict | None, enc: jax.Array, x: jax.Array, codes: ActivationCodes | None = None
     ) -> tuple[jax.Array, dict]:
         """(node 3 of one cell on x [B, h, w, c], each edge's conv statistics {edge: {"mean", "var"}}).
 
-        Once node i is final, its n outgoing edges run together: one convolution per kernel size with the
-        edges' kernels concatenated on the output axis ([B, h, w, n * c]: wider matmuls), and one BatchNorm over
-        all 2 * n * c channels (per channel, so exactly the per-edge BatchNorms).
+        Once node i is final, its outgoing edges run together (`_edge_ops`) and each keeps its encoded op.
         """
-        fmt, c = self.conv_formulation, x.shape[-1]
         nodes, incoming, stats = [x], {1: [], 2: [], 3: []}, {}
         for src in (0, 1, 2):
             h = nodes[src]
-            edges = [e for e, (_, i) in enumerate(EDGES) if i == src]
-            relu = jax.nn.relu(h)
             if codes is not None:  # one ReLU per conv op leaving this node
-                codes.add(h, sum((enc[e] == _CONV1) | (enc[e] == _CONV3) for e in edges))
-            z = jnp.concatenate(
-                [conv2d(relu, jnp.concatenate([p[e][op]["kernel"] for e in edges], -1), 1, fmt) for op in CONV_OPS], -1
-            )
-            # Channel block k of z is (op k // n, edge edges[k % n]); an edge's given statistics serve both its ops.
-            blocks = [(op, e) for op in CONV_OPS for e in edges]
-            g = None
-            if given is not None:
-                g = {v: jnp.concatenate([given[e][v] for _, e in blocks]) for v in ("mean", "var")}
-            z, used = _normalised(z, g)
-            pool = _avg_pool_3x3(h)
-            for e in edges:
+                codes.add(h, sum((enc[e] == _CONV1) | (enc[e] == _CONV3) for e in _LEAVING[src]))
+            outputs, used = self._edge_ops(p, h, src, given)
+            for e in _LEAVING[src]:
                 op = enc[e]
-                conv1, conv3 = (blocks.index((name, e)) * c for name in CONV_OPS)
-                candidates = {"none": jnp.zeros_like(h), "skip_connect": h, "avg_pool_3x3": pool}
-                candidates |= {"nor_conv_1x1": z[..., conv1 : conv1 + c], "nor_conv_3x3": z[..., conv3 : conv3 + c]}
-                incoming[EDGES[e][0]].append(jax.lax.select_n(op, *(candidates[name] for name in OPS)))
-                stats[e] = {
-                    v: jnp.where(op == _CONV1, a[conv1 : conv1 + c], a[conv3 : conv3 + c]) for v, a in used.items()
-                }
+                incoming[EDGES[e][0]].append(jax.lax.select_n(op, *(outputs[e][name] for name in OPS)))
+                # A none / skip / pool edge records its 3x3 candidate's statistics (never read).
+                stats[e] = jax.tree.map(
+                    lambda a, b: jnp.where(op == _CONV1, a, b), used[e]["nor_conv_1x1"], used[e]["nor_conv_3x3"]
+                )
             # Sources arrive in ascending order, so node j sums its edges as NB201 does (from node 0 upwards).
             nodes.append(functools.reduce(jnp.add, incoming[src + 1]))
         return nodes[3], stats
+
+    def mixed_cell(
+        self, cell_params: dict, op_weights: jax.Array, x: jax.Array, *, edge_weights: jax.Array | None = None,
+        partial: int = 1,
+    ) -> jax.Array:
+        """Node 3 [B, h, w, c] of one mixed cell on its input x [B, h, w, c]: what `apply_mixed` computes in every
+        cell. ``cell_params`` are one cell's weights ({edge: {conv op: {"kernel" [k, k, c, c]}}}, e.g.
+        ``jax.tree.map(lambda a: a[i], params["cells"][s])``); the other arguments as in `apply_mixed`."""
+        p, width = cell_params, x.shape[-1] // partial
+        nodes, incoming = [x], {1: [], 2: [], 3: []}
+        for src in (0, 1, 2):
+            h = nodes[src]
+            outputs, _ = self._edge_ops(p, h[..., :width], src)
+            for e in _LEAVING[src]:
+                # "none" adds op_weights[e, none] * 0: nothing, in value and in gradient, so it is left out.
+                out = functools.reduce(
+                    jnp.add, (op_weights[e, k] * outputs[e][op] for k, op in enumerate(OPS) if op != "none")
+                )
+                if partial > 1:
+                    out = _channel_shuffle(jnp.concatenate([out, h[..., width:]], -1), partial)
+                incoming[EDGES[e][0]].append(out if edge_weights is None else edge_weights[e] * out)
+            nodes.append(functools.reduce(jnp.add, incoming[src + 1]))
+        return nodes[3]
 
     # ------------------------------------------------------------------ architectures
     def cell_ops(self, enc: jax.Array) -> tuple[str, ...]:
