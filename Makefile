@@ -37,8 +37,9 @@ run: $(STAMP)
 	else $(PY) -m jaxnas.search --config configs/quick.yaml; fi
 
 # Two workers (pytest-xdist), one per core; each test file stays on one worker so its module fixtures run once.
+# A crashed worker ends the session at once, naming its test (xdist 3.8's loadfile scheduling can hang replacing it).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 --max-worker-restart=0
 
 clean:
 	rm -rf $(VENV) .pytest_cache

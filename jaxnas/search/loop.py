@@ -37,6 +37,7 @@ from interop._atomic import atomic_write_text
 from interop.config import dump_config, read_yaml, to_dict
 from interop.jsonsafe import json_safe
 from jaxnas import distributed
+from jaxnas.compiled import release_if_crowded
 from jaxnas import population as pop
 from jaxnas.config import RunConfig
 from jaxnas.status import EVALUATED, REUSED, TOLD_WORST, Status
@@ -424,6 +425,7 @@ class SearchRun:
             with held_interrupt():  # a Ctrl-C here stops the run after the generation is written whole
                 checkpoints.save(g + 1, state, archive.to_dict())
                 self._write_tables(archive)
+            release_if_crowded(log=self.log)  # a long run of many program shapes must not hit vm.max_map_count
             progress.update(archive.evaluations - before)
             progress.set_postfix(gen=g, best=f"{archive.generations[-1]['best_fitness']:.4g}")
             g += 1
@@ -454,6 +456,7 @@ class SearchRun:
             with held_interrupt():  # a Ctrl-C here stops the run after the epoch is written whole
                 checkpoints.save(epoch + 1, state, archive.to_dict())
                 self._write_tables(archive)
+            release_if_crowded(log=self.log)
             progress.update(1)
             progress.set_postfix(epoch=epoch, val=f"{row['val_accuracy']:.4g}", free=f"{row['param_free_share']:.2f}")
         progress.close()
