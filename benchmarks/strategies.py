@@ -86,6 +86,9 @@ def entries(space: Space, budget: int) -> list[Entry]:
                                        capacity=capacity), [skips], generations_per_level=25)),
         Entry("predictor", "MLP-ensemble surrogate screens 256 candidates, 5 per ask after 10 random",
               PredictorGuided(space, batch_size=5, initial=10, capacity=capacity)),
+        Entry("predictor (gp)", "GP surrogate (ARD Hamming kernel, latest 128 told) screens 256 candidates, 5 per "
+              "ask after 10 random",
+              PredictorGuided(space, batch_size=5, initial=10, capacity=128, surrogate="gp")),
         Entry("BO", "GP (ARD Hamming kernel, best 128 told) + expected improvement over 512 proposals, "
               "5 per ask after 10 random, deduplicated",
               deduplicated(BayesianOptimization(space, batch_size=5, initial=10, capacity=128), capacity=capacity)),

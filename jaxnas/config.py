@@ -116,6 +116,10 @@ class SearchConfig:
     elites: int = _field(2, "genetic / progressive: members carried over unchanged.", min=0)
     crossover_rate: float = _field(0.5, "genetic / nsga2: probability that compatible parents are crossed.", min=0.0, max=1.0)
     generations_per_level: int = _field(2, "progressive: generations before the next complexity level opens.", min=1)
+    surrogate: Literal["mlp", "gp"] = _field(
+        "mlp", "predictor: the surrogate that screens mutants, mlp (an ensemble of small MLPs) or gp (a Gaussian "
+        "process, the one of strategy bo); either way its Spearman on each told batch is logged."
+    )
 
 
 @dataclasses.dataclass(frozen=True)

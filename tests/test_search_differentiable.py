@@ -233,9 +233,11 @@ def _check_history(out: Path, epochs: int) -> list[dict]:
 
 
 def test_darts_run_retrains_tests_and_exports_the_derived_cell(tmp_path):
+    """The README's command (configs/nb201_darts.yaml), on the digits at the tests' size."""
     out = tmp_path / "darts"
     final = ["final.top_k=1", "final.epochs=1", "final.seeds=1", "final.baselines=[]", "final.control=0"]
-    assert main([f"output={out}", "search.strategy=darts", *RUN, *final]) == 0
+    assert main(["--config", str(ROOT / "configs" / "nb201_darts.yaml"), f"output={out}", "data.image_size=null",
+                 "differentiable.stop_skips=null", *RUN, *final]) == 0
     history = _check_history(out, 2)
     best = json.loads((out / "best.json").read_text())
     assert best["arch"] == best["final"]["arch"] == history[-1]["arch"]

@@ -56,6 +56,7 @@ STRATEGIES = {
     "local_first": LocalSearch(SPACE, batch_size=2),
     "local_best": LocalSearch(SPACE, batch_size=4, mode="best"),
     "predictor": PredictorGuided(SPACE, batch_size=8, initial=16, candidates=64, train_steps=30, capacity=256),
+    "predictor_gp": PredictorGuided(SPACE, batch_size=8, initial=16, candidates=64, capacity=128, surrogate="gp"),
     "dedup_re": deduplicated(RegularizedEvolution(SPACE, population_size=10, sample_size=3, batch_size=2),
                              capacity=256),
     "constrained_ga": with_constraints(GeneticAlgorithm(SPACE, population_size=10, elites=2), few_convs),
@@ -336,16 +337,39 @@ def test_spearman_matches_scipy_with_ties_and_masks(seed):
     assert float(spearman(jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask))) == pytest.approx(expected, abs=1e-5)
 
 
-def test_predictor_logs_the_spearman_of_its_predictions_on_told_candidates(table):
-    strategy = STRATEGIES["predictor"]
-    state, _ = run("predictor", table, jax.random.key(3), 3)
-    enc, state_asked = JITTED["predictor"][0](jax.random.key(9), state)
+@pytest.mark.parametrize("name", ["predictor", "predictor_gp"])
+def test_predictor_logs_the_spearman_of_its_predictions_on_told_candidates(table, name):
+    strategy = STRATEGIES[name]
+    state, _ = run(name, table, jax.random.key(3), 3)
+    enc, state_asked = JITTED[name][0](jax.random.key(9), state)
     fitness = jnp.asarray(table.lookup(np.asarray(enc), "baseline_acc"), jnp.float32)
     predicted = np.asarray(strategy.predict(state_asked, enc)[0])
-    after = JITTED["predictor"][1](state_asked, enc, fitness)
+    after = JITTED[name][1](state_asked, enc, fitness)
     expected = scipy.stats.spearmanr(predicted, np.asarray(fitness)).statistic
     assert float(after.spearman) == pytest.approx(expected, abs=1e-5)
     assert np.isfinite(float(strategy.metrics(after)["spearman_mean"]))
+
+
+def test_predictor_gp_surrogate_is_the_gaussian_process_posterior_of_the_standardised_archive(table):
+    """surrogate=gp: predictions are jaxnas.strategies.gp's posterior given the told rows, standardised; the
+    fitted hyper-parameters moved from their start."""
+    from jaxnas.strategies import gp
+    from jaxnas.strategies.base import one_hot_choices
+
+    strategy = STRATEGIES["predictor_gp"]
+    state, _ = run("predictor_gp", table, jax.random.key(4), 3)  # 24 told: past initial, so fitted
+    told = int(state.told)
+    fitness = np.asarray(state.fitness)[:told]
+    target = (fitness - fitness.mean()) / (fitness.std() + 1e-6)
+    query = SPACE.sample(jax.random.key(5), 7)
+    mean, cov = gp.posterior(state.params, one_hot_choices(SPACE, state.archive[:told]), jnp.asarray(target),
+                             jnp.ones(told, bool), one_hot_choices(SPACE, query))
+    got_mean, got_std = strategy.predict(state, query)
+    np.testing.assert_allclose(got_mean, mean, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_std, np.sqrt(np.maximum(np.diag(cov), 0)), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(np.asarray(state.params.log_lengthscale), np.log(2.0))
+    with pytest.raises(ValueError, match="surrogate must be mlp or gp, got 'rf'"):
+        PredictorGuided(SPACE, surrogate="rf")
 
 
 def test_bad_hyper_parameters_are_rejected_with_the_name():

@@ -2,6 +2,7 @@
 the Kriging-believer batch, the search against random search on a synthetic function, the ask / tell protocol, and
 a table-mode run that resumes exactly."""
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+import yaml
 
 from jaxnas.search.__main__ import main
 from jaxnas.spaces import Choice, Space, is_in, macro_space, nb201_space
@@ -275,3 +277,18 @@ def test_table_run_with_bo_spends_its_budget_and_a_resumed_run_ends_like_the_uni
     with pytest.warns(UserWarning, match=f"checkpoint step {latest.name}"):
         assert main(["--resume", str(broken)]) == 0
     assert _outputs(broken) == _outputs(whole)
+
+
+def test_table_run_with_the_predictor_on_a_gp_surrogate_logs_its_rank_correlation(tmp_path):
+    out = tmp_path / "gp"
+    assert main(["--config", TABLE_CONFIG, "search.strategy=predictor", "search.surrogate=gp", "search.budget=30",
+                 "search.population=6", "progress=false", f"output={out}"]) == 0
+    assert json.loads((out / "summary.json").read_text())["queries"] == 30
+    assert yaml.safe_load((out / "config.yaml").read_text())["search"]["surrogate"] == "gp"
+    with open(out / "generations.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    # generations.csv carries the strategy's diagnostics: the surrogate's Spearman on each told batch (NaN until
+    # it is fitted), and the deduplicating wrapper's counts.
+    assert {"strategy_spearman", "strategy_spearman_mean", "strategy_duplicates_replaced"} <= set(rows[0])
+    assert math.isnan(float(rows[0]["strategy_spearman"])) and np.isfinite(float(rows[-1]["strategy_spearman"]))
+    assert -1 <= float(rows[-1]["strategy_spearman_mean"]) <= 1

@@ -221,7 +221,10 @@ class SearchRun:
                 cache.setdefault(row["arch"], row)
             if row["status"] != Status.NOT_EVALUATED:
                 archive.candidates.append(row)
-        archive.generations.append(self._generation_stats(g, encs, rows, archive))
+        stats = self._generation_stats(g, encs, rows, archive)
+        # The strategy's own diagnostics (e.g. a surrogate's Spearman on this batch), as strategy_<name> columns.
+        stats.update({f"strategy_{k}": float(v) for k, v in jax.device_get(self.strategy.metrics(state)).items()})
+        archive.generations.append(stats)
         archive.generation = g + 1
         return state
 
@@ -314,7 +317,8 @@ class SearchRun:
 
     def _write_tables(self, archive: Archive) -> None:
         _write_csv(self.out / "history.csv", self._columns(), archive.candidates)
-        _write_csv(self.out / "generations.csv", GENERATION_COLUMNS, archive.generations)
+        extra = list(dict.fromkeys(k for row in archive.generations for k in row if k.startswith("strategy_")))
+        _write_csv(self.out / "generations.csv", GENERATION_COLUMNS + extra, archive.generations)
 
     def _pareto(self, archive: Archive) -> dict:
         rows, values = self._feasible_values(archive)

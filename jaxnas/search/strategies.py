@@ -70,5 +70,7 @@ def build_strategy(cfg: RunConfig, space: Space, n_objectives: int):
         inner = BayesianOptimization(space, batch_size=P, initial=initial, candidates=max(512, 4 * P),
                                      capacity=max(initial, min(512, s.budget + 2 * P)))
     else:
-        inner = PredictorGuided(space, batch_size=P, initial=max(2, P), capacity=max(512, 2 * s.budget))
+        # A GP solves a [C, C] system per fit step: its ring buffer holds the latest 512 at most.
+        capacity = max(P, min(512, 2 * s.budget)) if s.surrogate == "gp" else max(512, 2 * s.budget)
+        inner = PredictorGuided(space, batch_size=P, initial=max(2, P), capacity=capacity, surrogate=s.surrogate)
     return deduplicated(inner, capacity=max(1024, 2 * s.budget))

@@ -7,13 +7,16 @@ and asks the P with the highest predicted fitness (ensemble mean + ``exploration
 every tell, before retraining, the ensemble's predictions for the told candidates are compared with their
 real fitness: the Spearman rank correlation is kept in the state (``spearman``, and its running mean). Jittable.
 
-The Gaussian-process surrogate is `jaxnas.strategies.bo` (search.strategy=bo): the same one-hot features and the
-same logged rank correlation, with expected improvement in place of mean + exploration x std.
+``surrogate="gp"`` screens with a Gaussian process instead (`jaxnas.strategies.gp`: an exponentiated-Hamming kernel
+with one length scale per choice, fitted by marginal likelihood at every tell on the same standardised fitness;
+mean + exploration x std of its posterior), so the two surrogates are compared inside one strategy with the same
+logged rank correlation. `jaxnas.strategies.bo` (search.strategy=bo) uses that GP with expected improvement.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +24,7 @@ import optax
 from flax import struct
 
 from jaxnas.spaces.core import Space
+from jaxnas.strategies import gp
 from jaxnas.strategies.base import (
     check_batch,
     check_positive,
@@ -40,7 +44,8 @@ class PredictorState:
       archive: int32 [C, n_choices] told candidates (a ring buffer: beyond C, the oldest are forgotten).
       fitness: float32 [C] their fitness (-inf: empty or failed).
       told: int32 scalar, candidates told so far.
-      params: the ensemble's MLP weights, dict of float32 arrays with a leading [E] axis.
+      params: the surrogate's parameters: the ensemble's MLP weights (dict of float32 arrays with a leading [E]
+        axis), or the GP's hyper-parameters (`gp.GPParams`).
       spearman: float32 scalar, rank correlation of predicted and real fitness on the last told batch
         (NaN until the surrogate has been trained).
       spearman_sum, spearman_count: float32 / int32 scalars, for the running mean over batches.
@@ -49,7 +54,7 @@ class PredictorState:
     archive: jax.Array
     fitness: jax.Array
     told: jax.Array
-    params: dict
+    params: dict | gp.GPParams
     spearman: jax.Array
     spearman_sum: jax.Array
     spearman_count: jax.Array
@@ -71,7 +76,9 @@ class PredictorGuided:
       train_steps: Adam steps per tell (warm-started from the previous weights).
       learning_rate: Adam's step size.
       exploration: weight of the ensemble's std in the screening score.
-      capacity: C, archive rows (static shape).
+      capacity: C, archive rows (static shape); the GP solves a [C, C] system per step, O(C^3).
+      surrogate: ``"mlp"`` (the ensemble) or ``"gp"`` (a Gaussian process; ensemble, hidden and train_steps unused).
+      gp_fit_steps: surrogate gp: Adam steps on the marginal likelihood per tell (step size 0.1).
     """
 
     space: Space
@@ -86,6 +93,8 @@ class PredictorGuided:
     learning_rate: float = 3e-3
     exploration: float = 0.5
     capacity: int = 512
+    surrogate: Literal["mlp", "gp"] = "mlp"
+    gp_fit_steps: int = 10
 
     def __post_init__(self) -> None:
         check_positive("PredictorGuided", batch_size=self.batch_size, candidates=self.candidates,
@@ -98,6 +107,9 @@ class PredictorGuided:
                              f"({self.batch_size}): the surrogate picks the asked ones among them")
         if not 0.0 <= self.random_fraction <= 1.0:
             raise ValueError(f"PredictorGuided: random_fraction must lie in [0, 1], got {self.random_fraction}")
+        if self.surrogate not in ("mlp", "gp"):
+            raise ValueError(f"PredictorGuided: surrogate must be mlp or gp, got {self.surrogate!r}")
+        check_positive("PredictorGuided", gp_fit_steps=self.gp_fit_steps)
 
     @property
     def _width(self) -> int:
@@ -123,8 +135,22 @@ class PredictorGuided:
         x = jax.nn.relu(x @ params["w2"] + params["b2"])
         return (x @ params["w3"] + params["b3"])[..., 0]
 
+    def _targets(self, archive_fitness: jax.Array, told: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(standardised fitness float32 [C], rows to learn from bool [C]: told and finite)."""
+        use = (jnp.arange(self.capacity) < told) & jnp.isfinite(archive_fitness)
+        count = jnp.maximum(jnp.sum(use), 1)
+        mu = jnp.sum(jnp.where(use, archive_fitness, 0.0)) / count
+        sigma = jnp.sqrt(jnp.sum(jnp.where(use, (archive_fitness - mu) ** 2, 0.0)) / count) + 1e-6
+        return jnp.where(use, (archive_fitness - mu) / sigma, 0.0), use
+
     def predict(self, state: PredictorState, encodings: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(mean, std) float32 [P] of the ensemble's standardised predictions for ``encodings`` [P, n_choices]."""
+        """(mean, std) float32 [P] of the surrogate's standardised predictions for ``encodings`` [P, n_choices]:
+        over the ensemble, or the GP's posterior given the archive."""
+        if self.surrogate == "gp":
+            target, use = self._targets(state.fitness, state.told)
+            mean, cov = gp.posterior(state.params, one_hot_choices(self.space, state.archive), target, use,
+                                     one_hot_choices(self.space, encodings))
+            return mean, jnp.sqrt(jnp.maximum(jnp.diag(cov), 0.0))
         x = self.features(encodings)
         out = jax.vmap(self._mlp, in_axes=(0, None))(state.params, x)  # [E, P]
         return out.mean(0), out.std(0)
@@ -135,7 +161,8 @@ class PredictorGuided:
             archive=jnp.zeros((c, self.space.n_choices), jnp.int32),
             fitness=jnp.full(c, -jnp.inf, jnp.float32),
             told=jnp.zeros((), jnp.int32),
-            params=jax.vmap(self._init_mlp)(jax.random.split(key, self.ensemble)),
+            params=(gp.init_params(self.space.n_choices) if self.surrogate == "gp"
+                    else jax.vmap(self._init_mlp)(jax.random.split(key, self.ensemble))),
             spearman=jnp.full((), jnp.nan, jnp.float32),
             spearman_sum=jnp.zeros((), jnp.float32),
             spearman_count=jnp.zeros((), jnp.int32),
@@ -157,13 +184,13 @@ class PredictorGuided:
         warming_up = state.told < self.initial
         return jnp.where(warming_up, self.space.sample(k_init, self.batch_size), pool[best]), state
 
-    def _train(self, params: dict, archive: jax.Array, fitness: jax.Array, filled: jax.Array) -> dict:
-        """Ensemble weights after ``train_steps`` Adam steps on the archive's standardised fitness."""
-        use = filled & jnp.isfinite(fitness)
+    def _train(self, params, archive: jax.Array, fitness: jax.Array, told: jax.Array):
+        """The surrogate fitted to the archive's standardised fitness: the ensemble after ``train_steps`` Adam steps
+        (warm-started), or the GP's hyper-parameters after ``gp_fit_steps`` steps on its marginal likelihood."""
+        target, use = self._targets(fitness, told)
+        if self.surrogate == "gp":
+            return gp.fit(params, one_hot_choices(self.space, archive), target, use, self.gp_fit_steps, 0.1)
         count = jnp.maximum(jnp.sum(use), 1)
-        mu = jnp.sum(jnp.where(use, fitness, 0.0)) / count
-        sigma = jnp.sqrt(jnp.sum(jnp.where(use, (fitness - mu) ** 2, 0.0)) / count) + 1e-6
-        target = jnp.where(use, (fitness - mu) / sigma, 0.0)
         x = self.features(archive)
         optimiser = optax.adam(self.learning_rate)
 
@@ -190,10 +217,9 @@ class PredictorGuided:
         archive = state.archive.at[slots].set(encodings)
         archive_fitness = state.fitness.at[slots].set(fitness)
         told = state.told + encodings.shape[0]
-        filled = jnp.arange(self.capacity) < told
         params = jax.lax.cond(
             told >= self.initial,
-            lambda p: self._train(p, archive, archive_fitness, filled),
+            lambda p: self._train(p, archive, archive_fitness, told),
             lambda p: p,
             state.params,
         )
