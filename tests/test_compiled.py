@@ -47,3 +47,22 @@ def test_does_nothing_where_the_counts_cannot_be_read(tmp_path, monkeypatch):
     assert compiled.mapping_limit() is None
     with pytest.raises(ValueError, match=r"share must be in \(0, 1\], got 0"):
         compiled.release_if_crowded(share=0)
+
+
+def test_a_search_that_releases_its_programs_every_generation_ends_exactly_as_one_that_never_does(
+        tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from jaxnas.search.__main__ import main
+
+    table = str(Path(__file__).resolve().parents[1] / "configs" / "nb201_table.yaml")
+    args = ["--config", table, "search.strategy=evolution", "search.budget=24", "search.population=6",
+            "progress=false"]
+    assert main([*args, f"output={tmp_path / 'kept'}"]) == 0
+    assert "released JAX's compiled programs" not in capsys.readouterr().out
+    (tmp_path / "max_map_count").write_text("1\n")  # every generation is past the share: release each time
+    monkeypatch.setattr(compiled, "_LIMIT", tmp_path / "max_map_count")
+    assert main([*args, f"output={tmp_path / 'released'}"]) == 0
+    assert capsys.readouterr().out.count("released JAX's compiled programs") == 4  # 24 queries, 6 per generation
+    for name in ("history.csv", "generations.csv", "best.json", "pareto.json"):
+        assert (tmp_path / "released" / name).read_text() == (tmp_path / "kept" / name).read_text()
