@@ -11,7 +11,7 @@ what random search at that budget would pick.
 
 The first search of each strategy includes compiling its step (later seeds reuse the program); evolution's time
 includes compiling the candidates' training, and it runs at least one generation whatever that costs. Defaults
-are sized for ~20 minutes on a busy 2-core CPU, where the stand-alone retraining (the masked population backend:
+are sized for a CPU, where the stand-alone retraining (the masked population backend:
 every candidate computes all five ops of every edge) dominates: 8 x 8 images (mnist5k's 28 x 28 resized), one
 cell per stage, 4 channels, 10 search epochs, 6 retraining epochs (NB201 itself: 32 x 32, five cells, 16 channels).
 

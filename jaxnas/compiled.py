@@ -7,7 +7,7 @@ compilation fails, and on jax 0.10.2 the error then crashes the interpreter (a s
 exception unwinds) instead of raising. A search whose candidates compile programs of their own shapes (the sized
 backend, one program per distinct layer plan) can get there in a long run; so can a test session.
 
-`release_if_crowded` checks the count (one read of /proc/self/maps, ~1 ms per thousand mappings) and, past a share
+`release_if_crowded` checks the count (one read of /proc/self/maps) and, past a share
 of the cap, drops every compiled program with `jax.clear_caches`: the next calls compile again, nothing else
 changes. Elsewhere than Linux it does nothing.
 """

@@ -180,8 +180,8 @@ def bilevel_step(loss, weight_opt, arch_opt, state: Bilevel, train_batch, val_ba
     the virtual step of ``second_order`` (the weights' learning rate); ``learn_arch`` False leaves the architecture
     and its optimiser as they are (warm-up). Pure: jit it with ``loss``, the optimisers and ``second_order``
     static. The first-order step runs its two updates as a two-step `lax.scan` over one body, so XLA compiles
-    the network's gradient once: the body computes both gradients in either step, which cost at most ~10% more
-    time per step on CPU and cut the compile time by a third to a half (measured on the NB201 supernet). Both
+    the network's gradient once (the body computes both gradients in either step: a little more work per step for
+    a much shorter compile; docs/benchmarks.md). Both
     batches must have the same shape. The validation metrics are the architecture step's (second order: at the
     virtual weights w').
     """
