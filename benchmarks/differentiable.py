@@ -1,8 +1,10 @@
-"""Differentiable search (DARTS, PC-DARTS, GDAS) against random architectures and evolution, on one cell space.
+"""Differentiable search (DARTS, PC-DARTS, GDAS) against random architectures and evolution, on one space.
 
-Every strategy searches the NAS-Bench-201 cell on mnist5k once per ``--seeds`` seed: a run of mode differentiable
-(``python -m jaxnas.search``'s own code, final retraining off) gives the derived cell and its search time. Then
-every derived cell, ``--random`` cells drawn uniformly from the space, and the pick of regularized evolution (mode
+Every strategy searches the NAS-Bench-201 cell (``--space nb201``, the default) or the macro space's conv families
+(``--space macro``: configs/macro_darts.yaml; darts and gdas) on mnist5k once per ``--seeds`` seed: a run of mode
+differentiable (``python -m jaxnas.search``'s own code, final retraining off) gives the derived architecture and its
+search time. Then every derived architecture, ``--random`` ones drawn uniformly from the space, and the pick of
+regularized evolution (mode
 train's candidate training, run through the ask / tell API until it has used the differentiable searches' mean
 wall time) are retrained from scratch together with one recipe (``final.epochs``, ``final.patience``,
 ``train.*``) over ``--retrain-seeds`` seeds and tested. A strategy's test accuracy is the mean over its search
@@ -14,9 +16,11 @@ includes compiling the candidates' training, and it runs at least one generation
 are sized for a CPU, where the stand-alone retraining (the masked population backend:
 every candidate computes all five ops of every edge) dominates: 8 x 8 images (mnist5k's 28 x 28 resized), one
 cell per stage, 4 channels, 10 search epochs, 6 retraining epochs (NB201 itself: 32 x 32, five cells, 16 channels).
+The macro space runs at configs/macro_darts.yaml's sizes (16 x 16 images, stem stride 2) for the same epochs.
 
     python benchmarks/differentiable.py                          # the full comparison
     python benchmarks/differentiable.py data.image_size=[16,16] differentiable.epochs=10   # any RunConfig override
+    python benchmarks/differentiable.py --space macro            # the macro space: darts and gdas
     python benchmarks/differentiable.py --quick                  # digits, 1 epoch, 1 seed, no evolution: a smoke run
     python benchmarks/differentiable.py --json out.json          # also write every number as JSON
 """
@@ -44,6 +48,7 @@ from jaxnas.search.loop import run_search
 from jaxnas.search.models import build_space, model_for
 from jaxnas.search.strategies import build_strategy
 
+ROOT = Path(__file__).resolve().parents[1]
 BASE = [
     "space.name=nb201", "space.cells=1", "mode=differentiable", "final.top_k=0", "progress=false",
     "train.batch_size=64", "search.population=8", "train.epochs=1",
@@ -51,6 +56,11 @@ BASE = [
 FULL = ["data.name=mnist5k", "data.image_size=[8,8]", "space.cell_channels=4", "differentiable.epochs=10",
         "final.epochs=6", "final.patience=null"]
 QUICK = ["data.name=digits", "space.cell_channels=4", "differentiable.epochs=1", "final.epochs=1"]
+MACRO = ROOT / "configs" / "macro_darts.yaml"
+MACRO_BASE = ["final.top_k=0", "progress=false", "train.batch_size=64", "search.population=8", "train.epochs=1"]
+MACRO_FULL = ["differentiable.epochs=10", "final.epochs=6", "final.patience=null"]
+MACRO_QUICK = ["data.name=digits", "data.image_size=null", "space.channels=[4,8]", "space.max_stages=2",
+               "differentiable.epochs=1", "final.epochs=1"]
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -69,7 +79,7 @@ def searches(cfg: RunConfig, strategies: list[str], seeds: int, folder: Path) ->
             found = summary["differentiable"]
             out[strategy].append({"seed": seed, "arch": found["derived_arch"],
                                   "search_seconds": summary["search_seconds"],
-                                  "param_free_share": found["param_free_share_per_epoch"][-1],
+                                  "param_free_share": found.get("param_free_share_per_epoch", [None])[-1],
                                   "alpha_entropy": found["alpha_entropy"], "epochs": found["epochs"]})
             print(f"  {strategy} seed {seed}: {found['derived_arch']} in {summary['search_seconds']:.1f} s",
                   flush=True)
@@ -77,7 +87,7 @@ def searches(cfg: RunConfig, strategies: list[str], seeds: int, folder: Path) ->
 
 
 def random_cells(space, n: int, seed: int = 123) -> list[str]:
-    """``n`` distinct cells drawn uniformly from ``space`` (seeded)."""
+    """``n`` distinct architectures drawn uniformly from ``space`` (seeded)."""
     found: dict[str, None] = {}
     for attempt in range(50):
         for enc in np.asarray(space.sample(jax.random.fold_in(jax.random.key(seed), attempt), 4 * n)):
@@ -85,7 +95,7 @@ def random_cells(space, n: int, seed: int = 123) -> list[str]:
                 found.setdefault(space.to_string(enc), None)
         if len(found) == n:
             return list(found)
-    raise ValueError(f"could not draw {n} distinct cells")
+    raise ValueError(f"could not draw {n} distinct architectures")
 
 
 def evolution(cfg: RunConfig, space, model, dataset, seconds: float) -> dict:
@@ -113,11 +123,14 @@ def evolution(cfg: RunConfig, space, model, dataset, seconds: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", choices=("nb201", "macro"), default="nb201",
+                        help="the NAS-Bench-201 cell, or the macro space's conv families (configs/macro_darts.yaml)")
     parser.add_argument("--quick", action="store_true", help="digits, 1 epoch, 1 seed, 2 random cells, no evolution")
     parser.add_argument("--seeds", type=int, help="search seeds per strategy (default 2; quick 1)")
     parser.add_argument("--random", type=int, help="random cells of the space (default 8; quick 2)")
     parser.add_argument("--retrain-seeds", type=int, help="seeds of the stand-alone retraining (default 2; quick 1)")
-    parser.add_argument("--strategies", default=",".join(GRADIENT_STRATEGIES), help="comma-separated, e.g. darts,gdas")
+    parser.add_argument("--strategies", help="comma-separated, e.g. darts,gdas (default: darts,pc_darts,gdas; "
+                        "macro: darts,gdas)")
     parser.add_argument("--no-evolution", action="store_true", help="leave regularized evolution out")
     parser.add_argument("--json", type=Path, help="write every number to this JSON file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="RunConfig overrides for every run")
@@ -126,24 +139,32 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds or (1 if quick else 2)
     n_random = args.random or (2 if quick else 8)
     retrain_seeds = args.retrain_seeds or (1 if quick else 2)
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    cell = args.space == "nb201"
+    chosen = args.strategies or ",".join(s for s in GRADIENT_STRATEGIES if cell or s != "pc_darts")
+    strategies = [s.strip() for s in chosen.split(",") if s.strip()]
     unknown = [s for s in strategies if s not in GRADIENT_STRATEGIES]
     if unknown or min(seeds, n_random, retrain_seeds) < 1:
         print(f"error: --strategies takes {', '.join(GRADIENT_STRATEGIES)} (got {', '.join(unknown)}); --seeds, "
               "--random and --retrain-seeds must be >= 1", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(RunConfig, None, [*BASE, *(QUICK if quick else FULL), *args.overrides,
-                                            f"search.strategy={strategies[0]}"])
+        if cell:
+            cfg = load_config(RunConfig, None, [*BASE, *(QUICK if quick else FULL), *args.overrides,
+                                                f"search.strategy={strategies[0]}"])
+        else:
+            cfg = load_config(RunConfig, MACRO, [*MACRO_BASE, *(MACRO_QUICK if quick else MACRO_FULL), *args.overrides,
+                                                 f"search.strategy={strategies[0]}"])
     except ValueError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     dataset = load_dataset(cfg.data)
     space = build_space(cfg.space)
     model = model_for(space, cfg.space, dataset.info.image_shape, dataset.info.num_classes)
-    print(f"data {cfg.data.name} {dataset.info.image_shape}, nb201 cells: C={cfg.space.cell_channels}, "
-          f"N={cfg.space.cells}; {cfg.differentiable.epochs} search epochs; retraining {cfg.final.epochs} epochs x "
-          f"{retrain_seeds} seeds", flush=True)
+    searched = (f"nb201 cells: C={cfg.space.cell_channels}, N={cfg.space.cells}" if cell else
+                f"macro space {'/'.join(cfg.space.families)}: channels {list(cfg.space.channels)}, "
+                f"{cfg.space.max_stages} stages x {cfg.space.max_depth} blocks")
+    print(f"data {cfg.data.name} {dataset.info.image_shape}, {searched}; {cfg.differentiable.epochs} search epochs; "
+          f"retraining {cfg.final.epochs} epochs x {retrain_seeds} seeds", flush=True)
     with tempfile.TemporaryDirectory(prefix="jaxnas-differentiable-") as folder:
         found = searches(cfg, strategies, seeds, Path(folder))
     budget = float(np.mean([r["search_seconds"] for runs in found.values() for r in runs]))
@@ -166,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"test_accuracy_mean": float(np.mean(values)), "test_accuracy_std": float(np.std(values)),
                 "n": len(values)}
 
-    report = {"config": to_dict(cfg), "seeds": seeds, "retrain_seeds": retrain_seeds,
+    report = {"space": args.space, "config": to_dict(cfg), "seeds": seeds, "retrain_seeds": retrain_seeds,
               "retrain_seconds": round(retrain_seconds, 2), "strategies": {}}
     for strategy, runs in found.items():
         for r in runs:
@@ -177,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         }
     best_random = max(random, key=lambda a: val[a])
     report["random"] = {
-        "archs": [{"arch": a, "test_accuracy": test[a], "param_free_share": dif.param_free_share(space.from_string(a))}
-                  for a in random],
+        "archs": [{"arch": a, "test_accuracy": test[a],
+                   "param_free_share": dif.param_free_share(space.from_string(a)) if cell else None} for a in random],
         **stats([t for a in random for t in test[a]]),
         "best_by_validation": {"arch": best_random, **stats(test[best_random])},
     }
@@ -197,18 +218,20 @@ def _table(report: dict) -> str:
     def acc(row: dict) -> str:
         return f"{row['test_accuracy_mean']:.4f} +- {row['test_accuracy_std']:.4f} (n={row['n']})"
 
-    lines = [f"{'method':<26} {'search s':>9}  {'test accuracy':<26} cells (param-free share)"]
+    cell = report["space"] == "nb201"
+    lines = [f"{'method':<26} {'search s':>9}  {'test accuracy':<26} " + ("cells (param-free share)" if cell else
+                                                                          "architectures")]
     for name, row in report["strategies"].items():
-        cells = "; ".join(f"{r['arch']} ({r['param_free_share']:.2f})" for r in row["runs"])
-        lines.append(f"{name:<26} {row['search_seconds_mean']:>9.1f}  {acc(row):<26} {cells}")
+        found = "; ".join(r["arch"] + (f" ({r['param_free_share']:.2f})" if cell else "") for r in row["runs"])
+        lines.append(f"{name:<26} {row['search_seconds_mean']:>9.1f}  {acc(row):<26} {found}")
     rnd = report["random"]
-    lines.append(f"{'random (' + str(len(rnd['archs'])) + ' cells, mean)':<26} {'':>9}  {acc(rnd):<26} "
-                 f"mean param-free {np.mean([a['param_free_share'] for a in rnd['archs']]):.2f}")
+    free = f"mean param-free {np.mean([a['param_free_share'] for a in rnd['archs']]):.2f}" if cell else ""
+    lines.append(f"{'random (' + str(len(rnd['archs'])) + ' archs, mean)':<26} {'':>9}  {acc(rnd):<26} {free}")
     best = rnd["best_by_validation"]
     lines.append(f"{'random, best by val.':<26} {'':>9}  {acc(best):<26} {best['arch']}")
     evo = report["evolution"]
     if evo is not None:
-        lines.append(f"{'evolution (' + str(evo['evaluations']) + ' cells)':<26} {evo['seconds']:>9.1f}  "
+        lines.append(f"{'evolution (' + str(evo['evaluations']) + ' archs)':<26} {evo['seconds']:>9.1f}  "
                      f"{acc(evo):<26} {evo['arch']}")
     lines.append(f"retraining: {report['retrain_seeds']} seeds x {report['config']['final']['epochs']} epochs, "
                  f"{report['retrain_seconds']:.1f} s")

@@ -235,7 +235,8 @@ class FinalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DifferentiableConfig:
-    """Mode differentiable: gradient-based search over the nb201 cell (search.strategy darts, pc_darts or gdas).
+    """Mode differentiable: gradient-based search over the nb201 cell (search.strategy darts, pc_darts or gdas) or the
+    macro space's conv families (darts or gdas: every choice relaxed, jaxnas.supernet.conv.ConvSupernet.apply_relaxed).
 
     The network weights learn on the train split (SGD with momentum, cosine schedule), the architecture
     parameters on the validation split (Adam), one step of each per training batch (jaxnas.search.differentiable).
@@ -321,7 +322,8 @@ class RunConfig:
     output: str = _field("runs/quick", "Run folder: everything the run writes goes here.")
     mode: Literal[MODES] = _field(
         "train", "Evaluation: oneshot (trained supernet, inherited weights), train (population training), table, "
-        "differentiable (gradient-based search of the nb201 cell: search.strategy darts, pc_darts or gdas)."
+        "differentiable (gradient-based search of the nb201 cell or the macro conv families: search.strategy darts, "
+        "pc_darts or gdas)."
     )
     data: DataConfig = _section(DataConfig, "The dataset.")
     space: SpaceConfig = _section(SpaceConfig, "The search space.")
@@ -373,9 +375,19 @@ class RunConfig:
         if not gradient:
             raise ValueError(f"mode=differentiable needs search.strategy={' | '.join(GRADIENT_STRATEGIES)}, got "
                              f"search.strategy={strategy} (an ask / tell strategy: use mode train or oneshot for it)")
-        if self.space.name != "nb201":
-            raise ValueError(f"mode=differentiable searches the NAS-Bench-201 cell, got space.name={self.space.name}; "
-                             "set space.name=nb201")
+        if self.space.name not in ("nb201", "macro"):
+            raise ValueError(f"mode=differentiable searches the NAS-Bench-201 cell or the macro space's conv families, "
+                             f"got space.name={self.space.name}; set space.name=nb201 or macro")
+        if self.space.name == "macro":
+            if "mlp" in self.space.families or not set(self.space.families) & {"cnn", "resnet", "mobilenet"}:
+                raise ValueError(f"mode=differentiable relaxes the macro space's conv families, got space.families="
+                                 f"{list(self.space.families)}; use a subset of [cnn, resnet, mobilenet]")
+            if strategy == "pc_darts":
+                raise ValueError("search.strategy=pc_darts samples channels of a cell's edges (space.name=nb201); for "
+                                 "the macro space use darts or gdas")
+            if self.differentiable.stop_skips is not None:
+                raise ValueError("differentiable.stop_skips guards the nb201 cell against skip connections; the macro "
+                                 "space has no such collapse. Leave it unset (null)")
         if self.objectives.constraints:
             raise ValueError(f"objectives.constraints={list(self.objectives.constraints)}: mode=differentiable cannot "
                              "enforce constraints (its architecture follows the gradient); drop them, or use mode "

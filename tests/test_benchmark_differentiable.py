@@ -1,5 +1,5 @@
-"""benchmarks/differentiable.py runs end to end with --quick (one strategy, to keep it to two compiled programs) and
-its JSON holds the comparison's numbers, consistent with each other."""
+"""benchmarks/differentiable.py runs end to end with --quick on both spaces (one strategy, to keep it to two compiled
+programs) and its JSON holds the comparison's numbers, consistent with each other."""
 
 import json
 import subprocess
@@ -12,11 +12,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_differentiable_benchmark_quick_writes_the_comparison_as_json(tmp_path):
+@pytest.mark.parametrize("space", ["nb201", "macro"])
+def test_differentiable_benchmark_quick_writes_the_comparison_as_json(tmp_path, space):
     out_json = tmp_path / "differentiable.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "differentiable.py"), "--quick", "--strategies", "darts",
-         "--json", str(out_json)],
+         "--space", space, "--json", str(out_json)],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -28,7 +29,11 @@ def test_differentiable_benchmark_quick_writes_the_comparison_as_json(tmp_path):
     (run,) = darts["runs"]
     assert {"seed", "arch", "search_seconds", "param_free_share", "alpha_entropy", "epochs",
             "test_accuracy"} <= set(run)
-    assert run["arch"].count("~") == 6 and run["search_seconds"] > 0
+    assert result["space"] == space and run["search_seconds"] > 0
+    if space == "nb201":
+        assert run["arch"].count("~") == 6 and 0 <= run["param_free_share"] <= 1
+    else:
+        assert run["arch"].split("|")[0] in {"cnn", "resnet", "mobilenet"} and run["param_free_share"] is None
     assert darts["test_accuracy_mean"] == pytest.approx(np.mean(run["test_accuracy"]))
     random = result["random"]
     assert len(random["archs"]) == 2 and random["n"] == 2

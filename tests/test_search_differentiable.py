@@ -290,7 +290,8 @@ def test_gdas_run_killed_with_sigkill_and_resumed_ends_exactly_as_the_run_left_a
     [
         (["mode=differentiable", "space.name=nb201"], "mode=differentiable needs search.strategy=darts"),
         (["search.strategy=gdas", "space.name=nb201"], "needs mode=differentiable"),
-        (["mode=differentiable", "search.strategy=darts"], "set space.name=nb201"),
+        (["mode=differentiable", "search.strategy=darts", "space.name=transformer"], "set space.name=nb201 or macro"),
+        (["mode=differentiable", "search.strategy=darts"], "use a subset of [cnn, resnet, mobilenet]"),
         (["mode=differentiable", "search.strategy=gdas", "space.name=nb201", "differentiable.second_order=true"],
          "differentiable.second_order=true needs search.strategy=darts or pc_darts"),
         (["mode=differentiable", "search.strategy=pc_darts", "space.name=nb201", "differentiable.pc_k=3"],

@@ -1,4 +1,4 @@
-"""Differentiable architecture search over the NAS-Bench-201 cell: DARTS, PC-DARTS and GDAS.
+"""Differentiable architecture search over the NAS-Bench-201 cell and the macro space: DARTS, PC-DARTS and GDAS.
 
 The cell's discrete choice (one op per edge) is relaxed: architecture parameters ``alpha`` [6 edges, 5 ops] give
 every edge a mixed operation ``sum_k w[e, k] op_k(x)`` (`NB201Supernet.apply_mixed`) with
@@ -9,6 +9,11 @@ every edge a mixed operation ``sum_k w[e, k] op_k(x)`` (`NB201Supernet.apply_mix
     gdas      w = one-hot of argmax((alpha + Gumbel noise) / tau), one op per edge, a new draw every step;
               backward the gradient of softmax((alpha + noise) / tau) (straight-through); tau anneals linearly from
               tau_max to tau_min over the epochs                                             (Dong & Yang, 2019)
+
+The macro space's conv families are relaxed choice by choice (FBNetV2-style masks, `ConvSupernet.apply_relaxed`):
+``alpha`` holds one vector per choice (depth, channels, kernel, expansion, activation, norm, skip of every stage,
+and the family), w = softmax(alpha) (darts) or a Gumbel one-hot (gdas) per choice; the derived network takes each
+choice's argmax (`derive_choices`). PC-DARTS' partial channels belong to cell edges and are not offered there.
 
 Bilevel optimisation (`bilevel_step`): the weights w minimise the loss on the train split, the architecture
 parameters the loss of w on held-out data (the validation split). One compiled step does both: the architecture
@@ -44,7 +49,9 @@ import optax
 
 from jaxnas.config import RunConfig
 from jaxnas.data import epoch_indices
+from jaxnas.spaces import Space
 from jaxnas.spaces.nb201 import EDGES, OPS
+from jaxnas.supernet.conv import ConvSupernet
 from jaxnas.supernet.nb201 import NB201Supernet
 
 PARAMETER_FREE = ("none", "skip_connect", "avg_pool_3x3")
@@ -83,6 +90,15 @@ def gumbel_one_hot(alpha: jax.Array, key: jax.Array, tau: jax.Array) -> jax.Arra
     return hard + (soft - jax.lax.stop_gradient(soft))  # the bracket is exactly 0: the forward is exactly one-hot
 
 
+def init_choices(supernet: ConvSupernet, key: jax.Array) -> dict:
+    """Architecture parameters of the macro space: ``{"alpha": {choice name: float32 [n_options]}}`` for every
+    choice `ConvSupernet.apply_relaxed` weighs."""
+    names = supernet.relaxed_choices
+    keys = jax.random.split(key, len(names))
+    return {"alpha": {name: INIT_SCALE * jax.random.normal(k, (len(supernet.space[name].options),))
+                      for name, k in zip(names, keys, strict=True)}}
+
+
 @dataclasses.dataclass(frozen=True)
 class MixedLoss:
     """``loss(weights, arch, x, y, key, tau) -> (mean cross-entropy, accuracy)`` of the relaxed supernet.
@@ -91,27 +107,43 @@ class MixedLoss:
     temperature (both unused by darts and pc_darts).
 
     Attributes:
-      supernet: the NB201 supernet whose `apply_mixed` computes the relaxed network.
+      supernet: an NB201 supernet (the cell: `NB201Supernet.apply_mixed`) or a conv supernet of the macro space
+        (every choice relaxed: `ConvSupernet.apply_relaxed`; darts and gdas).
       strategy: darts, pc_darts or gdas.
       pc_k: pc_darts' partial-channel divisor K (1: every channel).
       edge_normalisation: pc_darts' betas scale the edges (needs ``arch["beta"]``).
     """
 
-    supernet: NB201Supernet
+    supernet: NB201Supernet | ConvSupernet
     strategy: str
     pc_k: int = 1
     edge_normalisation: bool = False
 
-    def relaxed(self, arch: dict, key: jax.Array, tau) -> tuple[jax.Array, jax.Array | None]:
-        """(op weights [6, 5], edge weights [6] or None) of the architecture parameters ``arch``."""
+    @property
+    def cell(self) -> bool:
+        """Whether the search is over the NB201 cell (else over the macro space)."""
+        return isinstance(self.supernet, NB201Supernet)
+
+    def init_arch(self, key: jax.Array) -> dict:
+        return init_arch(self.strategy, key) if self.cell else init_choices(self.supernet, key)
+
+    def relaxed(self, arch: dict, key: jax.Array, tau) -> tuple:
+        """(op weights, edge weights [6] or None) of the architecture parameters ``arch``: the cell's op weights
+        [6, 5], or the macro space's {choice: weights [n_options]}."""
+        alpha = arch["alpha"]
         if self.strategy == "gdas":
-            return gumbel_one_hot(arch["alpha"], key, tau), None
+            leaves, treedef = jax.tree.flatten(alpha)
+            keys = [key] if len(leaves) == 1 else list(jax.random.split(key, len(leaves)))
+            return treedef.unflatten([gumbel_one_hot(a, k, tau) for a, k in zip(leaves, keys, strict=True)]), None
         edges = edge_softmax(arch["beta"]) if self.edge_normalisation else None
-        return jax.nn.softmax(arch["alpha"], axis=-1), edges
+        return jax.tree.map(lambda a: jax.nn.softmax(a, axis=-1), alpha), edges
 
     def __call__(self, weights, arch: dict, x: jax.Array, y: jax.Array, key: jax.Array, tau):
         op_weights, edge_weights = self.relaxed(arch, key, tau)
-        logits = self.supernet.apply_mixed(weights, op_weights, x, edge_weights=edge_weights, partial=self.pc_k)
+        if self.cell:
+            logits = self.supernet.apply_mixed(weights, op_weights, x, edge_weights=edge_weights, partial=self.pc_k)
+        else:
+            logits = self.supernet.apply_relaxed(weights, op_weights, x)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
         return loss, (jnp.argmax(logits, -1) == y).mean()
 
@@ -222,8 +254,21 @@ def derive(alpha, exclude_none: bool = True) -> np.ndarray:
     return scores.argmax(-1).astype(np.int32)
 
 
+def derive_choices(space: Space, alpha: dict) -> np.ndarray:
+    """int32 [n_choices]: the macro-space architecture of each choice's largest alpha (dropout: its first option),
+    canonical (choices of stages that do not exist are inactive)."""
+    enc = np.zeros(space.n_choices, np.int32)
+    for name, a in alpha.items():
+        enc[space.index(name)] = int(np.argmax(np.asarray(a)))
+    return np.asarray(space.canonicalize(enc), np.int32)
+
+
 def alpha_entropy(alpha) -> float:
-    """Mean over edges of the entropy of softmax(alpha) (nats; uniform: log 5 = 1.609, decided: 0)."""
+    """Mean over edges (cell) or over choices with more than one option (macro space) of the entropy of
+    softmax(alpha), in nats (uniform over the cell's 5 ops: log 5 = 1.609; decided: 0)."""
+    if isinstance(alpha, dict):
+        rows = [a for a in alpha.values() if np.size(a) > 1]
+        return float(np.mean([alpha_entropy(np.asarray(a)[None]) for a in rows])) if rows else 0.0
     p = jax.nn.softmax(jnp.asarray(alpha, jnp.float32), axis=-1)
     return float(-(p * jnp.log(jnp.maximum(p, 1e-30))).sum(-1).mean())
 
@@ -238,31 +283,30 @@ def skip_connections(enc) -> int:
     return int((np.asarray(enc) == _SKIP).sum())
 
 
-def columns(strategy: str) -> tuple[str, ...]:
-    """The per-epoch metrics `DifferentiableSearch.epoch` reports for ``strategy`` (history.csv columns)."""
+def columns(strategy: str, cell: bool = True) -> tuple[str, ...]:
+    """The per-epoch metrics `DifferentiableSearch.epoch` reports for ``strategy`` (history.csv columns); the
+    collapse guard's two only for the ``cell``."""
     tau = ("tau",) if strategy == "gdas" else ()
-    return ("val_accuracy", "val_loss", "train_accuracy", "train_loss", "alpha_entropy", "param_free_share",
-            "skip_connections", *tau)
+    guard = ("param_free_share", "skip_connections") if cell else ()
+    return ("val_accuracy", "val_loss", "train_accuracy", "train_loss", "alpha_entropy", *guard, *tau)
 
 
 def summary(rows: list[dict]) -> dict:
-    """summary.json's ``differentiable`` entry from a run's per-epoch history rows (oldest first): the cell derived
-    at the end, its op weights softmax(alpha) [6][5], and the collapse guard's numbers per epoch."""
+    """summary.json's ``differentiable`` entry from a run's per-epoch history rows (oldest first): the architecture
+    derived at the end, its op weights softmax(alpha) ([6][5] for the cell, {choice: [n_options]} for the macro
+    space), and (cell) the collapse guard's numbers per epoch."""
     last = rows[-1]
-    return {
-        "epochs": len(rows),
-        "derived_arch": last["arch"],
-        "alpha_entropy": last["alpha_entropy"],
-        "param_free_share_per_epoch": [r["param_free_share"] for r in rows],
-        "skip_connections_per_epoch": [r["skip_connections"] for r in rows],
-        "op_weights": last["op_weights"],
-    }
+    guard = {f"{name}_per_epoch": [r[name] for r in rows]
+             for name in ("param_free_share", "skip_connections") if name in last}
+    return {"epochs": len(rows), "derived_arch": last["arch"], "alpha_entropy": last["alpha_entropy"], **guard,
+            "op_weights": last["op_weights"]}
 
 
 # ------------------------------------------------------------------------------------------- the run's search
 class DifferentiableSearch:
     """The epochs of one differentiable search (mode differentiable): ``init(key) -> state``, then
-    ``epoch(state, e) -> (state, derived enc int32 [6], metrics)`` for e = 0, 1, ...
+    ``epoch(state, e) -> (state, derived enc, metrics)`` for e = 0, 1, ... (the cell's enc int32 [6], or an encoding
+    of the macro space).
 
     ``state = {"search": Bilevel, "key": PRNG key}`` is a pytree (what the run checkpoints). Epoch e walks the
     train split in the order ``epoch_indices(n_train, batch, seed, e)``; the architecture steps cycle through the
@@ -270,7 +314,7 @@ class DifferentiableSearch:
     an epoch is a function of (state, e) alone, and a run resumed from a checkpoint ends exactly as one left alone.
     """
 
-    def __init__(self, cfg: RunConfig, supernet: NB201Supernet, train: tuple, validation: tuple):
+    def __init__(self, cfg: RunConfig, supernet: NB201Supernet | ConvSupernet, train: tuple, validation: tuple):
         d, self.strategy = cfg.differentiable, cfg.search.strategy
         self.d, self.seed = d, cfg.seed
         self.train, self.validation = train, validation  # (images [N, H, W, C], labels [N]) on the device
@@ -287,7 +331,7 @@ class DifferentiableSearch:
     def init(self, key: jax.Array) -> dict:
         weights_key, arch_key, run_key = jax.random.split(key, 3)
         weights = self.loss.supernet.init(weights_key)
-        return {"search": init_bilevel(weights, init_arch(self.strategy, arch_key), self.weight_opt, self.arch_opt),
+        return {"search": init_bilevel(weights, self.loss.init_arch(arch_key), self.weight_opt, self.arch_opt),
                 "key": run_key}
 
     def tau(self, epoch: int) -> float:
@@ -296,10 +340,10 @@ class DifferentiableSearch:
         return d.tau_max - (d.tau_max - d.tau_min) * epoch / max(d.epochs - 1, 1)
 
     def epoch(self, state: dict, epoch: int) -> tuple[dict, np.ndarray, dict]:
-        """One epoch of bilevel steps; returns (state, the cell derived from the architecture after it, metrics):
-        the means over its steps of `bilevel_step`'s metrics, the alpha entropy, the derived cell's
-        parameter-free share and skip connections (+ tau for gdas), and ``op_weights``: softmax(alpha) as a
-        [6][5] list rounded to 4 decimals."""
+        """One epoch of bilevel steps; returns (state, the architecture derived after it, metrics): the means over
+        its steps of `bilevel_step`'s metrics, the alpha entropy, (cell) the derived cell's parameter-free share and
+        skip connections, tau for gdas, and ``op_weights``: softmax(alpha) rounded to 4 decimals (the cell's [6][5]
+        list, or {choice: [n_options]})."""
         d = self.d
         key, epoch_key = jax.random.split(state["key"])
         train_rows = epoch_indices(len(self.train[1]), d.batch_size, self.seed, epoch)
@@ -312,11 +356,14 @@ class DifferentiableSearch:
                                          jax.random.fold_in(epoch_key, i), tau, xi, learn)
             steps.append(metrics)
         means = {k: float(np.mean(v)) for k, v in jax.device_get(jax.tree.map(lambda *s: jnp.stack(s), *steps)).items()}
-        alpha = np.asarray(search.arch["alpha"])
-        enc = derive(alpha, d.exclude_none)
-        means.update(alpha_entropy=alpha_entropy(alpha), param_free_share=param_free_share(enc),
-                     skip_connections=skip_connections(enc),
-                     op_weights=np.asarray(jax.nn.softmax(alpha, axis=-1), np.float64).round(4).tolist())
+        alpha = jax.device_get(search.arch["alpha"])
+        weights = jax.tree.map(lambda a: np.asarray(jax.nn.softmax(a, axis=-1), np.float64).round(4).tolist(), alpha)
+        means.update(alpha_entropy=alpha_entropy(alpha), op_weights=weights)
+        if self.loss.cell:
+            enc = derive(alpha, d.exclude_none)
+            means.update(param_free_share=param_free_share(enc), skip_connections=skip_connections(enc))
+        else:
+            enc = derive_choices(self.loss.supernet.space, alpha)
         if self.strategy == "gdas":
             means["tau"] = float(tau)
         return {"search": search, "key": key}, enc, means

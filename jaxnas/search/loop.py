@@ -304,7 +304,7 @@ class SearchRun:
         if self.cfg.mode == "table":
             metrics = ["signal", "report"]
         elif self.by_gradient:
-            metrics = [*differentiable.columns(self.cfg.search.strategy), *obj.CHEAP]
+            metrics = [*differentiable.columns(self.cfg.search.strategy, self.space.name == "nb201"), *obj.CHEAP]
         else:
             metrics = [*obj.TRAINED, *obj.CHEAP]
         if self.cfg.mode == "train":
@@ -362,7 +362,8 @@ class SearchRun:
         evaluator = self.evaluator = self._setup_evaluator()
         if self.by_gradient:
             data = evaluator.data  # the final retraining's splits on the device serve the search too
-            self._search = differentiable.DifferentiableSearch(cfg, self.model.supernet, (data.train_x, data.train_y),
+            supernet = self.model.conv if self.space.name == "macro" else self.model.supernet
+            self._search = differentiable.DifferentiableSearch(cfg, supernet, (data.train_x, data.train_y),
                                                                (data.val_x, data.val_y))
             state = self._search.init(jax.random.fold_in(self.key, 0))
         else:
@@ -462,12 +463,12 @@ class SearchRun:
                 self._write_tables(archive)
             release_if_crowded(log=self.log)
             progress.update(1)
-            progress.set_postfix(epoch=epoch, val=f"{row['val_accuracy']:.4g}", free=f"{row['param_free_share']:.2f}")
+            progress.set_postfix(epoch=epoch, val=f"{row['val_accuracy']:.4g}", entropy=f"{row['alpha_entropy']:.3f}")
         progress.close()
         last = archive.candidates[-1]
+        guard = f"parameter-free share {last['param_free_share']:.2f}, " if "param_free_share" in last else ""
         self.log(f"{cfg.search.strategy}: {archive.generation} epochs in {archive.seconds:.1f} s; derived "
-                 f"{last['arch']} (parameter-free share {last['param_free_share']:.2f}, alpha entropy "
-                 f"{last['alpha_entropy']:.3f})")
+                 f"{last['arch']} ({guard}alpha entropy {last['alpha_entropy']:.3f})")
 
     def _finish(self, archive: Archive, started: float) -> dict:
         cfg = self.cfg

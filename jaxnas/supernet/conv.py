@@ -157,7 +157,7 @@ class _Norms:
     def __call__(self, name: str, z: jax.Array) -> jax.Array:
         w = self.params[name]
         y, self.recorded[name] = batch_norm(z, w["scale"], w["bias"], self.given and self.given[name], NORM_EPSILON)
-        return jnp.where(self.on, y, z)
+        return _blend(self.on, y, z)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +180,7 @@ class _MaskedOps:
 
     def conv(self, name, h):
         layer, w = self.layers[name], self.weights[name]
-        kernel = jnp.where(self.kernel_mask, w["kernel"], 0.0) if layer.kernel == STAGE_KERNEL else w["kernel"]
+        kernel = _gate(self.kernel_mask, w["kernel"]) if layer.kernel == STAGE_KERNEL else w["kernel"]
         op = depthwise_conv2d if layer.depthwise else conv2d
         return op(h, kernel, self.stride if layer.strided else 1, self.formulation) + w["bias"]
 
@@ -189,13 +189,38 @@ class _MaskedOps:
 
     def act(self, z, width):
         valid = self.units[width]
-        return jnp.where(valid, self.activation(z, valid & self.active), 0.0)
+        return _gate(valid, self.activation(z, valid & self.active if _is_bool(valid) else valid))
 
     def keep(self, z, width):
-        return jnp.where(self.units[width], z, 0.0)
+        return _gate(self.units[width], z)
 
     def skip(self, h, a):
-        return jnp.where(self.skip_on, h + a, a)
+        return _blend(self.skip_on, h + a, a)
+
+
+def _soft_mask(size: int, values: jax.Array, weights: jax.Array) -> jax.Array:
+    """float [size]: channel c weighted by P(width > c) for widths ``values`` drawn with ``weights``."""
+    return (weights[None, :] * (jnp.arange(size)[:, None] < values[None, :])).sum(-1)
+
+
+def _product(a: tuple, b: tuple) -> tuple[jax.Array, jax.Array]:
+    """(values, weights) of the product of two independent (values, weights) distributions."""
+    return (a[0][:, None] * b[0][None, :]).ravel(), (a[1][:, None] * b[1][None, :]).ravel()
+
+
+def _is_bool(a) -> bool:
+    return jnp.result_type(a) == jnp.bool_
+
+
+def _gate(mask, z):
+    """``z`` where ``mask``, else 0: a bool mask selects (the supernet of one candidate), a float one weighs (the
+    relaxed supernet of `ConvSupernet.apply_relaxed`, whose masks are probabilities)."""
+    return jnp.where(mask, z, 0.0) if _is_bool(mask) else mask * z
+
+
+def _blend(on, a, b):
+    """``a`` where ``on`` else ``b``; a float ``on`` (a probability) mixes them."""
+    return jnp.where(on, a, b) if _is_bool(on) else on * a + (1.0 - on) * b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,11 +409,7 @@ class ConvSupernet:
     def _forward(self, params, enc, x, bn_stats, dropout_key, codes: dict | None = None):
         """(logits [B, classes], the BatchNorm statistics used) for every family of the supernet, then the
         logits of ``enc``'s family. ``codes``: {family: `ActivationCodes`} to record each family's activations."""
-        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.image_shape):
-            raise ValueError(
-                f"inputs must be [B, H, W, C] = [B, {', '.join(map(str, self.image_shape))}], got shape {x.shape}; "
-                f"build ConvSupernet(space, image_shape={tuple(x.shape[1:])}, ...) for these images"
-            )
+        self._check_inputs(x)
         logits, stats = [], {}
         for family in self.families:
             given = None if bn_stats is None else bn_stats[family]
@@ -400,6 +421,111 @@ class ConvSupernet:
                 pooled = jnp.where(keep, pooled / (1.0 - rate), 0.0)
             logits.append(self._head(params[family]["head"], enc, pooled))
         return self._pick(enc, logits), stats
+
+    def _check_inputs(self, x: jax.Array) -> None:
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.image_shape):
+            raise ValueError(
+                f"inputs must be [B, H, W, C] = [B, {', '.join(map(str, self.image_shape))}], got shape {x.shape}; "
+                f"build ConvSupernet(space, image_shape={tuple(x.shape[1:])}, ...) for these images"
+            )
+
+    # ------------------------------------------------------------------ the continuous relaxation
+    @property
+    def relaxed_choices(self) -> tuple[str, ...]:
+        """The choices `apply_relaxed` weighs: every choice of the space but ``dropout`` (a regulariser, not part
+        of the network the search picks)."""
+        return tuple(name for name in self.space.names if name != "dropout")
+
+    def apply_relaxed(self, params: dict, probs: dict, x: jax.Array) -> jax.Array:
+        """logits [B, classes] float32 of the continuous relaxation of the whole space on ``x`` (mode differentiable).
+
+        ``probs``: {choice name: float [n_options]}, a distribution over each of `relaxed_choices` (softmax(alpha)
+        for DARTS, a straight-through one-hot for GDAS). Every choice becomes a weighted mask, as in FBNetV2's
+        channel masking: channel c of a stage is kept with weight P(channels > c), kernel tap t with P(kernel
+        covers t), hidden channels with P(in x expansion > c); the activation is sum_a P(a) a(z), BatchNorm and the
+        optional skip are mixed with P(on). Depth: a stage's output is sum_d P(depth = d | the stage exists) h_d
+        (h_d after its first d blocks); the logits are sum_n P(n stages) head_n(pool(stage n)), with stage k
+        existing with 1 - P(stage k depth = 0) once stage k - 1 does; families' logits are mixed by P(family).
+        BatchNorm uses the batch's statistics and no dropout is applied. With one-hot ``probs`` of a candidate
+        ``enc`` (dropout 0) the logits equal ``apply(params, enc, x, train=True)``. Pure, jit-able and
+        differentiable in ``probs``; costs one forward of the largest network of every family.
+        """
+        missing = sorted(set(self.relaxed_choices) - set(probs))
+        wrong = sorted(n for n in self.relaxed_choices if n in probs
+                       and jnp.shape(probs[n]) != (len(self.space[n].options),))
+        if missing or wrong:
+            raise ValueError(f"probs needs float [n_options] for every choice of {self.relaxed_choices}; missing "
+                             f"{missing}, wrong shape {wrong}")
+        self._check_inputs(x)
+        if "mlp" in self.space["family"].options:
+            raise ValueError("apply_relaxed relaxes the conv families only; the space also has family 'mlp': drop it "
+                             "from space.families")
+        family_p = probs["family"]
+        options = self.space["family"].options
+        return sum(family_p[options.index(f)] * self._relaxed_logits(f, params[f], probs, x) for f in self.families)
+
+    def _relaxed_logits(self, family: str, p: dict, probs: dict, x: jax.Array) -> jax.Array:
+        space, fmt, block_family = self.space, self.conv_formulation, BLOCK_FAMILIES[family]
+        h = jax.nn.relu(conv2d(x, p["stem"]["kernel"], self.stem_stride, fmt) + p["stem"]["bias"])
+        centre = jnp.abs(jnp.arange(self.max_kernel) - (self.max_kernel - 1) // 2)
+        in_width = (jnp.array([self.stem_width]), jnp.ones(1))  # (widths, their probabilities) of the stage input
+        exists, logits = jnp.float32(1.0), 0.0  # exists: P(the network reaches stage k)
+        for k in range(self.max_stages):
+            s = f"stage{k + 1}."
+
+            def choice(name, s=s):
+                return jnp.asarray(space[s + name].options), probs[s + name]
+
+            def on(name, s=s):
+                options = space[s + name].options
+                return probs[s + name][options.index(True)] if True in options else False
+
+            depth_p = probs[s + "depth"]
+            width = choice("channels")
+            kernels, kernel_p = choice("kernel")
+            inside = (centre[None, :] <= (kernels[:, None] - 1) // 2).astype(jnp.float32)  # [kernels, K]
+            kernel_mask = jnp.einsum("k,ki,kj->ij", kernel_p, inside, inside)[:, :, None, None]
+            expansion = choice("expansion") if block_family.expansion else (jnp.ones(1, jnp.int32), jnp.ones(1))
+            branches = [ACTIVATION_FNS[name] for name in space[s + "activation"].options]
+            act_p = probs[s + "activation"]
+
+            def act(z, valid, act_p=act_p, branches=branches):
+                return sum(w * f(z) for w, f in zip(act_p, branches, strict=True))
+
+            skip_on = on("skip") if block_family.optional_skip else False
+            # P(depth = d | the stage exists), d = 1 .. max_depth; a zero total (GDAS sampled depth 0) leaves the
+            # stage's output at zero, and the double `where` keeps its gradient finite
+            within = depth_p[-self.max_depth:]
+            total = within.sum()
+            within = jnp.where(total > 0, within / jnp.where(total > 0, total, 1.0), 0.0)
+            stage = 0.0
+            for j in range(self.max_depth):
+                first = j == 0
+                b = p["stages"][k][j]
+                ci_max = self.stem_width if (k, j) == (0, 0) else self.max_width
+                most = widths(ci_max, self.max_width, self.max_expansion if block_family.expansion else 1)
+                block_in = in_width if first else width
+                real = {"in": block_in, "out": width, "hidden": _product(block_in, expansion)}
+                ops = _MaskedOps(
+                    block_family.convs(first), b, _Norms(b, None, on("norm")),
+                    {name: _soft_mask(most[name], *real[name]) for name in most}, kernel_mask,
+                    2 if k > 0 and j == 0 else 1, fmt, act, True, skip_on,
+                )
+                h = block_family.forward(ops, h, first)
+                stage = stage + within[j] * h
+            h = stage
+            if k > 0:
+                exists = exists * (1.0 - self._no_stage(probs, k))
+            ends = self._no_stage(probs, k + 1) if k + 1 < self.max_stages else 1.0  # P(no stage k + 2 | stage k + 1)
+            head = p["head"][k]
+            logits = logits + exists * ends * (h.mean((1, 2)) @ head["kernel"] + head["bias"])
+            in_width = width
+        return logits
+
+    def _no_stage(self, probs: dict, k: int) -> jax.Array:
+        """P(stage k + 1 has depth 0) (k >= 1: stage 1 always exists)."""
+        name = f"stage{k + 1}.depth"
+        return probs[name][self.space[name].options.index(0)]
 
     def _head(self, heads: dict, enc: jax.Array, pooled: jax.Array) -> jax.Array:
         """Logits of the head of the candidate's number of stages (``heads[k]``: networks of k + 1 stages)."""
