@@ -183,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     test = {a: [float(t[i]) for t in result["test_accuracy"]] for i, a in enumerate(archs)}
     val = {a: float(np.mean([v[i] for v in result["val_accuracy"]])) for i, a in enumerate(archs)}
 
-    def stats(values: list[float]) -> dict:
+    def stats(values: list[float], of: list[str]) -> dict:
+        """Test accuracy over ``values`` and the mean MACs per example of the architectures ``of``."""
         return {"test_accuracy_mean": float(np.mean(values)), "test_accuracy_std": float(np.std(values)),
-                "n": len(values)}
+                "n": len(values), "macs_mean": float(np.mean([model.macs(space.from_string(a)) for a in of]))}
 
     report = {"space": args.space, "config": to_dict(cfg), "seeds": seeds, "retrain_seeds": retrain_seeds,
               "retrain_seconds": round(retrain_seconds, 2), "strategies": {}}
@@ -194,17 +195,17 @@ def main(argv: list[str] | None = None) -> int:
             r["test_accuracy"] = test[r["arch"]]
         report["strategies"][strategy] = {
             "runs": runs, "search_seconds_mean": float(np.mean([r["search_seconds"] for r in runs])),
-            **stats([t for r in runs for t in r["test_accuracy"]]),
+            **stats([t for r in runs for t in r["test_accuracy"]], [r["arch"] for r in runs]),
         }
     best_random = max(random, key=lambda a: val[a])
     report["random"] = {
         "archs": [{"arch": a, "test_accuracy": test[a],
                    "param_free_share": dif.param_free_share(space.from_string(a)) if cell else None} for a in random],
-        **stats([t for a in random for t in test[a]]),
-        "best_by_validation": {"arch": best_random, **stats(test[best_random])},
+        **stats([t for a in random for t in test[a]], random),
+        "best_by_validation": {"arch": best_random, **stats(test[best_random], [best_random])},
     }
     if evo is not None:
-        evo.update(test_accuracy=test[evo["arch"]], **stats(test[evo["arch"]]))
+        evo.update(test_accuracy=test[evo["arch"]], **stats(test[evo["arch"]], [evo["arch"]]))
     report["evolution"] = evo
     print(_table(report))
     text = json.dumps(report, indent=2)
@@ -216,23 +217,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def _table(report: dict) -> str:
     def acc(row: dict) -> str:
-        return f"{row['test_accuracy_mean']:.4f} +- {row['test_accuracy_std']:.4f} (n={row['n']})"
+        return (f"{row['test_accuracy_mean']:.4f} +- {row['test_accuracy_std']:.4f} (n={row['n']})  "
+                f"{row['macs_mean']:>10.0f}")
 
     cell = report["space"] == "nb201"
-    lines = [f"{'method':<26} {'search s':>9}  {'test accuracy':<26} " + ("cells (param-free share)" if cell else
-                                                                          "architectures")]
+    lines = [f"{'method':<26} {'search s':>9}  {'test accuracy':<26}  {'mean MACs':>10} "
+             + ("cells (param-free share)" if cell else "architectures")]
     for name, row in report["strategies"].items():
         found = "; ".join(r["arch"] + (f" ({r['param_free_share']:.2f})" if cell else "") for r in row["runs"])
-        lines.append(f"{name:<26} {row['search_seconds_mean']:>9.1f}  {acc(row):<26} {found}")
+        lines.append(f"{name:<26} {row['search_seconds_mean']:>9.1f}  {acc(row)} {found}")
     rnd = report["random"]
     free = f"mean param-free {np.mean([a['param_free_share'] for a in rnd['archs']]):.2f}" if cell else ""
-    lines.append(f"{'random (' + str(len(rnd['archs'])) + ' archs, mean)':<26} {'':>9}  {acc(rnd):<26} {free}")
+    lines.append(f"{'random (' + str(len(rnd['archs'])) + ' archs, mean)':<26} {'':>9}  {acc(rnd)} {free}")
     best = rnd["best_by_validation"]
-    lines.append(f"{'random, best by val.':<26} {'':>9}  {acc(best):<26} {best['arch']}")
+    lines.append(f"{'random, best by val.':<26} {'':>9}  {acc(best)} {best['arch']}")
     evo = report["evolution"]
     if evo is not None:
         lines.append(f"{'evolution (' + str(evo['evaluations']) + ' archs)':<26} {evo['seconds']:>9.1f}  "
-                     f"{acc(evo):<26} {evo['arch']}")
+                     f"{acc(evo)} {evo['arch']}")
     lines.append(f"retraining: {report['retrain_seeds']} seeds x {report['config']['final']['epochs']} epochs, "
                  f"{report['retrain_seconds']:.1f} s")
     return "\n".join(lines)

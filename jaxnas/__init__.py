@@ -1,6 +1,7 @@
 """jaxnas: neural architecture search where a whole population of candidates is one jit-compiled JAX program.
 
-``jaxnas.load_model(run_folder)`` loads the best model a search exported (see `jaxnas.search.export`).
+``jaxnas.load_model(run_folder)`` loads the best model a search exported (see `jaxnas.search.export`); a language
+model's (space.name=lm) continues text: ``jaxnas.load_model(run).generate("def ", 40)``.
 """
 
 

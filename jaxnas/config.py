@@ -20,6 +20,11 @@ STRATEGIES = ("random", "evolution", "genetic", "nsga2", "local", "predictor", "
               *GRADIENT_STRATEGIES)
 MODES = ("oneshot", "train", "table", "differentiable")
 MACRO_FAMILIES = ("mlp", *BLOCK_FAMILIES)  # jaxnas.spaces.macro.FAMILIES, without importing jax here
+SPACES = ("macro", "nb201", "transformer", "lm")
+LM_OBJECTIVES = ("val_ppl:min", "params:min")
+"""The objectives of a space.name=lm run that leaves objectives.objectives at its (image) default."""
+IMAGE_ONLY_METRICS = ("val_accuracy", "macs", "latency_ms")
+LM_ONLY_METRICS = ("val_ppl", "macs_per_token", "kv_bytes_per_token", "latency_ms_per_token")
 
 
 def _field(default, help: str, **limits):
@@ -34,9 +39,14 @@ def _section(cls, help: str):
 
 @dataclasses.dataclass(frozen=True)
 class SpaceConfig:
-    """Which search space, and the option lists of the macro space (shrink them for small budgets)."""
+    """Which search space, and the option lists of its choices (shrink them for small budgets).
 
-    name: Literal["macro", "nb201", "transformer"] = _field("macro", "Search space: macro, nb201 or transformer.")
+    The transformer and lm spaces share max_layers, hidden, heads, ffn_mults, norms and positions; the lm space
+    adds kv_heads, lm_activations and mixers."""
+
+    name: Literal[SPACES] = _field(
+        "macro", "Search space: macro, nb201, transformer (images) or lm (causal language models on text data)."
+    )
     families: tuple[Literal[MACRO_FAMILIES], ...] = _field(
         MACRO_FAMILIES, "macro: network families searched."
     )
@@ -56,16 +66,27 @@ class SpaceConfig:
     )
     skip: tuple[bool, ...] = _field((False, True), "macro: options of the mlp / cnn stages' skip-connection choice.")
     stem_stride: int = _field(1, "macro conv families: stride of the fixed 3x3 stem (2 quarters the MACs).", min=1, max=2)
-    max_layers: int = _field(4, "transformer: most layers.", min=1, max=48)
-    hidden: tuple[int, ...] = _field((32, 64), "transformer: model width options.")
-    heads: tuple[int, ...] = _field((1, 2, 4), "transformer: attention head options (per layer; must divide hidden).")
-    ffn_mults: tuple[int, ...] = _field((1, 2, 4), "transformer: FFN width multiplier options (per layer).")
-    norms: tuple[Literal["layernorm", "rmsnorm"], ...] = _field(("layernorm", "rmsnorm"), "transformer: norms.")
+    max_layers: int = _field(4, "transformer, lm: most layers.", min=1, max=48)
+    hidden: tuple[int, ...] = _field((32, 64), "transformer, lm: model width options.")
+    heads: tuple[int, ...] = _field((1, 2, 4), "transformer, lm: attention head options (per layer; must divide "
+                                    "hidden).")
+    ffn_mults: tuple[int, ...] = _field((1, 2, 4), "transformer, lm: FFN width multiplier options (per layer).")
+    norms: tuple[Literal["layernorm", "rmsnorm"], ...] = _field(("layernorm", "rmsnorm"), "transformer, lm: norms.")
     transformer_activations: tuple[Literal["gelu", "silu", "swiglu"], ...] = _field(
         ("gelu", "silu", "swiglu"), "transformer: FFN activations."
     )
     positions: tuple[Literal["learned", "rope", "alibi"], ...] = _field(
-        ("learned", "rope", "alibi"), "transformer: position encodings."
+        ("learned", "rope", "alibi"), "transformer, lm: position encodings (lm: alibi with the attention mixer only)."
+    )
+    kv_heads: tuple[int, ...] = _field(
+        (1, 2, 4), "lm: key / value head options per layer (must divide the layer's heads; = heads: MHA, 1: MQA)."
+    )
+    lm_activations: tuple[Literal["gelu", "silu", "swiglu", "geglu"], ...] = _field(
+        ("gelu", "silu", "swiglu", "geglu"), "lm: FFN activations."
+    )
+    mixers: tuple[Literal["attention", "linear", "recurrent"], ...] = _field(
+        ("attention", "linear", "recurrent"), "lm: token mixers (causal softmax attention, causal linear attention, "
+        "gated linear recurrence)."
     )
     cell_channels: int = _field(16, "nb201 (modes oneshot / train): channels C of the first stage (NB201: 16).", min=1)
     cells: int = _field(5, "nb201 (modes oneshot / train): cells N per stage (NB201: 5).", min=1)
@@ -82,6 +103,12 @@ class SpaceConfig:
             raise ValueError(f"kernels must be odd (centred padding), got {list(self.kernels)}")
         if not self.dropouts or any(not 0.0 <= d < 1.0 for d in self.dropouts):
             raise ValueError(f"dropouts must be rates in [0, 1), got {list(self.dropouts)}")
+        if self.name == "lm":
+            for name in ("hidden", "heads", "kv_heads", "ffn_mults", "norms", "lm_activations", "mixers", "positions"):
+                values = getattr(self, name)
+                if not values or (name in ("hidden", "heads", "kv_heads", "ffn_mults") and min(values) < 1):
+                    raise ValueError(f"space.{name} must be a non-empty list (of positive integers for sizes), got "
+                                     f"{list(values)}")
 
 
 MAX_POPULATION = 65_536  # a strategy state and one generation's rows stay far below memory; training checks its own
@@ -202,13 +229,19 @@ class ObjectivesConfig:
         ("val_accuracy", "params:min"),
         "Objectives 'name[:max|min]'; the first is the fitness of single-objective strategies, all of them "
         "define the Pareto front (nsga2 optimises all). Names: val_accuracy, val_loss, params, macs, "
-        "latency_ms, size_bytes; table mode: signal, report.",
+        "latency_ms, size_bytes; table mode: signal, report; space.name=lm: val_ppl, val_loss, params, "
+        "macs_per_token, kv_bytes_per_token, size_bytes, latency_ms_per_token (default there: val_ppl:min, "
+        "params:min).",
     )
     constraints: tuple[str, ...] = _field(
         (), "Hard constraints 'name<=value' or 'name>=value', e.g. params<=1e5, latency_ms<=2."
     )
     latency_repeats: int = _field(20, "Timed calls (median) per latency measurement on the standalone twin.", min=3)
     latency_batch: int = _field(1, "Batch size of the latency measurement.", min=1)
+    quant: Literal["fp32", "bf16", "int8", "int4"] = _field(
+        "fp32", "space.name=lm: weight precision of size_bytes (jaxnas.quant: matrices stored at it, the rest "
+        "float32) and of the winner's measured quantised test perplexity (its dequantised weights evaluated)."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +306,10 @@ class DifferentiableConfig:
     exclude_none: bool = _field(
         True, "Derivation: the op of each edge is its argmax over the ops other than none (DARTS); false: over all "
         "five ops (NAS-Bench-201's own code), so an edge may be dropped.",
+    )
+    cost_weight: float = _field(
+        0.0, "macro space: add cost_weight x E[MACs] / (MACs of the space's largest network) to the architecture "
+        "loss, so the search trades accuracy for cost (FBNet / ProxylessNAS style; 0: accuracy only).", min=0.0,
     )
     stop_skips: int | None = _field(
         None, "Collapse guard (DARTS+): stop the search after the first epoch whose derived cell has at least this "
@@ -357,11 +394,45 @@ class RunConfig:
                 "record; use search.prefilter=grad_norm, snip or synflow"
             )
         self._check_differentiable()
+        self._check_text()
         if self.population.backend == "sized" and self.space.name != "macro":
             raise ValueError(
                 f"population.backend=sized computes macro-space candidates at their own sizes, got space.name="
                 f"{self.space.name!r}; use population.backend=auto or masked"
             )
+
+    def _check_text(self):
+        """Text data goes with the lm space and the lm space with text data; an lm run measures its own metrics
+        (val_ppl, macs_per_token, ...) and its objectives default to LM_OBJECTIVES."""
+        lm, data = self.space.name == "lm", self.data.name
+        if lm and not (self.data.is_text or data.startswith("hf:")):
+            raise ValueError(f"space.name=lm searches language models on text, got data.name={data!r} (image data); "
+                             "set data.name=text:pydoc, text:<file or folder> or hf:<dataset with a text column>")
+        if not lm and self.data.is_text:
+            raise ValueError(f"data.name={data!r} is text, which only space.name=lm searches (got space.name="
+                             f"{self.space.name}); set space.name=lm, or an image dataset such as data.name=mnist5k")
+        if lm and self.objectives.objectives == ObjectivesConfig.objectives:  # the image default: use the lm one
+            object.__setattr__(self, "objectives", dataclasses.replace(self.objectives, objectives=LM_OBJECTIVES))
+        named = [("objectives.objectives", o.split(":")[0].strip()) for o in self.objectives.objectives]
+        named += [("objectives.constraints", c.split("<")[0].split(">")[0].strip()) for c in
+                  self.objectives.constraints]
+        if not lm:
+            for key, metric in named:
+                if metric in LM_ONLY_METRICS:
+                    raise ValueError(f"{key} names {metric}, a language-model metric; it needs space.name=lm (got "
+                                     f"space.name={self.space.name})")
+            return
+        for key, metric in named:
+            if metric in IMAGE_ONLY_METRICS:
+                raise ValueError(f"{key} names {metric}, an image metric; space.name=lm measures val_ppl, val_loss, "
+                                 "params, macs_per_token, kv_bytes_per_token, size_bytes, latency_ms_per_token")
+        if self.mode not in ("train", "oneshot"):
+            raise ValueError(f"space.name=lm runs in mode train or oneshot, got mode={self.mode}")
+        if self.search.prefilter != "none":
+            raise ValueError(f"search.prefilter={self.search.prefilter} is not available for space.name=lm; use "
+                             "search.prefilter=none")
+        if self.train.augment_shift or self.supernet.augment_shift:
+            raise ValueError("train.augment_shift / supernet.augment_shift translate images; space.name=lm needs 0")
 
     def _check_differentiable(self):
         """Mode differentiable and the gradient strategies go together, on the nb201 space, without what they
@@ -388,6 +459,9 @@ class RunConfig:
             if self.differentiable.stop_skips is not None:
                 raise ValueError("differentiable.stop_skips guards the nb201 cell against skip connections; the macro "
                                  "space has no such collapse. Leave it unset (null)")
+        elif self.differentiable.cost_weight:
+            raise ValueError("differentiable.cost_weight weighs the macro space's expected MACs; the nb201 cell's "
+                             "relaxation has no cost term. Set differentiable.cost_weight=0")
         if self.objectives.constraints:
             raise ValueError(f"objectives.constraints={list(self.objectives.constraints)}: mode=differentiable cannot "
                              "enforce constraints (its architecture follows the gradient); drop them, or use mode "

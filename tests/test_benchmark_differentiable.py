@@ -25,7 +25,7 @@ def test_differentiable_benchmark_quick_writes_the_comparison_as_json(tmp_path, 
     assert {"config", "seeds", "retrain_seeds", "retrain_seconds", "strategies", "random", "evolution"} <= set(result)
     assert list(result["strategies"]) == ["darts"] and result["evolution"] is None  # --quick leaves evolution out
     darts = result["strategies"]["darts"]
-    assert {"runs", "search_seconds_mean", "test_accuracy_mean", "test_accuracy_std", "n"} <= set(darts)
+    assert {"runs", "search_seconds_mean", "test_accuracy_mean", "test_accuracy_std", "n", "macs_mean"} <= set(darts)
     (run,) = darts["runs"]
     assert {"seed", "arch", "search_seconds", "param_free_share", "alpha_entropy", "epochs",
             "test_accuracy"} <= set(run)
@@ -35,6 +35,7 @@ def test_differentiable_benchmark_quick_writes_the_comparison_as_json(tmp_path, 
     else:
         assert run["arch"].split("|")[0] in {"cnn", "resnet", "mobilenet"} and run["param_free_share"] is None
     assert darts["test_accuracy_mean"] == pytest.approx(np.mean(run["test_accuracy"]))
+    assert darts["macs_mean"] > 0 and result["random"]["macs_mean"] > 0
     random = result["random"]
     assert len(random["archs"]) == 2 and random["n"] == 2
     assert random["best_by_validation"]["arch"] in {a["arch"] for a in random["archs"]}

@@ -74,6 +74,33 @@ def test_relaxed_supernet_gradients_equal_finite_differences():
         assert all(float(jnp.abs(g).sum()) > 0 for n, g in grads.items() if g.size > 1), "a choice gets no gradient"
 
 
+@pytest.mark.parametrize("families", [("cnn",), ("resnet",), ("mobilenet",), ("cnn", "resnet", "mobilenet")])
+def test_expected_macs_of_one_hot_choices_are_the_candidates_macs(families):
+    space = macro_space(families=families, **TINY)
+    supernet = ConvSupernet(space, (9, 9, 1), 3, stem_channels=4, stem_stride=2)
+    expected = jax.jit(supernet.expected_macs)
+    for enc in np.asarray(space.sample(jax.random.key(2), 12)):
+        assert float(expected(_one_hot(supernet, enc))) == pytest.approx(supernet.macs(enc), rel=1e-6)
+
+
+def test_the_cost_term_adds_expected_macs_and_pushes_every_size_choice_down():
+    space = macro_space(families=("cnn", "mobilenet"), **TINY)
+    supernet = ConvSupernet(space, (8, 8, 1), 3, stem_channels=4)
+    params = supernet.init(jax.random.key(0))
+    arch = dif.init_choices(supernet, jax.random.key(1))
+    x, y = jax.random.normal(jax.random.key(2), (4, 8, 8, 1)), jnp.arange(4) % 3
+    plain, costly = dif.MixedLoss(supernet, "darts"), dif.MixedLoss(supernet, "darts", cost_weight=0.5)
+    probs, _ = plain.relaxed(arch, jax.random.key(3), 1.0)
+    (a, _), (b, _) = (loss(params, arch, x, y, jax.random.key(3), 1.0) for loss in (plain, costly))
+    assert float(b - a) == pytest.approx(0.5 * float(supernet.expected_macs(probs)) / dif.largest_macs(supernet),
+                                         rel=1e-4)
+    grads = jax.grad(lambda arch: costly(params, arch, x, y, jax.random.key(3), 1.0)[0] -
+                     plain(params, arch, x, y, jax.random.key(3), 1.0)[0])(arch)["alpha"]
+    for name in ("stage1.channels", "stage1.kernel", "stage1.expansion", "stage2.depth"):
+        g = np.asarray(grads[name])
+        assert np.argmax(g) == len(g) - 1 and np.argmin(g) == 0, (name, g)  # the cost grows with the option
+
+
 def test_derivation_takes_each_choice_argmax_and_drops_what_a_missing_stage_cannot_have():
     space = macro_space(families=("cnn", "resnet"), **TINY)
     supernet = ConvSupernet(space, (8, 8, 1), 3, stem_channels=4)
@@ -148,6 +175,7 @@ def test_gdas_run_over_the_macro_space_resumes_from_a_checkpoint_exactly(gdas_ru
         (["search.strategy=pc_darts"], "for the macro space use darts or gdas"),
         (["differentiable.stop_skips=3"], "the macro space has no such collapse"),
         (["space.families=[mlp,cnn]"], "use a subset of [cnn, resnet, mobilenet]"),
+        (["space.name=nb201", "differentiable.cost_weight=1"], "Set differentiable.cost_weight=0"),
     ],
 )
 def test_macro_combinations_it_cannot_search_are_refused(tmp_path, capsys, overrides, says):

@@ -1,4 +1,5 @@
-"""Data layer: image classification datasets as NHWC float32 splits, plus seeded batch orders.
+"""Data layer: image classification datasets as NHWC float32 splits, text as token windows for language models
+(`load_text`, `jaxnas.data.text`), plus seeded batch orders.
 
     from jaxnas.data import load_dataset, batches
     ds = load_dataset("mnist5k")              # or DataConfig(name="tfds:cifar10", data_dir=...)
@@ -11,6 +12,7 @@ from jaxnas.data.config import DataConfig
 from jaxnas.data.core import Dataset, DatasetInfo, Split, stratified_split
 from jaxnas.data.errors import DataError, DatasetNotAvailableError, UnreadableImagesError
 from jaxnas.data.load import load_dataset
+from jaxnas.data.text import TextConfig, TextDataset, load_text
 
 __all__ = [
     "DataConfig",
@@ -19,10 +21,13 @@ __all__ = [
     "DatasetInfo",
     "DatasetNotAvailableError",
     "Split",
+    "TextConfig",
+    "TextDataset",
     "UnreadableImagesError",
     "batches",
     "epoch_indices",
     "epoch_order",
     "load_dataset",
+    "load_text",
     "stratified_split",
 ]

@@ -11,7 +11,9 @@ import os
 from pathlib import Path
 
 EMBEDDED_NAMES = ("mnist5k", "digits")
-SOURCE_PREFIXES = ("tfds:", "hf:", "folder:", "csv:")
+SOURCE_PREFIXES = ("tfds:", "hf:", "folder:", "csv:", "text:")
+TEXT_PREFIX = "text:"
+"""Text for language models (``jaxnas.data.text``); ``hf:`` names are text when the search space is ``lm``."""
 NAME_FORMS = (
     "'mnist5k' (embedded, 5,000 real MNIST digits)",
     "'digits' (embedded, scikit-learn 8x8 digits)",
@@ -19,6 +21,7 @@ NAME_FORMS = (
     "'hf:<hub name | builder name | local folder>' (Hugging Face datasets)",
     "'folder:<path>' (one subfolder of images per class)",
     "'csv:<path>' (a CSV with an image path column and a label column)",
+    "'text:pydoc' or 'text:<file | folder of .txt>' (text for space.name=lm; hf:<name> too, with text_column)",
 )
 
 
@@ -74,6 +77,17 @@ class DataConfig:
     label_column: str = _field("label", "Name of the label feature / column (tfds:, hf:, csv:).")
     path_column: str = _field("path", "csv: column holding image paths (relative ones are read from the CSV's folder).")
     hf_config: str | None = _field(None, "hf: dataset configuration name (datasets.load_dataset's name=).")
+    seq_len: int = _field(128, "Text (space.name=lm): tokens a model reads per window (a window holds seq_len + 1).",
+                          min=1)
+    tokenizer: str = _field(
+        "bytes", "Text: 'bytes' (UTF-8 bytes, vocabulary 256) or a Hugging Face fast tokenizer (a tokenizer.json, a "
+        "folder holding one, or a hub name already in the Hugging Face cache).",
+    )
+    train_stride: int | None = _field(
+        None, "Text: tokens between the starts of consecutive train windows (default seq_len; larger strides "
+        "train on fewer windows).", min=1,
+    )
+    text_column: str = _field("text", "Text from hf:<name>: the column holding the text.")
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not (
@@ -109,9 +123,24 @@ class DataConfig:
             )
         if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int) or self.split_seed < 0:
             raise ValueError(f"DataConfig.split_seed: got {self.split_seed!r}; expected an integer >= 0.")
-        for field in ("image_column", "label_column", "path_column"):
+        for field in ("image_column", "label_column", "path_column", "tokenizer", "text_column"):
             if not isinstance(getattr(self, field), str) or not getattr(self, field):
                 raise ValueError(f"DataConfig.{field}: got {getattr(self, field)!r}; expected a non-empty string.")
+
+    @property
+    def is_text(self) -> bool:
+        """Whether ``name`` is a text source of its own form (``text:``); ``hf:`` may be either."""
+        return self.name.startswith(TEXT_PREFIX)
+
+    def text_config(self):
+        """The `jaxnas.data.text.TextConfig` of these settings (name, seq_len, tokenizer, split fractions, ...)."""
+        from jaxnas.data.text import TextConfig  # lazy: jaxnas.data.text imports this module
+
+        return TextConfig(
+            name=self.name, seq_len=self.seq_len, tokenizer=self.tokenizer, train_stride=self.train_stride,
+            validation_fraction=self.validation_fraction, test_fraction=self.test_fraction,
+            text_column=self.text_column, hf_config=self.hf_config, data_dir=self.data_dir, cache_dir=self.cache_dir,
+        )
 
     @property
     def cache_root(self) -> Path:

@@ -14,6 +14,13 @@ def load_dataset(config: DataConfig | str) -> Dataset:
     """
     if isinstance(config, str):
         config = DataConfig(name=config)
+    if config.is_text:
+        from jaxnas.data.errors import DataError
+
+        raise DataError(
+            f"data.name={config.name!r} is text, not an image dataset: load it with jaxnas.data.load_text("
+            "config.text_config()), or search it with space.name=lm"
+        )
     if config.name in EMBEDDED_NAMES:
         from jaxnas.data.embedded import load_embedded
 

@@ -83,9 +83,17 @@ def _loaded(model_or_run_folder):
     from jaxnas.search.export import LoadedModel, load_model
 
     if isinstance(model_or_run_folder, LoadedModel):
-        return model_or_run_folder, model_or_run_folder.folder
-    home = model_folder(model_or_run_folder)
-    return load_model(home), home
+        loaded, home = model_or_run_folder, model_or_run_folder.folder
+    else:
+        home = model_folder(model_or_run_folder)
+        loaded = load_model(home)
+    if "text" in loaded.meta:
+        raise ExportError(
+            f"{loaded.arch} is a language model (space.name=lm): the StableHLO / ONNX exports take image batches and "
+            "do not cover token decoding with a cache. Use jaxnas.load_model(run) (its generate and twin), or the "
+            "twin's weights in <run>/model/state (Orbax) or <run>/model/weights.<precision>.safetensors"
+        )
+    return loaded, home
 
 
 def _target(path, home, name: str) -> Path:

@@ -4,7 +4,8 @@ NaN / inf guard), so a candidate draws the same randomness and fails the same wa
 
 Conventions: a family's pure ``apply(params, enc, x, *, train, key) -> logits [B, classes]`` (`Apply`; hashable, a
 static argument of `jax.jit`); encodings ``[P, n_choices] int32``; "params_P" is a pytree whose every leaf has a
-leading population axis ``[P, ...]``.
+leading population axis ``[P, ...]``. Language models (the lm space) fit the same conventions with x [B, T] token
+ids, labels [B, T] (the next tokens) and logits [B, T, vocab]: a training loss is the mean over every position.
 """
 
 from __future__ import annotations
@@ -203,6 +204,11 @@ def shifted(key: jax.Array, images: jax.Array, shift: int) -> jax.Array:
         return jax.lax.dynamic_slice(img, (o[0], o[1], 0), (h, w, img.shape[-1]))
 
     return jax.vmap(crop)(padded, offsets)
+
+
+def per_example(values: jax.Array) -> jax.Array:
+    """[B, ...] -> [B]: each example's mean over its other axes (a sequence's mean over its positions)."""
+    return jnp.mean(values, axis=tuple(range(1, values.ndim)))
 
 
 def all_finite(tree) -> jax.Array:

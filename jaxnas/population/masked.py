@@ -33,6 +33,7 @@ from jaxnas.population.common import (
     check_population,
     check_training,
     guard,
+    per_example,
     run_epochs,
     shifted,
     step_keys,
@@ -46,7 +47,9 @@ def evaluate_shared(
 
     x [N, ...] inputs, y [N] int32 labels; N need not divide ``batch_size`` (the last batch is padded and the
     padding ignored). Returns ``{"loss": [P] mean cross-entropy, "accuracy": [P] in [0, 1]}``. One compile
-    serves every population of the same shape.
+    serves every population of the same shape. Sequences (language models: x [N, T] tokens, y [N, T] next
+    tokens, logits [B, T, vocab]) score every position: the loss is the mean token NLL (its exp the perplexity),
+    the accuracy the share of positions whose argmax is the next token.
     """
     return _evaluate(apply, params, encs, x, y, batch_size, shared=True)
 
@@ -89,7 +92,10 @@ def _evaluate_sums(apply, params, encs, xb, yb, weight, shared):
     def one(p, enc, x, y, w):
         logits = apply(p, enc, x, train=False, key=None)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        return jnp.sum(loss * w), jnp.sum((jnp.argmax(logits, -1) == y) * w)
+        correct = jnp.argmax(logits, -1) == y
+        if loss.ndim > 1:  # sequences: y [B, T]; an example's loss / accuracy is its mean over positions
+            loss, correct = per_example(loss), per_example(correct)
+        return jnp.sum(loss * w), jnp.sum(correct * w)
 
     def batch(totals, data):
         x, y, w = data
@@ -137,7 +143,8 @@ def train_population(
       encs: [P, n_choices] int32, candidate p's architecture.
       optimizer: any optax transformation; each candidate gets its own state. Reuse one object across calls
         to reuse the compiled epoch (it is a static argument of jit).
-      train_x, train_y: [N, ...] inputs and [N] int32 labels, kept on device; every epoch walks the batches
+      train_x, train_y: [N, ...] inputs and [N] int32 labels (sequences: [N, T] tokens and [N, T] next tokens,
+        the loss a mean over every position), kept on device; every epoch walks the batches
         of ``epoch_indices(N, batch_size, seed, epoch)`` (shared by all candidates, remainder dropped).
       val_x, val_y: validation split, scored after every epoch (early stopping, ``history``).
       patience: stop (freeze) a candidate after this many epochs without a better validation accuracy;

@@ -112,12 +112,16 @@ class MixedLoss:
       strategy: darts, pc_darts or gdas.
       pc_k: pc_darts' partial-channel divisor K (1: every channel).
       edge_normalisation: pc_darts' betas scale the edges (needs ``arch["beta"]``).
+      cost_weight: macro space: the loss adds cost_weight x E[MACs] / the MACs of the space's largest network
+        (`ConvSupernet.expected_macs`), a resource-aware search in the manner of FBNet and ProxylessNAS; it depends
+        on the architecture parameters only, so only their step feels it.
     """
 
     supernet: NB201Supernet | ConvSupernet
     strategy: str
     pc_k: int = 1
     edge_normalisation: bool = False
+    cost_weight: float = 0.0
 
     @property
     def cell(self) -> bool:
@@ -145,7 +149,21 @@ class MixedLoss:
         else:
             logits = self.supernet.apply_relaxed(weights, op_weights, x)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        if self.cost_weight:
+            loss = loss + self.cost_weight * self.supernet.expected_macs(op_weights) / largest_macs(self.supernet)
         return loss, (jnp.argmax(logits, -1) == y).mean()
+
+
+@functools.lru_cache(maxsize=16)
+def largest_macs(supernet: ConvSupernet) -> float:
+    """MACs per example of the largest network of ``supernet``'s space (over its families): the cost term's unit."""
+    space, index = supernet.space, supernet.space.index("family")
+    options = space["family"].options
+    with jax.ensure_compile_time_eval():  # first called while the loss is traced: these are constants
+        encs = [np.array(space.sample(jax.random.key(0), 1))[0] for _ in supernet.families]
+        for enc, family in zip(encs, supernet.families, strict=True):
+            enc[index] = options.index(family)
+        return float(max(supernet.macs(np.asarray(supernet.largest(space.canonicalize(enc)))) for enc in encs))
 
 
 # ------------------------------------------------------------------------------------------- bilevel step
@@ -324,7 +342,7 @@ class DifferentiableSearch:
                                  f"{name} split; lower differentiable.batch_size")
         pc = self.strategy == "pc_darts"
         self.loss = MixedLoss(supernet, self.strategy, pc_k=d.pc_k if pc else 1,
-                              edge_normalisation=pc and d.edge_normalisation)
+                              edge_normalisation=pc and d.edge_normalisation, cost_weight=d.cost_weight)
         self.steps = len(train[1]) // d.batch_size
         self._step, self.weight_opt, self.arch_opt, self.schedule = _compiled(self.loss, d, self.steps)
 

@@ -10,6 +10,10 @@
 is padded to the strategy's population size P with copies of its first row, so one compiled program serves
 every generation; the copies' results are dropped. (The sized backend needs no padding: `jaxnas.population.sized`
 compiles per layer size, `jaxnas.population.sized_train` per population.)
+
+Language models (space lm, a `jaxnas.data.text.TextDataset`): inputs are a split's windows[:, :-1], targets
+windows[:, 1:]; rows carry ``val_ppl`` = exp(val_loss) (the mean validation token NLL) next to ``val_loss``, and
+the final retraining's winner is the lowest mean validation loss instead of the best accuracy.
 """
 
 from __future__ import annotations
@@ -21,14 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from jaxnas import population as pop
+from jaxnas import quant
 from jaxnas.population import sized, sized_train
+from jaxnas.population.common import batched, per_example
 from jaxnas.config import RunConfig
 from jaxnas.data.core import Dataset
 from jaxnas.distributed import to_host, tree_to_host
 from jaxnas.search import halving
-from jaxnas.search.models import SearchModel
+from jaxnas.search.models import SearchModel, is_lm
 from jaxnas.status import Status
 from jaxnas.tables import QueryCounter, Table
 
@@ -91,16 +98,25 @@ class _Data:
     bn_batches: jax.Array  # [n, B, H, W, C] training batches for BatchNorm recalibration
 
 
+def split_arrays(split) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels) of a split: (images, labels) of an image `Split`, (windows[:, :-1], windows[:, 1:]) of a
+    `jaxnas.data.text.TextSplit` (token ids [N, seq_len] and their next tokens)."""
+    if hasattr(split, "windows"):
+        return np.ascontiguousarray(split.inputs), np.ascontiguousarray(split.targets)
+    return split.images, split.labels
+
+
 def _device_data(dataset: Dataset, n_bn: int, batch: int, seed: int) -> _Data:
-    n = len(dataset.train.labels)
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = (
+        split_arrays(s) for s in (dataset.train, dataset.validation, dataset.test))
+    n = len(train_y)
     rows = np.random.default_rng(seed).permutation(n)[: n_bn * batch]
     if len(rows) < n_bn * batch:
         rows = np.resize(rows, n_bn * batch)
     return _Data(
-        jnp.asarray(dataset.train.images), jnp.asarray(dataset.train.labels),
-        jnp.asarray(dataset.validation.images), jnp.asarray(dataset.validation.labels),
-        jnp.asarray(dataset.test.images), jnp.asarray(dataset.test.labels),
-        jnp.asarray(dataset.train.images[rows].reshape(n_bn, batch, *dataset.train.images.shape[1:])),
+        jnp.asarray(train_x), jnp.asarray(train_y), jnp.asarray(val_x), jnp.asarray(val_y),
+        jnp.asarray(test_x), jnp.asarray(test_y),
+        jnp.asarray(train_x[rows].reshape(n_bn, batch, *train_x.shape[1:])),
     )
 
 
@@ -111,6 +127,7 @@ class _Trained:
 
     def __init__(self, cfg: RunConfig, model: SearchModel, dataset: Dataset):
         self.cfg, self.model, self.dataset = cfg, model, dataset
+        self.lm = is_lm(model)
         self.population = cfg.search.population
         self.data = _device_data(dataset, cfg.supernet.bn_batches, cfg.supernet.batch_size, cfg.seed)
         self.optimizer = optax.adam(cfg.train.learning_rate)
@@ -198,7 +215,14 @@ class _Trained:
             if status == pop.STATUS_FAILED or not np.isfinite(loss):
                 status, acc, loss = pop.STATUS_FAILED, float("nan"), float("nan")
             rows.append({"status": status, "val_accuracy": acc, "val_loss": loss})
+            if self.lm:
+                rows[-1]["val_ppl"] = perplexity(loss)
         return rows
+
+    def signal(self, row: dict) -> float:
+        """What ranks trained candidates (maximised): validation accuracy, or -validation loss for a language
+        model."""
+        return -row["val_loss"] if self.lm else row["val_accuracy"]
 
     def final(self, encs: np.ndarray, seeds: int = 1, contenders: int | None = None) -> dict:
         """Retrain ``encs`` [k, n] from scratch ``seeds`` times (train split, early stopping on validation), score
@@ -214,7 +238,7 @@ class _Trained:
         if not 1 <= contenders <= len(encs) or seeds < 1:
             raise ValueError(f"final: need 1 <= contenders <= {len(encs)} and seeds >= 1, got {contenders}, {seeds}")
         d = self.data
-        out = {"status": [], "epochs_run": [], "val_accuracy": [], "test_accuracy": [], "test_loss": []}
+        out = {"status": [], "epochs_run": [], "val_accuracy": [], "val_loss": [], "test_accuracy": [], "test_loss": []}
         first = None
         for s in range(seeds):
             result, val = self.train_candidates(encs, cfg.epochs, cfg.patience, self.cfg.seed + 7919 + 1_000_003 * s)
@@ -223,12 +247,14 @@ class _Trained:
             out["status"].append([str(x) for x in result.status])
             out["epochs_run"].append([int(result.history.shape[0])] * len(encs))
             out["val_accuracy"].append(np.where(failed, np.nan, val["accuracy"]).tolist())
+            out["val_loss"].append(np.where(failed, np.nan, val["loss"]).tolist())
             out["test_accuracy"].append(np.where(failed, np.nan, test["accuracy"]).tolist())
             out["test_loss"].append(np.where(failed, np.nan, test["loss"]).tolist())
             if first is None:
                 first = result.params
             del result
-        val_mean = np.nanmean(np.asarray(out["val_accuracy"], float)[:, :contenders], axis=0)
+        ranked = -np.asarray(out["val_loss"], float) if self.lm else np.asarray(out["val_accuracy"], float)
+        val_mean = np.nanmean(ranked[:, :contenders], axis=0)
         winner = int(np.argmax(np.where(np.isfinite(val_mean), val_mean, -np.inf)))
         params = tree_to_host(jax.tree.map(lambda a: a[winner], first))  # every process holds the winner
         stats = self.model.statistics(params, jnp.asarray(encs[winner : winner + 1]), d.bn_batches, shared=True)
@@ -252,7 +278,7 @@ class TrainEvaluator(_Trained):
         if t.fidelity != "full" and generation >= t.fast_generations:
             def train(indices, rung_epochs):
                 rows = self._train_rows(encs[list(indices)], rung_epochs, seed)
-                return [(r["val_accuracy"], {**r, "epochs": rung_epochs}) for r in rows]
+                return [(self.signal(r), {**r, "epochs": rung_epochs}) for r in rows]
 
             schedule = halving.hyperband if t.fidelity == "hyperband" else halving.successive_halving
             done = schedule(len(encs), train, max_epochs=epochs, eta=t.eta, min_epochs=t.min_epochs)
@@ -282,6 +308,48 @@ class OneShotEvaluator(_Trained):
         return self._rows(None, scores, len(encs))
 
 
+def perplexity(loss: float) -> float:
+    """exp of a mean token NLL (nan stays nan; inf past float's range)."""
+    return float(np.exp(np.float64(loss))) if np.isfinite(loss) else float("nan")
+
+
+def twin_lm_loss(twin, x, y, batch_size: int = 64) -> float:
+    """Mean token NLL of a language-model twin (`TwinLM`) on token windows x [N, T] with next tokens y [N, T]."""
+    graph, state = nnx.split(twin)
+    (xb, weight), (yb, _) = batched(jnp.asarray(x), batch_size), batched(jnp.asarray(y, jnp.int32), batch_size)
+    return float(_twin_nll_sum(graph, state, xb, yb, weight)) / int(x.shape[0])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _twin_nll_sum(graph, state, xb, yb, weight):
+    """Summed per-window mean NLL over batches xb [n, B, T] (padding weighted out): one program per twin layout."""
+
+    def batch(total, data):
+        x, y, w = data
+        nll = optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graph, state)(x), y)
+        return total + jnp.sum(per_example(nll) * w), None
+
+    return jax.lax.scan(batch, jnp.zeros((), jnp.float32), (xb, yb, weight))[0]
+
+
+def lm_quantised(model, enc, params, precision: str, x, y) -> dict:
+    """The twin of ``enc`` (from candidate ``params``) with its weights stored at ``precision`` (`jaxnas.quant`),
+    measured: {"precision", "size_bytes", "fp32_size_bytes", "test_ppl" (dequantised weights), "fp32_test_ppl"
+    (the twin as it is), "params": the `quant.QuantizedParams`} on windows x, y."""
+    _, twin = model.extract(params, enc)
+    twin.eval()
+    state = nnx.state(twin, nnx.Param)
+    weights = state.to_pure_dict()
+    stored = quant.quantize(weights, precision)
+    fp32_loss = twin_lm_loss(twin, x, y)
+    state.replace_by_pure_dict(jax.tree.map(jnp.asarray, quant.dequantize(stored)))
+    nnx.update(twin, state)
+    return {
+        "precision": precision, "size_bytes": quant.size_bytes(stored), "fp32_size_bytes": quant.size_bytes(weights),
+        "test_ppl": perplexity(twin_lm_loss(twin, x, y)), "fp32_test_ppl": perplexity(fp32_loss), "params": stored,
+    }
+
+
 SIZED_BATCH = 500  # validation examples per batch of sized scoring (activations of one tree path stay small)
 
 
@@ -309,9 +377,10 @@ def train_supernet(cfg: RunConfig, model: SearchModel, dataset: Dataset):
         Ends(model, "smallest") if s.sampler == "sandwich" else None,
     )
     params = model.init(jax.random.key(cfg.seed))
+    train_x, train_y = split_arrays(dataset.train)
     params, _, losses = pop.train_supernet(
-        model.apply, params, optax.adam(supernet_schedule(s, len(dataset.train.labels))), sampler,
-        jnp.asarray(dataset.train.images), jnp.asarray(dataset.train.labels),
+        model.apply, params, optax.adam(supernet_schedule(s, len(train_y))), sampler,
+        jnp.asarray(train_x), jnp.asarray(train_y),
         epochs=s.epochs, batch_size=s.batch_size, seed=cfg.seed, distill=s.distill, shift=s.augment_shift,
     )
     return params, losses.mean(axis=(1, 2)).tolist()

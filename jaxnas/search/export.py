@@ -6,6 +6,11 @@
 
 ``jaxnas.load_model(path)`` rebuilds the twin from ``arch.json`` and restores its state; the result is an
 ordinary Flax NNX module: ``model(x [B, H, W, C] float32) -> logits [B, classes]``.
+
+Language models (space lm) export the `TwinLM` the same way (no StableHLO file: `jaxnas.export` refuses them),
+with ``arch.json["text"]`` = {name, tokenizer, vocab_size, seq_len} and the weights also stored at
+objectives.quant as ``weights.<precision>.safetensors`` (`jaxnas.quant.save`: layer indices as string keys).
+They load as `LoadedLM`: ``model(tokens [B, T]) -> logits [B, T, vocab]`` and ``model.generate(text, n_new)``.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from jaxnas.search.models import SearchModel, build_space, model_for
 _STATE_FILTER = nnx.Any(nnx.Param, nnx.BatchStat)
 
 
-def export_model(folder: str | Path, model: SearchModel, space_cfg: SpaceConfig, enc, params, bn_stats, record: dict):
-    """Write the twin of ``enc`` (sliced from candidate ``params`` with its statistics) into ``folder``."""
+def export_model(folder: str | Path, model: SearchModel, space_cfg: SpaceConfig, enc, params, bn_stats, record: dict,
+                 *, quantised=None):
+    """Write the twin of ``enc`` (sliced from candidate ``params`` with its statistics) into ``folder``; a language
+    model's ``quantised`` weights (`jaxnas.quant.QuantizedParams` of the twin's parameters) go next to it."""
     folder = Path(folder)
     _, twin = model.extract(params, enc, bn_stats)
     twin.eval()
@@ -47,6 +54,15 @@ def export_model(folder: str | Path, model: SearchModel, space_cfg: SpaceConfig,
     }
     if is_primary():  # the state above is written by every process together (Orbax)
         atomic_write_text(folder / "arch.json", json.dumps(json_safe(meta), indent=2) + "\n")
+        if "text" in meta:  # a language model: no image-batch StableHLO file
+            if quantised is not None:
+                from jaxnas import quant
+
+                leaves, treedef = jax.tree.flatten(_string_keys(jax.tree.unflatten(quantised.treedef,
+                                                                                    quantised.leaves)))
+                quant.save(quant.QuantizedParams(quantised.precision, treedef, tuple(leaves)),
+                           folder / f"weights.{quantised.precision}.safetensors")
+            return
         from jaxnas.export import export_stablehlo  # lazy: jaxnas.export imports this module
 
         export_stablehlo(LoadedModel(twin, meta["arch"], meta, folder))  # one trace + serialise of the twin
@@ -76,6 +92,64 @@ class LoadedModel:
     def _forward(self):
         graph, state = nnx.split(self.twin)
         return jax.jit(lambda s, xb: jnp.argmax(nnx.merge(graph, s)(xb), -1)), state
+
+
+def _string_keys(tree):
+    """Nested dicts with every key a string (nnx lists' layer indices become "0", "1", ...)."""
+    if isinstance(tree, dict):
+        return {str(k): _string_keys(v) for k, v in tree.items()}
+    return tree
+
+
+@dataclasses.dataclass
+class LoadedLM(LoadedModel):
+    """A loaded language model: ``twin`` is a `jaxnas.supernet.TwinLM`; ``meta["text"]`` names its tokenizer."""
+
+    def __call__(self, tokens) -> jax.Array:
+        """logits [B, T, vocab] of token ids ``tokens`` [B, T] int32."""
+        return self.twin(jnp.asarray(tokens, jnp.int32))
+
+    @functools.cached_property
+    def tokenizer(self):
+        """The tokenizer the model was trained with (`jaxnas.data.text.load_tokenizer`)."""
+        from jaxnas.data.text import load_tokenizer
+
+        return load_tokenizer(self.meta["text"]["tokenizer"])
+
+    def generate(self, prompt, n_new: int, *, temperature: float = 0.0, seed: int = 0):
+        """Continue ``prompt`` by ``n_new`` tokens, decoded with the twin's cache: greedily (temperature 0) or
+        sampled from softmax(logits / temperature) with PRNG ``seed``.
+
+        A string prompt is encoded with the model's tokenizer and the continuation comes back as text (only the
+        new tokens; with the byte tokenizer a character cut by the end decodes as U+FFFD). Token ids [P] or
+        [B, P] come back as int32 ids [P + n_new] or [B, P + n_new], prompt included.
+        """
+        text = isinstance(prompt, str)
+        ids = self.tokenizer.encode(prompt) if text else np.asarray(prompt, np.int32)
+        rows = ids[None] if ids.ndim == 1 else ids
+        if rows.ndim != 2 or rows.shape[1] < 1 or n_new < 0:
+            raise ValueError(f"generate: need a non-empty prompt (text, ids [P] or [B, P]) and n_new >= 0, got ids of "
+                             f"shape {list(ids.shape)} and n_new={n_new}")
+        out = np.asarray(self._generate(rows.shape[1], int(n_new), float(temperature))(
+            self._state, jnp.asarray(rows, jnp.int32), jax.random.key(seed)))
+        if text:
+            return self.tokenizer.decode(out[0, rows.shape[1]:])
+        return out[0] if ids.ndim == 1 else out
+
+    @functools.cached_property
+    def _state(self):
+        return nnx.state(self.twin)
+
+    @functools.lru_cache(maxsize=8)  # noqa: B019 - one compiled program per (prompt length, n_new, temperature)
+    def _generate(self, length: int, n_new: int, temperature: float):
+        graph = nnx.graphdef(self.twin)
+
+        def run(state, prompt, key):
+            return nnx.merge(graph, state).generate(prompt, n_new, key=key, temperature=temperature)
+
+        return jax.jit(run)
+
+    __hash__ = object.__hash__
 
 
 def load_model(path: str | Path) -> LoadedModel:
@@ -116,4 +190,4 @@ def load_model(path: str | Path) -> LoadedModel:
     restored = load_arrays(folder / "state", like.to_pure_dict())
     like.replace_by_pure_dict(restored)
     nnx.update(twin, like)
-    return LoadedModel(twin, meta["arch"], meta, folder)
+    return (LoadedLM if "text" in meta else LoadedModel)(twin, meta["arch"], meta, folder)

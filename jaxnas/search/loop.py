@@ -13,6 +13,11 @@ Every random choice derives from ``seed`` and the generation number, so a run re
 ends exactly as the same run left alone. Afterwards (modes oneshot, train) the top-k architectures are retrained
 from scratch and scored on the test split, the best by validation accuracy is exported, and the report is written.
 
+Language models (space.name=lm on text data) run the same loop: the data is a `jaxnas.data.text.TextDataset`,
+the metrics are `objectives.metric_names("lm")` (val_ppl, macs_per_token, ...), the final winner is the lowest mean
+validation perplexity, and best.json's final record holds the test perplexity and the winner's perplexity with
+its weights quantised to objectives.quant (measured on the dequantised twin).
+
 Mode differentiable runs epochs instead of generations (`jaxnas.search.differentiable`): one history row, one
 checkpoint (weights, architecture parameters, optimiser states, key) per epoch; its answer, the cell derived at
 the end, is retrained, tested and exported the same way.
@@ -41,12 +46,20 @@ from jaxnas.compiled import release_if_crowded
 from jaxnas import population as pop
 from jaxnas.config import RunConfig
 from jaxnas.status import EVALUATED, REUSED, TOLD_WORST, Status
-from jaxnas.data import load_dataset
+from jaxnas.data import load_dataset, load_text
 from jaxnas.search import objectives as obj
 from jaxnas.search.checkpoint import RunCheckpoints, load_arrays, save_arrays
 from jaxnas.search import differentiable, fidelity, proxies
 from jaxnas.search.archive import Archive
-from jaxnas.search.evaluate import OneShotEvaluator, TableEvaluator, TrainEvaluator, Ends, train_supernet
+from jaxnas.search.evaluate import (
+    Ends,
+    OneShotEvaluator,
+    TableEvaluator,
+    TrainEvaluator,
+    lm_quantised,
+    perplexity,
+    train_supernet,
+)
 from jaxnas.search.export import export_model
 from jaxnas.search.models import build_space, model_for
 from jaxnas.search.pareto import default_reference, hypervolume, knee_point, pareto_mask
@@ -78,10 +91,13 @@ class SearchRun:
         self.cfg, self.resume, self.log = cfg, resume, log
         self.out = Path(cfg.output)
         self.space = build_space(cfg.space)
-        allowed = obj.TABLE if cfg.mode == "table" else (*obj.TRAINED, *obj.CHEAP, *obj.MEASURED)
+        self.lm = cfg.space.name == "lm"
+        self.trained_names, self.cheap_names, self.measured_names = obj.metric_names(cfg.space.name)
+        allowed = obj.TABLE if cfg.mode == "table" else (*self.trained_names, *self.cheap_names, *self.measured_names)
         self.objectives = obj.parse_objectives(cfg.objectives.objectives, allowed)
         self.constraints = tuple(obj.parse_constraint(c, allowed) for c in cfg.objectives.constraints)
-        self.needs_latency = any(m == "latency_ms" for m in [o.name for o in self.objectives] + [
+        self.latency_name = self.measured_names[0]  # latency_ms, or latency_ms_per_token for a language model
+        self.needs_latency = any(m == self.latency_name for m in [o.name for o in self.objectives] + [
             c.metric for c in self.constraints])
         self.by_gradient = cfg.mode == "differentiable"  # epochs of a differentiable search, not generations
         self.strategy = None if self.by_gradient else build_strategy(cfg, self.space, len(self.objectives))
@@ -108,9 +124,14 @@ class SearchRun:
             self.model, self.dataset = None, None
             self._table = TableEvaluator(cfg, self.space, 0)
             return
-        self.dataset = load_dataset(cfg.data)
-        info = self.dataset.info
-        self.model = model_for(self.space, cfg.space, info.image_shape, info.num_classes)
+        if self.lm:
+            self.dataset = load_text(cfg.data.text_config())
+            info = self.dataset.info
+            self.model = model_for(self.space, cfg.space, (info.seq_len,), info.vocab_size)
+        else:
+            self.dataset = load_dataset(cfg.data)
+            info = self.dataset.info
+            self.model = model_for(self.space, cfg.space, info.image_shape, info.num_classes)
         largest = fidelity.largest_architecture(self.space, Ends(self.model, "largest"))
         params = self.model.param_count(largest)
         need = cfg.search.population * params * 16  # weights, gradients and Adam's two moments, float32
@@ -163,9 +184,15 @@ class SearchRun:
     def _cheap(self, enc) -> dict:
         if self.model is None:
             return {}
-        metrics = obj.cheap_metrics(self.model, enc)
-        if self.needs_latency and obj.total_violation(metrics, self.constraints, obj.CHEAP) == 0:
+        metrics = obj.cheap_metrics(self.model, enc, self.cfg.objectives.quant)
+        if self.needs_latency and obj.total_violation(metrics, self.constraints, self.cheap_names) == 0:
             params = self._latency_params
+            if self.lm:
+                _, twin = self.model.extract(params, enc)
+                latency = obj.decode_latency_ms(twin, self.cfg.objectives.latency_batch, self.model.seq_len,
+                                                self.cfg.objectives.latency_repeats)
+                metrics[self.latency_name] = distributed.from_primary(latency)
+                return metrics
             stats = self.model.statistics(params, enc[None], self._latency_batches, shared=True)
             stats = None if stats is None else jax.tree.map(lambda a: a[0], stats)
             _, twin = self.model.extract(params, enc, stats)
@@ -189,7 +216,7 @@ class SearchRun:
                 rows[i] = {"arch": arch, "cached_from": cache.get(arch, {}).get("generation", g)}
                 continue
             metrics = self._cheap(enc)
-            if obj.total_violation(metrics, self.constraints, (*obj.CHEAP, *obj.MEASURED)) > 0:
+            if obj.total_violation(metrics, self.constraints, (*self.cheap_names, *self.measured_names)) > 0:
                 rows[i] = {"arch": arch, "status": Status.INFEASIBLE, **metrics}
             else:
                 rows[i] = {"arch": arch, **metrics}
@@ -304,13 +331,13 @@ class SearchRun:
         if self.cfg.mode == "table":
             metrics = ["signal", "report"]
         elif self.by_gradient:
-            metrics = [*differentiable.columns(self.cfg.search.strategy, self.space.name == "nb201"), *obj.CHEAP]
+            metrics = [*differentiable.columns(self.cfg.search.strategy, self.space.name == "nb201"), *obj.IMAGE_CHEAP]
         else:
-            metrics = [*obj.TRAINED, *obj.CHEAP]
+            metrics = [*self.trained_names, *self.cheap_names]
         if self.cfg.mode == "train":
             metrics.append("epochs")  # the fidelity a candidate was scored at (fast mode, successive halving)
         if self.needs_latency:
-            metrics.append("latency_ms")
+            metrics.append(self.latency_name)
         if self.cfg.search.prefilter != "none":
             metrics.append(self.cfg.search.prefilter)  # the zero-cost proxy's value (pre-filter)
         return ["generation", "index", "arch", "status", "fitness", *metrics, "cached_from"]
@@ -505,9 +532,22 @@ class SearchRun:
                 summary.update(best_arch=best["arch"], best_signal=best["signal"], best_report=best["report"])
             else:
                 record["final"] = self._final(rows)
-                summary.update(best_arch=record["final"]["arch"] if record["final"] else best["arch"],
-                               best_val_accuracy=best.get("val_accuracy"))
-                if record["final"]:
+                summary.update(best_arch=record["final"]["arch"] if record["final"] else best["arch"])
+                if self.lm:
+                    summary["best_val_ppl"] = best.get("val_ppl")
+                else:
+                    summary["best_val_accuracy"] = best.get("val_accuracy")
+                if record["final"] and self.lm:
+                    f = record["final"]
+                    summary.update(test_ppl=f["test_ppl"], test_ppl_mean=f["test_ppl_mean"],
+                                   test_ppl_std=f["test_ppl_std"], quant=f["quant"])
+                    summary["baselines"] = {k: {"arch": b["arch"], "test_ppl_mean": b["test_ppl"]["mean"],
+                                                "test_ppl_std": b["test_ppl"]["std"]}
+                                            for k, b in f["baselines"].items()}
+                    if f["ranking"]:
+                        summary["ranking"] = {k: f["ranking"][k] for k in ("kendall_tau", "spearman", "n", "warning",
+                                                                           "params_kendall_tau") if k in f["ranking"]}
+                elif record["final"]:
                     f = record["final"]
                     summary.update(test_accuracy=f["test_accuracy"], test_accuracy_mean=f["test_accuracy_mean"],
                                    test_accuracy_std=f["test_accuracy_std"])
@@ -543,6 +583,8 @@ class SearchRun:
         encs = np.stack([self.space.from_string(a) for a in archs])
         start = time.perf_counter()
         result = self.evaluator.final(encs, seeds=fc.seeds, contenders=len(top))
+        if self.lm:
+            return self._final_lm(top, baselines, control, archs, encs, result, start)
         w = result["winner"]
         per_arch = {
             arch: {
@@ -595,6 +637,59 @@ class SearchRun:
                                                                    if "warning" in ranking else ""))
         return final
 
+    def _final_lm(self, top, baselines, control, archs, encs, result, start) -> dict:
+        """`_final` for a language model: perplexities instead of accuracies, and the winner's test perplexity
+        with its twin's weights quantised to objectives.quant (dequantised and evaluated)."""
+        fc, w = self.cfg.final, result["winner"]
+
+        def ppl(per_seed, i):
+            return fidelity.seed_summary([perplexity(v[i]) for v in per_seed])
+
+        per_arch = {
+            arch: {"val_ppl": ppl(result["val_loss"], i), "test_ppl": ppl(result["test_loss"], i),
+                   "status": [st[i] for st in result["status"]]}
+            for i, arch in enumerate(archs)
+        }
+        winner = per_arch[archs[w]]
+        test_x, test_y = self.evaluator.data.test_x, self.evaluator.data.test_y
+        quant = lm_quantised(self.model, encs[w], result["params"], self.cfg.objectives.quant, test_x, test_y)
+        final = {
+            "arch": archs[w],
+            "val_ppl": perplexity(result["val_loss"][0][w]),
+            "test_ppl": perplexity(result["test_loss"][0][w]),
+            "test_loss": result["test_loss"][0][w],
+            "test_ppl_mean": winner["test_ppl"]["mean"],
+            "test_ppl_std": winner["test_ppl"]["std"],
+            "seeds": fc.seeds,
+            **obj.cheap_metrics(self.model, encs[w], self.cfg.objectives.quant),
+            "quant": {k: v for k, v in quant.items() if k != "params"},
+            "retrained": [{"arch": r["arch"], **per_arch[r["arch"]]} for r in top],
+            "search_fitness": top[w]["fitness"],
+            "baselines": {
+                name: {**b, "params": self.model.param_count(self.space.from_string(b["arch"])), **per_arch[b["arch"]]}
+                for name, b in baselines.items()
+            },
+            "ranking": self._ranking(control, per_arch),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        export_model(self.out / "model", self.model, self.cfg.space, encs[w], result["params"], result["bn_stats"],
+                     {"test_ppl": final["test_ppl"], "val_ppl": final["val_ppl"], "text": self._text_meta()},
+                     quantised=quant["params"])
+        self.log(f"final: retrained {len(archs)} architectures x {fc.seeds} seeds for up to {fc.epochs} epochs in "
+                 f"{final['seconds']:.1f} s; best {final['arch']}: test perplexity {_mean_std(winner['test_ppl'])} "
+                 f"(validation {_mean_std(winner['val_ppl'])}); at {quant['precision']} "
+                 f"({quant['size_bytes']:,} bytes): test perplexity {quant['test_ppl']:.4f}")
+        for name, b in final["baselines"].items():
+            scored = f" (search score {b['search_fitness']:.4f})" if "search_fitness" in b else ""
+            self.log(f"baseline {name}: {b['arch']}{scored}: test perplexity {_mean_std(b['test_ppl'])}")
+        return final
+
+    def _text_meta(self) -> dict:
+        """What loading an exported language model needs to read and write text: the tokenizer and the data."""
+        info = self.dataset.info
+        return {"name": info.name, "tokenizer": info.tokenizer, "vocab_size": info.vocab_size,
+                "seq_len": info.seq_len}
+
     def _baselines(self) -> dict[str, dict]:
         """name -> {"arch"} of the configured baselines that apply to this run (random: and its "search_fitness")."""
         fc, out = self.cfg.final, {}
@@ -621,7 +716,7 @@ class SearchRun:
                 arch = self.space.to_string(enc)
                 if arch not in found and len(found) < budget:
                     metrics = self._cheap(enc)
-                    if obj.total_violation(metrics, self.constraints, (*obj.CHEAP, *obj.MEASURED)) == 0:
+                    if obj.total_violation(metrics, self.constraints, (*self.cheap_names, *self.measured_names)) == 0:
                         found[arch] = (enc, metrics)
             if len(found) >= budget:
                 break
@@ -643,9 +738,20 @@ class SearchRun:
             return {}
         first = self.objectives[0]
         cheap = [r.get(first.name, math.nan) for r in control]
-        standalone = [per_arch[r["arch"]]["test_accuracy"]["mean"] for r in control]
         encs = np.stack([self.space.from_string(r["arch"]) for r in control])
         params = [self.model.param_count(e) for e in encs]
+        if self.lm:  # the stand-alone reference: -mean test perplexity (higher is better, like the signed score)
+            standalone = [-per_arch[r["arch"]]["test_ppl"]["mean"] for r in control]
+            out = {
+                "score": f"{first.name} ({self.cfg.mode})",
+                "reference": f"minus the stand-alone test perplexity, mean of {self.cfg.final.seeds} seed(s)",
+                **fidelity.rank_correlation([_signed(c, first.direction) for c in cheap], standalone),
+                "params_kendall_tau": fidelity.rank_correlation(params, standalone)["kendall_tau"],
+                "control": [{"arch": r["arch"], "score": c, "standalone": s}
+                            for r, c, s in zip(control, cheap, standalone)],
+            }
+            return self._ranking_warning(out)
+        standalone = [per_arch[r["arch"]]["test_accuracy"]["mean"] for r in control]
         # synflow: a zero-cost proxy (the untrained network; it reads only the inputs' shape), for comparison
         untrained, x, y = self._proxy_batch()
         synflow = proxies.score_model("synflow", self.model, untrained, encs, x, y)
@@ -657,6 +763,10 @@ class SearchRun:
             "synflow_kendall_tau": fidelity.rank_correlation(synflow, standalone)["kendall_tau"],
             "control": [{"arch": r["arch"], "score": c, "standalone": s} for r, c, s in zip(control, cheap, standalone)],
         }
+        return self._ranking_warning(out)
+
+    @staticmethod
+    def _ranking_warning(out: dict) -> dict:
         if not out["kendall_tau"] >= fidelity.LOW_TAU:
             out["warning"] = (f"Kendall tau {out['kendall_tau']:.2f} < {fidelity.LOW_TAU}: the search's scores rank "
                               "candidates poorly; trust the retrained numbers, not the search's ranking")

@@ -10,6 +10,9 @@ candidate by its family) behind the population functions' signature:
     model.param_count(enc), model.macs(enc)                     analytic, per example
     model.extract(params, enc, bn_stats) -> (twin_state, twin)  the compact standalone twin (an nnx.Module)
 
+`LMModel` (space lm) is the same surface over `LMSupernet`: x is token ids [B, T] int32, the logits are
+[B, T, vocab], ``macs`` counts per token, and ``image_shape`` / ``num_classes`` are (seq_len,) / the vocabulary.
+
 Everything is a frozen dataclass, so bound methods are hashable static arguments of `jax.jit`.
 """
 
@@ -24,10 +27,10 @@ import numpy as np
 from flax import nnx
 
 from jaxnas.config import SpaceConfig
-from jaxnas.spaces import macro_space, nb201_space, transformer_space
+from jaxnas.spaces import lm_space, macro_space, nb201_space, transformer_space
 from jaxnas.spaces.core import Space
 from jaxnas.spaces.macro import CONV_FAMILIES
-from jaxnas.supernet import ConvSupernet, MLPSupernet, NB201Supernet, TransformerSupernet
+from jaxnas.supernet import ConvSupernet, LMSupernet, MLPSupernet, NB201Supernet, TransformerSupernet
 
 
 def build_space(cfg: SpaceConfig) -> Space:
@@ -48,6 +51,12 @@ def build_space(cfg: SpaceConfig) -> Space:
         )
     if cfg.name == "nb201":
         return nb201_space()
+    if cfg.name == "lm":
+        return lm_space(
+            max_layers=cfg.max_layers, hidden=cfg.hidden, heads=cfg.heads, kv_heads=cfg.kv_heads,
+            ffn_mults=cfg.ffn_mults, norms=cfg.norms, activations=cfg.lm_activations, mixers=cfg.mixers,
+            positions=cfg.positions,
+        )
     return transformer_space(
         max_layers=cfg.max_layers, hidden=cfg.hidden, heads=cfg.heads, ffn_mults=cfg.ffn_mults, norms=cfg.norms,
         activations=cfg.transformer_activations, positions=cfg.positions,
@@ -236,9 +245,42 @@ class SingleModel:
         return None
 
 
+@dataclasses.dataclass(frozen=True)
+class LMModel(SingleModel):
+    """An `LMSupernet` behind `SingleModel`'s surface: ``image_shape`` is (seq_len,), ``num_classes`` the
+    vocabulary; inputs are token ids [B, T], logits [B, T, vocab]; ``macs`` is `LMSupernet.macs_per_token`."""
+
+    is_lm = True
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_classes
+
+    @property
+    def seq_len(self) -> int:
+        return self.image_shape[0]
+
+    def macs(self, enc) -> int:
+        return int(self.supernet.macs_per_token(np.asarray(enc)))
+
+    def kv_bytes_per_token(self, enc) -> int:
+        return int(self.supernet.kv_bytes_per_token(np.asarray(enc)))
+
+    def state_bytes(self, enc) -> int:
+        return int(self.supernet.state_bytes(np.asarray(enc)))
+
+
+def is_lm(model) -> bool:
+    """Whether ``model`` is a language model (`LMModel`): token windows in, next-token logits out."""
+    return getattr(model, "is_lm", False)
+
+
 def model_for(space: Space, cfg: SpaceConfig, image_shape: tuple[int, ...], num_classes: int):
-    """The model (supernets behind one surface) of ``space`` for images of ``image_shape`` (H, W, C)."""
+    """The model (supernets behind one surface) of ``space`` for images of ``image_shape`` (H, W, C); for the lm
+    space ``image_shape`` is (seq_len,) and ``num_classes`` the vocabulary size."""
     shape = tuple(int(s) for s in image_shape)
+    if space.name == "lm":
+        return LMModel(LMSupernet(space, vocab_size=int(num_classes), seq_len=shape[0]), shape, int(num_classes))
     if space.name == "macro":
         return SearchModel(space, shape, int(num_classes), cfg.stem_stride)
     if space.name == "transformer":

@@ -7,6 +7,14 @@ Metric names (what ``objectives.objectives`` and ``objectives.constraints`` may 
     latency_ms                  measured on the standalone twin (jit, warm-up, median of repeated calls)
     signal, report              table mode: the configured columns
 
+Language-model runs (space.name=lm) measure their own (`metric_names`):
+
+    val_ppl, val_loss           exp of the mean validation token NLL, and that NLL
+    params, macs_per_token      analytic (MACs averaged over a window of seq_len tokens)
+    kv_bytes_per_token          what the decoding cache grows by per token (float32; 0 for linear / recurrent)
+    size_bytes                  the twin's stored weights at objectives.quant (`jaxnas.quant.stored_bytes`)
+    latency_ms_per_token        measured: one jitted `TwinLM.decode_step` with a cache, after a warm-up, median
+
 Cheap metrics are computed first; a candidate that violates a constraint on them is marked ``infeasible`` and
 never trained or evaluated, and infeasible candidates never become the best.
 """
@@ -24,10 +32,26 @@ from flax import nnx
 
 from jaxnas.search.pareto import Objective, parse_objective
 
-CHEAP = ("params", "macs", "size_bytes")
-MEASURED = ("latency_ms",)
-TRAINED = ("val_accuracy", "val_loss")
+IMAGE_CHEAP = ("params", "macs", "size_bytes")
+IMAGE_MEASURED = ("latency_ms",)
+IMAGE_TRAINED = ("val_accuracy", "val_loss")
+LM_CHEAP = ("params", "macs_per_token", "kv_bytes_per_token", "size_bytes")
+LM_MEASURED = ("latency_ms_per_token",)
+LM_TRAINED = ("val_ppl", "val_loss")
 TABLE = ("signal", "report")
+# Every name a mode train / oneshot run may measure, whatever its space (the config refuses image metrics for
+# space.name=lm and language-model metrics for the others); `metric_names` gives one space's.
+CHEAP = tuple(dict.fromkeys(IMAGE_CHEAP + LM_CHEAP))
+MEASURED = IMAGE_MEASURED + LM_MEASURED
+TRAINED = tuple(dict.fromkeys(IMAGE_TRAINED + LM_TRAINED))
+
+
+def metric_names(space_name: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(trained, cheap, measured) metric names of a search over ``space_name`` (modes train / oneshot), in the
+    order of history.csv's columns."""
+    if space_name == "lm":
+        return LM_TRAINED, LM_CHEAP, LM_MEASURED
+    return IMAGE_TRAINED, IMAGE_CHEAP, IMAGE_MEASURED
 _CONSTRAINT = re.compile(r"^\s*([a-z_]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 
 
@@ -78,10 +102,48 @@ def parse_objectives(texts: tuple[str, ...], allowed: tuple[str, ...]) -> tuple[
     return objectives
 
 
-def cheap_metrics(model, enc) -> dict[str, float]:
-    """Analytic params, MACs per example and float32 size in bytes of candidate ``enc``."""
+def cheap_metrics(model, enc, quant: str = "fp32") -> dict[str, float]:
+    """Analytic params, MACs per example and float32 size in bytes of candidate ``enc``; for a language model
+    (`jaxnas.search.models.LMModel`) params, macs_per_token, kv_bytes_per_token and size_bytes at ``quant``."""
     params = model.param_count(enc)
+    if getattr(model, "is_lm", False):
+        return {"params": float(params), "macs_per_token": float(model.macs(enc)),
+                "kv_bytes_per_token": float(model.kv_bytes_per_token(enc)),
+                "size_bytes": float(lm_size_bytes(model, enc, quant))}
     return {"params": float(params), "macs": float(model.macs(enc)), "size_bytes": float(4 * params)}
+
+
+def lm_size_bytes(model, enc, quant: str) -> int:
+    """Bytes of the twin's parameters of ``enc`` stored at ``quant`` (`jaxnas.quant.stored_bytes` of their shapes:
+    no weights are built)."""
+    from jaxnas import quant as q
+    from jaxnas.spaces.lm import LMArch
+    from jaxnas.supernet.lm import TwinLM
+
+    sn = model.supernet
+    arch = LMArch.from_encoding(sn.space, np.asarray(enc))
+    twin = nnx.eval_shape(lambda: TwinLM(arch, vocab_size=sn.vocab_size, positions=sn.seq_len, rngs=nnx.Rngs(0)))
+    return q.stored_bytes(nnx.state(twin, nnx.Param).to_pure_dict(), quant)
+
+
+def decode_latency_ms(twin, batch: int, max_len: int, repeats: int) -> float:
+    """Median wall time (ms) of one jitted ``twin.decode_step`` (a `TwinLM`: one new token for each of ``batch``
+    sequences, with a cache of ``max_len`` positions) after a warm-up call."""
+    graph, state = nnx.split(twin)
+
+    @jax.jit
+    def step(state, cache, token):
+        return nnx.merge(graph, state).decode_step(cache, token)
+
+    cache = twin.init_cache(batch, max_len)
+    token = jax.numpy.zeros((batch,), jax.numpy.int32)
+    jax.block_until_ready(step(state, cache, token))  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(step(state, cache, token))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
 
 
 def twin_latency_ms(twin: nnx.Module, example: np.ndarray, repeats: int) -> float:

@@ -4,8 +4,9 @@ The run folder (written by `jaxnas.search.loop`) holds:
 
 - ``history.csv`` (required): ``generation,index,arch,status,fitness,<metric columns...>``, one row per
   evaluated candidate; status is one of `STATUSES`; fitness is maximised and NaN / -inf for failed or
-  infeasible candidates; metric columns depend on the mode (``val_accuracy,val_loss,params,macs`` or
-  ``signal,report``), an empty cell meaning "not measured".
+  infeasible candidates; metric columns depend on the mode and space (``val_accuracy,val_loss,params,macs``,
+  ``signal,report``, or for language models ``val_ppl,val_loss,params,macs_per_token,...``), an empty cell meaning
+  "not measured".
 - ``generations.csv``: ``generation,evaluations,cache_hits,best_fitness,mean_fitness,diversity,
   hypervolume,front_size``, one row per generation (diversity in nats; either may be empty).
 - ``pareto.json``: ``{"objectives": [{"name", "direction"}...], "reference": [...], "hypervolume": float,
@@ -59,7 +60,7 @@ STATUSES = tuple(Status)
 """Evaluation outcomes in ``history.csv``, in the order the report counts them (others follow, sorted). Plotted are
 the `EVALUATED` rows: a ``cached`` row repeats an earlier row of the same arch, so it adds no point of its own."""
 
-COST_COLUMNS = ("params", "macs")
+COST_COLUMNS = ("params", "macs", "macs_per_token")
 """Metric columns a single-objective run's trade-off plot puts fitness against, in order of preference."""
 
 PLOTS = ("fitness", "pareto", "diversity", "hypervolume")
@@ -450,15 +451,16 @@ def _baselines_section(best: dict) -> str:
     if not isinstance(baselines, dict) or not baselines:
         return ""
     winner = next((r for r in final.get("retrained", []) if r.get("arch") == final.get("arch")), None)
+    test, val = ("test_ppl", "val_ppl") if "test_ppl" in final else ("test_accuracy", "val_accuracy")
     rows = []
     if winner is not None:
-        rows.append(["search winner", final.get("arch"), final.get("params"), _seeds_cell(winner.get("test_accuracy")),
-                     _seeds_cell(winner.get("val_accuracy"))])
+        rows.append(["search winner", final.get("arch"), final.get("params"), _seeds_cell(winner.get(test)),
+                     _seeds_cell(winner.get(val))])
     for name, b in baselines.items():
-        rows.append([name, b.get("arch"), b.get("params"), _seeds_cell(b.get("test_accuracy")),
-                     _seeds_cell(b.get("val_accuracy"))])
-    table = _table(["", "arch", "params", "test accuracy", "validation accuracy"], rows,
-                   [False, False, True, True, True])
+        rows.append([name, b.get("arch"), b.get("params"), _seeds_cell(b.get(test)), _seeds_cell(b.get(val))])
+    named = ("test perplexity", "validation perplexity") if test == "test_ppl" else ("test accuracy",
+                                                                                      "validation accuracy")
+    table = _table(["", "arch", "params", *named], rows, [False, False, True, True, True])
     note = ("<p>Every row retrained from scratch with the final recipe over the same seeds; largest: the largest "
             "network of the space; random: the best of search.budget random architectures by the same scores.</p>")
     return _section("Winner vs baselines", note + table)
@@ -474,7 +476,9 @@ def _ranking_section(best: dict) -> str:
     warning = (f"<p class=\"warning\"><strong>Warning:</strong> {html.escape(str(ranking['warning']))}</p>"
                if ranking.get("warning") else "")
     rows = [[c.get("arch"), c.get("score"), c.get("standalone")] for c in ranking.get("control", [])]
-    table = _table(["arch", "search score", "stand-alone test accuracy"], rows, [False, True, True]) if rows else ""
+    reference = "stand-alone " + ("-test perplexity" if "perplexity" in str(ranking.get("reference")) else
+                                  "test accuracy")
+    table = _table(["arch", "search score", reference], rows, [False, True, True]) if rows else ""
     return _section("Ranking fidelity", warning + _key_value_table(described) + "\n" + table)
 
 

@@ -522,6 +522,51 @@ class ConvSupernet:
             in_width = width
         return logits
 
+    def expected_macs(self, probs: dict) -> jax.Array:
+        """float: the relaxed network's MACs per example, differentiable in ``probs`` (as `apply_relaxed` takes them).
+
+        Each layer's MACs (`macs`' formula) with its sizes replaced by their expectations - kernel area by
+        E[k^2], channels by E[channels], hidden channels by E[in] E[expansion] - weighted by the probability that
+        the layer runs (its block within the stage's depth, the stage within the network) and by P(family). Sizes
+        of one layer are treated as independent (E[c_in c_out] as E[c_in] E[c_out]: a surrogate inside a stage,
+        where both are the stage's width); for one-hot ``probs`` it is the candidate's `macs` exactly.
+        """
+        options = self.space["family"].options
+        return sum(probs["family"][options.index(f)] * self._expected_family_macs(f, probs) for f in self.families)
+
+    def _expected_family_macs(self, family: str, probs: dict) -> jax.Array:
+        block_family = BLOCK_FAMILIES[family]
+        height, width = self.image_shape[:2]
+        if self.stem_stride == 2:
+            height, width = -(-height // 2), -(-width // 2)
+        n = height * width
+        total = n * STEM_KERNEL * STEM_KERNEL * self.image_shape[2] * self.stem_width
+        ci, exists = jnp.float32(self.stem_width), jnp.float32(1.0)
+
+        def mean(name, power=1):
+            return (probs[name] * jnp.asarray(self.space[name].options, jnp.float32) ** power).sum()
+
+        for k in range(self.max_stages):
+            s = f"stage{k + 1}."
+            n_in = n
+            if k > 0:
+                height, width = -(-height // 2), -(-width // 2)
+                n = height * width
+                exists = exists * (1.0 - self._no_stage(probs, k))
+            co, kernel = mean(s + "channels"), jnp.sqrt(mean(s + "kernel", 2))  # kernel**2 = E[k^2]
+            expansion = mean(s + "expansion") if block_family.expansion else 1.0
+            within = probs[s + "depth"][-self.max_depth:]
+            within = within / jnp.maximum(within.sum(), 1e-30)  # P(depth = d | the stage exists), d = 1 ..
+            for j in range(self.max_depth):
+                runs = exists * within[j:].sum()  # P(block j + 1 runs)
+                layers = block_layers(block_family, j == 0, ci if j == 0 else co, co, kernel, expansion, False,
+                                      (n_in if j == 0 else n, n))
+                total = total + runs * sum(m * kk * kk * (1 if dw else a) * b for kk, a, b, dw, m, _ in layers)
+            ends = self._no_stage(probs, k + 1) if k + 1 < self.max_stages else 1.0
+            total = total + exists * ends * co * self.num_classes  # the head of networks that end here
+            ci = co
+        return total
+
     def _no_stage(self, probs: dict, k: int) -> jax.Array:
         """P(stage k + 1 has depth 0) (k >= 1: stage 1 always exists)."""
         name = f"stage{k + 1}.depth"
