@@ -59,8 +59,8 @@ QUICK = ["data.name=digits", "space.cell_channels=4", "differentiable.epochs=1",
 MACRO = ROOT / "configs" / "macro_darts.yaml"
 MACRO_BASE = ["final.top_k=0", "progress=false", "train.batch_size=64", "search.population=8", "train.epochs=1"]
 MACRO_FULL = ["differentiable.epochs=10", "final.epochs=6", "final.patience=null"]
-MACRO_QUICK = ["data.name=digits", "data.image_size=null", "space.channels=[4,8]", "space.max_stages=2",
-               "differentiable.epochs=1", "final.epochs=1"]
+MACRO_QUICK = ["data.name=digits", "data.image_size=null", "space.families=[cnn,mobilenet]", "space.channels=[4,8]",
+               "space.max_stages=2", "space.max_depth=1", "differentiable.epochs=1", "final.epochs=1"]
 
 
 def _quiet(*args, **kwargs) -> None:

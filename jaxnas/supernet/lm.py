@@ -54,10 +54,10 @@ from flax import nnx
 from jaxnas.spaces import Space
 from jaxnas.spaces.lm import ATTENTION_MIXERS, LMArch
 from jaxnas.supernet.transformer import (
-    _ffn_inner,
-    _masked_norm,
-    _norm,
-    _transformer_init,
+    ffn_inner,
+    masked_norm,
+    transformer_init,
+    twin_norm,
     alibi_distances,
     alibi_slopes,
     rope_angles,
@@ -72,13 +72,6 @@ RECURRENT_PROJECTIONS = ("value", "gate_in", "gate_out", "out")
 
 
 # ---------------------------------------------------------------------------------------------- shared maths
-def ffn_inner(name: str) -> Callable[[jax.Array, jax.Array | None], jax.Array]:
-    """inner(up, gate) -> FFN hidden activations; swiglu and geglu read the gate projection."""
-    if name == "geglu":
-        return lambda up, gate: jax.nn.gelu(gate) * up
-    return _ffn_inner(name)
-
-
 def elu_features(x: jax.Array) -> jax.Array:
     """Linear attention's positive feature map phi(x) = elu(x) + 1."""
     return jax.nn.elu(x) + 1.0
@@ -247,12 +240,12 @@ class _TwinFFN(nnx.Module):
 class _TwinLayer(nnx.Module):
     def __init__(self, arch: LMArch, i: int, rope_base: float, rngs: nnx.Rngs):
         d = arch.hidden
-        self.norm1 = _norm(arch.norm, d, rngs)
+        self.norm1 = twin_norm(arch.norm, d, rngs)
         if arch.mixer == "recurrent":
             self.mixer = _TwinRecurrent(d, rngs)
         else:
             self.mixer = _TwinHeads(d, arch.heads[i], arch.kv_heads[i], arch.mixer, arch.position, rope_base, rngs)
-        self.norm2 = _norm(arch.norm, d, rngs)
+        self.norm2 = twin_norm(arch.norm, d, rngs)
         self.ffn = _TwinFFN(d, arch.ffn_mult[i] * d, arch.activation, arch.gated, rngs)
 
 
@@ -285,7 +278,7 @@ class TwinLM(nnx.Module):
         self.embed = nnx.Embed(vocab_size, d, rngs=rngs)
         self.position = nnx.Param(jnp.zeros((positions, d))) if arch.position == "learned" else None
         self.layers = nnx.List([_TwinLayer(arch, i, rope_base, rngs) for i in range(arch.layers)])
-        self.norm = _norm(arch.norm, d, rngs)
+        self.norm = twin_norm(arch.norm, d, rngs)
         self.dropout = nnx.Dropout(dropout, deterministic=True)
 
     def __call__(self, tokens: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -452,7 +445,7 @@ class LMSupernet:
     @functools.cache  # noqa: B019 - the supernet is a small frozen value; one compiled init per distinct supernet
     def _compiled_init(self) -> Callable[[jax.Array], dict]:
         def init(key):
-            params = _transformer_init(key, self._shapes())
+            params = transformer_init(key, self._shapes())
             if "recurrent" in params["layers"]:
                 decay = jnp.broadcast_to(decay_logits(self.max_hidden), (self.max_layers, self.max_hidden))
                 params["layers"]["recurrent"]["decay"] = decay
@@ -532,7 +525,7 @@ class LMSupernet:
         layernorm = _is(space, enc, "norm", "layernorm")
 
         def norm(z, p):
-            return _masked_norm(z, mask, hidden, p, layernorm)
+            return masked_norm(z, mask, hidden, p, layernorm)
 
         def masked(z):
             return jnp.where(mask, z, 0.0)

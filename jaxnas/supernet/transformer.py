@@ -96,15 +96,18 @@ def alibi_distances(seq_len: int) -> jax.Array:
     return -jnp.abs(t[:, None] - t[None, :])
 
 
-def _ffn_inner(name: str) -> Callable[[jax.Array, jax.Array | None], jax.Array]:
-    """inner(up, gate) -> FFN hidden activations; only swiglu reads the gate projection."""
+def ffn_inner(name: str) -> Callable[[jax.Array, jax.Array | None], jax.Array]:
+    """inner(up, gate) -> FFN hidden activations; swiglu and geglu (the lm space) read the gate projection."""
     if name == "swiglu":
         return lambda up, gate: jax.nn.silu(gate) * up
+    if name == "geglu":
+        return lambda up, gate: jax.nn.gelu(gate) * up
     return lambda up, gate: ACTIVATION_FNS[name](up)
 
 
 # ---------------------------------------------------------------------------------------------- twin
-def _norm(kind: str, features: int, rngs: nnx.Rngs) -> nnx.Module:
+def twin_norm(kind: str, features: int, rngs: nnx.Rngs) -> nnx.Module:
+    """The twin's LayerNorm or RMSNorm of ``features`` (the epsilon and variance order of `masked_norm`)."""
     if kind == "layernorm":
         return nnx.LayerNorm(features, epsilon=NORM_EPSILON, use_fast_variance=False, rngs=rngs)
     return nnx.RMSNorm(features, epsilon=NORM_EPSILON, use_fast_variance=False, rngs=rngs)
@@ -143,15 +146,15 @@ class _TwinFFN(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         gate = None if self.gate is None else self.gate(x)
-        return self.down(_ffn_inner(self.activation)(self.up(x), gate))
+        return self.down(ffn_inner(self.activation)(self.up(x), gate))
 
 
 class _TwinLayer(nnx.Module):
     def __init__(self, arch: TransformerArch, i: int, rope_base: float, rngs: nnx.Rngs):
         d = arch.hidden
-        self.norm1 = _norm(arch.norm, d, rngs)
+        self.norm1 = twin_norm(arch.norm, d, rngs)
         self.attn = _TwinAttention(d, arch.heads[i], arch.position, rope_base, rngs)
-        self.norm2 = _norm(arch.norm, d, rngs)
+        self.norm2 = twin_norm(arch.norm, d, rngs)
         self.ffn = _TwinFFN(d, arch.ffn_mult[i] * d, arch.activation, rngs)
 
 
@@ -194,7 +197,7 @@ class TwinTransformer(nnx.Module):
         self.cls_token = nnx.Param(jnp.zeros(d)) if pool == "cls" else None
         self.position = nnx.Param(jnp.zeros((positions, d))) if arch.position == "learned" else None
         self.layers = nnx.List([_TwinLayer(arch, i, rope_base, rngs) for i in range(arch.layers)])
-        self.norm = _norm(arch.norm, d, rngs)
+        self.norm = twin_norm(arch.norm, d, rngs)
         self.dropout = nnx.Dropout(dropout, deterministic=True)
         self.head = nnx.Linear(d, num_classes, rngs=rngs)
         self.input, self.patch, self.pool = input, patch, pool
@@ -358,7 +361,7 @@ class TransformerSupernet:
 
     @functools.cache  # noqa: B019 - the supernet is a small frozen value; one compiled init per distinct supernet
     def _compiled_init(self) -> Callable[[jax.Array], dict]:
-        return jax.jit(functools.partial(_transformer_init, shapes=self._shapes()))
+        return jax.jit(functools.partial(transformer_init, shapes=self._shapes()))
 
     def _shapes(self) -> dict:
         def f32(*shape):
@@ -441,7 +444,7 @@ class TransformerSupernet:
         layernorm = self._is(enc, "norm", "layernorm")
 
         def norm(z, p):
-            return _masked_norm(z, mask, hidden, p, layernorm)
+            return masked_norm(z, mask, hidden, p, layernorm)
 
         def masked(z):
             return jnp.where(mask, z, 0.0)
@@ -466,7 +469,7 @@ class TransformerSupernet:
             pool_keep = keep[sites:].reshape(h.shape[0], h.shape[2])
 
         act_index = enc[space.index("activation")]
-        branches = [_ffn_inner(name) for name in space["activation"].options]
+        branches = [ffn_inner(name) for name in space["activation"].options]
         neuron = jnp.arange(self.max_ffn)
         layer_numbers = range(1, self.max_layers + 1)
         per_layer = {
@@ -659,7 +662,7 @@ class TransformerSupernet:
         return state.to_pure_dict(), twin
 
 
-def _masked_norm(z: jax.Array, mask: jax.Array, width: jax.Array, p: dict, layernorm: jax.Array | bool) -> jax.Array:
+def masked_norm(z: jax.Array, mask: jax.Array, width: jax.Array, p: dict, layernorm: jax.Array | bool) -> jax.Array:
     """LayerNorm or RMSNorm of z [..., D] over the ``width`` active features (mask bool [D]); inactive outputs 0.
 
     RMSNorm is LayerNorm without centring and bias, so one expression serves both (half the program of computing
@@ -675,7 +678,7 @@ def _masked_norm(z: jax.Array, mask: jax.Array, width: jax.Array, p: dict, layer
     return jnp.where(mask, y, 0.0)
 
 
-def _transformer_init(key: jax.Array, shapes: dict) -> dict:
+def transformer_init(key: jax.Array, shapes: dict) -> dict:
     """Arrays for the ShapeDtypeStruct tree ``shapes``: every ``kernel`` [..., fan_in, fan_out] LeCun-normal, every
     ``embedding`` / ``position`` / ``cls_token`` normal with std EMBEDDING_STD (both truncated at 2 std, cut from
     one draw), every ``scale`` 1, everything else 0."""
