@@ -100,6 +100,19 @@ def test_the_cost_term_adds_expected_macs_and_pushes_every_size_choice_down():
         assert np.argmax(g) == len(g) - 1 and np.argmin(g) == 0, (name, g)  # the cost grows with the option
 
 
+def test_a_sampled_missing_stage_leaves_every_gradient_finite():
+    """GDAS may sample depth 0 for a stage: the relaxed logits and the cost term stay differentiable there."""
+    space = macro_space(families=("cnn",), **TINY)
+    supernet = ConvSupernet(space, (8, 8, 1), 3, stem_channels=4)
+    params = supernet.init(jax.random.key(0))
+    arch = dif.init_choices(supernet, jax.random.key(1))
+    arch["alpha"]["stage2.depth"] = jnp.array([50.0, 0.0, 0.0])  # depth 0 drawn whatever the Gumbel noise
+    loss = dif.MixedLoss(supernet, "gdas", cost_weight=1.0)
+    x, y = jax.random.normal(jax.random.key(2), (2, 8, 8, 1)), jnp.arange(2)
+    grads = jax.grad(lambda a: loss(params, a, x, y, jax.random.key(3), 1.0)[0])(arch)["alpha"]
+    assert all(bool(jnp.isfinite(g).all()) for g in grads.values())
+
+
 def test_derivation_takes_each_choice_argmax_and_drops_what_a_missing_stage_cannot_have():
     space = macro_space(families=("cnn", "resnet"), **TINY)
     supernet = ConvSupernet(space, (8, 8, 1), 3, stem_channels=4)

@@ -493,11 +493,7 @@ class ConvSupernet:
                 return sum(w * f(z) for w, f in zip(act_p, branches, strict=True))
 
             skip_on = on("skip") if block_family.optional_skip else False
-            # P(depth = d | the stage exists), d = 1 .. max_depth; a zero total (GDAS sampled depth 0) leaves the
-            # stage's output at zero, and the double `where` keeps its gradient finite
-            within = depth_p[-self.max_depth:]
-            total = within.sum()
-            within = jnp.where(total > 0, within / jnp.where(total > 0, total, 1.0), 0.0)
+            within = self._depth_if_present(depth_p)
             stage = 0.0
             for j in range(self.max_depth):
                 first = j == 0
@@ -555,8 +551,7 @@ class ConvSupernet:
                 exists = exists * (1.0 - self._no_stage(probs, k))
             co, kernel = mean(s + "channels"), jnp.sqrt(mean(s + "kernel", 2))  # kernel**2 = E[k^2]
             expansion = mean(s + "expansion") if block_family.expansion else 1.0
-            within = probs[s + "depth"][-self.max_depth:]
-            within = within / jnp.maximum(within.sum(), 1e-30)  # P(depth = d | the stage exists), d = 1 ..
+            within = self._depth_if_present(probs[s + "depth"])
             for j in range(self.max_depth):
                 runs = exists * within[j:].sum()  # P(block j + 1 runs)
                 layers = block_layers(block_family, j == 0, ci if j == 0 else co, co, kernel, expansion, False,
@@ -566,6 +561,13 @@ class ConvSupernet:
             total = total + exists * ends * co * self.num_classes  # the head of networks that end here
             ci = co
         return total
+
+    def _depth_if_present(self, depth_p: jax.Array) -> jax.Array:
+        """[max_depth]: P(depth = d | the stage exists), d = 1 .. max_depth, of a stage's depth weights. A zero
+        total (GDAS sampled depth 0) gives zeros, and the double `where` keeps the gradient finite there."""
+        within = depth_p[-self.max_depth:]
+        total = within.sum()
+        return jnp.where(total > 0, within / jnp.where(total > 0, total, 1.0), 0.0)
 
     def _no_stage(self, probs: dict, k: int) -> jax.Array:
         """P(stage k + 1 has depth 0) (k >= 1: stage 1 always exists)."""
