@@ -156,7 +156,9 @@ class TrainConfig:
     epochs: int = _field(4, "Epochs per candidate in the search.", min=1)
     batch_size: int = _field(64, "Training batch size.", min=1)
     learning_rate: float = _field(1e-3, "Adam learning rate.", min=0.0)
-    patience: int | None = _field(None, "Early stopping: epochs without a better validation accuracy.", min=1)
+    patience: int | None = _field(
+        None, "Early stopping: epochs without a better validation accuracy (validation loss for a language model).",
+        min=1)
     fast_generations: int = _field(0, "Fast mode: the first N generations train for fast_epochs instead.", min=0)
     fast_epochs: int = _field(1, "Fast mode: epochs per candidate in the first fast_generations.", min=1)
     augment_shift: int = _field(0, "Augmentation: random translations of up to this many pixels (0: off).", min=0, max=8)
@@ -250,7 +252,9 @@ class FinalConfig:
 
     top_k: int = _field(2, "Architectures retrained from scratch (0: skip).", min=0)
     epochs: int = _field(10, "Epochs of the final retraining.", min=1)
-    patience: int | None = _field(3, "Early stopping of the final retraining on validation accuracy.", min=1)
+    patience: int | None = _field(
+        3, "Early stopping of the final retraining on validation accuracy (validation loss for a language model).",
+        min=1)
     seeds: int = _field(2, "Independent retrainings (initialisation, batch order, dropout) of every final "
                         "architecture; mean and spread are reported, the winner has the best mean validation accuracy.",
                         min=1)

@@ -34,6 +34,18 @@ def test_overrides_select_another_dataset(tmp_path):
     assert "digits: image_shape (8, 8, 1)" in out.stdout
 
 
+def test_text_data_of_a_language_model_config_is_summarised(tmp_path):
+    out = run("--config", "configs/lm.yaml", "data.seq_len=32", f"output={tmp_path}")
+    assert out.returncode == 0, out.stderr
+    assert "text:pydoc: bytes tokens (vocabulary 256), windows of 32 tokens (train stride 256)" in out.stdout
+    summary = json.loads((tmp_path / "data_summary.json").read_text())
+    splits = [summary[s] for s in ("train", "validation", "test")]
+    assert [s["span"][0] for s in splits] == ["train"] * 3  # pydoc is one stream, split by position
+    assert splits[0]["span"][2] == splits[1]["span"][1] and splits[1]["span"][2] == splits[2]["span"][1]
+    assert all(s["windows"] > 0 and s["tokens"] == s["span"][2] - s["span"][1] for s in splits)
+    assert "validation starts: " in out.stdout
+
+
 def test_bad_override_exits_nonzero_naming_the_key(tmp_path):
     out = run("--config", "configs/quick.yaml", "data.test_fraction=1.5", f"output={tmp_path}")
     assert out.returncode == 2

@@ -1,6 +1,7 @@
 """Data smoke check: ``python -m jaxnas.data --config configs/quick.yaml [key=value ...]``.
 
-Loads the configured dataset, prints what it holds, and writes the fully resolved config and the
+Loads the configured dataset (text, as a language-model search reads it, for ``data.name=text:...`` or
+``space.name=lm``), prints what it holds, and writes the fully resolved config and the
 summary into the run folder (``output=``). ``--help-config`` lists every key with its help.
 """
 
@@ -20,6 +21,7 @@ from jaxnas.config import RunConfig
 from jaxnas.data.core import SPLITS, Dataset
 from jaxnas.data.errors import DataError
 from jaxnas.data.load import load_dataset
+from jaxnas.data.text import TextDataset, load_text
 
 
 def summary(dataset: Dataset, seconds: float) -> tuple[str, dict]:
@@ -43,6 +45,24 @@ def summary(dataset: Dataset, seconds: float) -> tuple[str, dict]:
     return "\n".join(lines), record
 
 
+def text_summary(dataset: TextDataset, seconds: float) -> tuple[str, dict]:
+    """`summary` of a text dataset: tokenizer, vocabulary, window length, per split tokens and windows, and the
+    start of the validation text."""
+    info = dataset.info
+    lines = [f"{info.name}: {info.tokenizer} tokens (vocabulary {info.vocab_size}), windows of {info.seq_len} "
+             f"tokens (train stride {info.train_stride}), loaded in {seconds:.2f} s"]
+    record = {"name": info.name, "tokenizer": info.tokenizer, "vocab_size": info.vocab_size, "seq_len": info.seq_len,
+              "train_stride": info.train_stride}
+    for name in SPLITS:
+        stream, start, stop = info.spans[name]
+        lines.append(f"  {name:<10} {info.tokens[name]:>9,} tokens, {info.windows[name]:>7,} windows "
+                     f"(tokens [{start:,}, {stop:,}) of the {stream} stream)")
+        record[name] = {"tokens": info.tokens[name], "windows": info.windows[name], "span": [stream, start, stop]}
+    sample = dataset.decode(dataset.validation.tokens[:60])
+    lines.append(f"  validation starts: {sample!r}")
+    return "\n".join(lines), record
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxnas.data", description="Load a dataset and summarise it.")
     parser.add_argument("--config", help="YAML run config (e.g. configs/quick.yaml); defaults apply without it")
@@ -58,12 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    text_data = config.data.is_text or config.space.name == "lm"
     try:
-        dataset = load_dataset(config.data)
-    except DataError as error:
+        dataset = load_text(config.data.text_config()) if text_data else load_dataset(config.data)
+    except (DataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    text, record = summary(dataset, time.perf_counter() - start)
+    describe = text_summary if text_data else summary
+    text, record = describe(dataset, time.perf_counter() - start)
     out = Path(config.output)
     dump_config(config, out / "config.yaml")
     atomic_write_text(out / "data_summary.json", json.dumps(record, indent=2) + "\n")

@@ -106,9 +106,11 @@ class PopulationResult:
         failed ones their last finite weights.
       opt_state: the optimiser states, leaves [P, ...] (pass back to resume).
       status: [P] str, ``"ok"`` / ``"early_stopped"`` / ``"failed"`` (loss, gradients or update not finite).
-      best_epoch: [P] int, epoch (0-based) of the best validation accuracy, -1 if it failed in its first epoch.
-      best_accuracy: [P] float, that accuracy.
-      history: [E, P] float, validation accuracy after each epoch.
+      best_epoch: [P] int, epoch (0-based) of the best monitored validation score, -1 if it failed in its first
+        epoch.
+      best_accuracy: [P] float, that score.
+      history: [E, P] float, the monitored validation score after each epoch: accuracy, or the negated mean
+        loss with ``monitor="loss"`` (higher is better either way).
       train_loss: [E, P] float, mean training loss over each epoch's steps (non-finite once a candidate failed).
     """
 
@@ -124,8 +126,8 @@ class PopulationResult:
 def run_epochs(population: int, epochs: int, patience: int | None, run_epoch) -> dict[str, np.ndarray]:
     """The per-candidate bookkeeping of a population's training: early stopping with ``patience``, failures.
 
-    ``run_epoch(epoch, running [P] bool) -> (validation accuracy [P], mean training loss [P], failed [P] bool)``
-    trains the candidates still running for one epoch. Returns `PopulationResult`'s ``status``, ``best_epoch``,
+    ``run_epoch(epoch, running [P] bool) -> (validation score [P], mean training loss [P], failed [P] bool)``
+    trains the candidates still running for one epoch; the score is what early stopping maximises. Returns `PopulationResult`'s ``status``, ``best_epoch``,
     ``best_accuracy``, ``history`` and ``train_loss``; the loop ends early once no candidate trains.
     """
     running = np.ones(population, bool)  # neither failed nor stopped

@@ -134,6 +134,7 @@ def train_population(
     opt_state=None,
     eval_batch_size: int = 256,
     shift: int = 0,
+    monitor: str = "accuracy",
 ) -> PopulationResult:
     """Train P independent candidates at once: `jax.vmap` of one train step inside a jitted `lax.scan` epoch.
 
@@ -147,8 +148,8 @@ def train_population(
         the loss a mean over every position), kept on device; every epoch walks the batches
         of ``epoch_indices(N, batch_size, seed, epoch)`` (shared by all candidates, remainder dropped).
       val_x, val_y: validation split, scored after every epoch (early stopping, ``history``).
-      patience: stop (freeze) a candidate after this many epochs without a better validation accuracy;
-        None: never stop early.
+      patience: stop (freeze) a candidate after this many epochs without a better validation score (see
+        ``monitor``); None: never stop early.
       keys: [P] dropout keys (default ``candidate_keys(key(seed), P)``), so a candidate trained alone with its
         key matches its run inside a population.
       opt_state: optimiser states [P, ...] to resume from, or to give candidates their own hyper-parameters
@@ -156,11 +157,15 @@ def train_population(
       shift: data augmentation for images [N, H, W, C]: every training example is translated by a random
         offset of up to ``shift`` pixels in each direction (zero fill), drawn from the candidate's own key;
         0 (default) trains on the images as they are.
+      monitor: the validation score of early stopping and ``history``: ``"accuracy"`` (default), or ``"loss"``
+        (its negation is maximised: what a language model's perplexity follows, where token accuracy does not).
 
     A candidate whose loss, gradients or updated weights are not finite is marked failed and frozen at its
     last finite weights; stopped and failed candidates keep being carried (masked by ``jnp.where``), so the
     others' numbers are the same as in a run without them. The loop ends early once no candidate trains.
     """
+    if monitor not in ("accuracy", "loss"):
+        raise ValueError(f"monitor must be 'accuracy' or 'loss', got {monitor!r}")
     encs = jnp.asarray(encs, jnp.int32)
     train_x, train_y, keys = check_training(encs, params_P, train_x, train_y, epochs, patience, shift, keys, seed)
     population = encs.shape[0]
@@ -177,8 +182,9 @@ def train_population(
         nonlocal state
         index = jnp.asarray(epoch_indices(train_x.shape[0], batch_size, seed, epoch))
         state, losses = _train_epoch(apply, optimizer, state, jnp.asarray(running), encs, train_x, train_y, index, shift)
-        accuracy = to_host(evaluate_population(apply, state.params, encs, val_x, val_y, eval_batch_size)["accuracy"])
-        return accuracy, to_host(losses).mean(0), to_host(state.failed)
+        scores = evaluate_population(apply, state.params, encs, val_x, val_y, eval_batch_size)
+        score = to_host(scores["accuracy"]) if monitor == "accuracy" else -to_host(scores["loss"])
+        return score, to_host(losses).mean(0), to_host(state.failed)
 
     outcome = run_epochs(population, epochs, patience, run_epoch)
     return PopulationResult(params=state.params, opt_state=state.opt_state, **outcome)

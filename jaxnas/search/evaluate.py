@@ -193,7 +193,7 @@ class _Trained:
             result = pop.train_population(
                 self.model.apply, params_P, encs_j, self.optimizer, d.train_x, d.train_y, d.val_x, d.val_y,
                 epochs=epochs, batch_size=self.cfg.train.batch_size, seed=seed, patience=patience, keys=keys,
-                shift=self.cfg.train.augment_shift,
+                shift=self.cfg.train.augment_shift, monitor="loss" if self.lm else "accuracy",
             )
         score = self._score_sized if trained_sized and self.sized else self._score
         scores = {k: v[:P] for k, v in score(result.params, encs_j, d.val_x, d.val_y, shared=False).items()}
