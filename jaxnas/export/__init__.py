@@ -21,7 +21,10 @@ version is in the sidecar)::
     logits = exported.call(images)                 # [batch, classes]
 
 The images are what `jaxnas.data.load_dataset` gives for the run's data settings (the ``data:`` section of its
-``config.yaml``), already scaled. The sidecar ``model.stablehlo.json`` records the input shape (the batch as
+``config.yaml``), already scaled. A language model (space lm) is exported the same way as its full causal forward:
+token ids [b, seq_len] int32 (the tokenizer named in the sidecar) -> next-token logits [b, seq_len, vocab];
+shorter sequences are padded on the right (causality keeps the real tokens' logits exact). Decoding with a cache
+stays in jaxnas (`jaxnas.load_model(run).generate`). The sidecar ``model.stablehlo.json`` records the input shape (the batch as
 "b"), its dtype, the number of classes, the architecture string, the jax version and how to call the file.
 
 ONNX (``--format onnx``, `export_onnx` / `load_onnx`): the same inference-mode twin converted by jax2onnx into
@@ -30,7 +33,8 @@ ONNX (``--format onnx``, `export_onnx` / `load_onnx`): the same inference-mode t
 than jaxnas uses (for its orbax-export integration, which the conversion does not touch), so it is installed
 without its dependency resolution: ``pip install "jaxnas[onnx]"`` and then ``pip install --no-deps
 jax2onnx==0.17.1`` (``make install`` does both). The tests check the ONNX logits of every space's twin against
-jax with onnxruntime. A search does not write ONNX itself (the conversion takes about 20 s); run
+jax with onnxruntime; a language model with the recurrent mixer is refused (its parallel form, an associative
+scan, has no ONNX counterpart in jax2onnx: use StableHLO). A search does not write ONNX itself (the conversion takes about 20 s); run
 ``python -m jaxnas.export <run> --format onnx``.
 
 This package imports jax only when it exports or loads, so ``python -m jaxnas.export`` refuses bad input at once.
@@ -38,6 +42,7 @@ This package imports jax only when it exports or loads, so ``python -m jaxnas.ex
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -87,12 +92,6 @@ def _loaded(model_or_run_folder):
     else:
         home = model_folder(model_or_run_folder)
         loaded = load_model(home)
-    if "text" in loaded.meta:
-        raise ExportError(
-            f"{loaded.arch} is a language model (space.name=lm): the StableHLO / ONNX exports take image batches and "
-            "do not cover token decoding with a cache. Use jaxnas.load_model(run) (its generate and twin), or the "
-            "twin's weights in <run>/model/state (Orbax) or <run>/model/weights.<precision>.safetensors"
-        )
     return loaded, home
 
 
@@ -105,8 +104,23 @@ def _target(path, home, name: str) -> Path:
     return path / name if path.is_dir() else path
 
 
+@dataclasses.dataclass(frozen=True)
+class _Signature:
+    """What the exported function takes and returns: per-example input shape and dtype, its ONNX name and layout
+    text, and the per-example output shape."""
+
+    input_shape: tuple[int, ...]
+    dtype: str
+    name: str
+    layout: str
+    output_shape: tuple[int, ...]
+    meaning: str
+
+
 def _inference_forward(loaded):
-    """(forward x -> logits with the twin's state closed over, image_shape, num_classes) of a loaded model."""
+    """(forward x -> logits with the twin's state closed over, its `_Signature`) of a loaded model: images
+    [b, H, W, C] float32 -> logits [b, classes], or for a language model token ids [b, seq_len] int32 -> next-token
+    logits [b, seq_len, vocab]."""
     from flax import nnx
 
     twin = loaded.twin
@@ -116,7 +130,15 @@ def _inference_forward(loaded):
     def forward(x):
         return nnx.merge(graph, state)(x)  # the state is closed over: its arrays become the file's constants
 
-    return forward, tuple(int(v) for v in loaded.meta["image_shape"]), int(loaded.meta["num_classes"])
+    text = loaded.meta.get("text")
+    if text is not None:
+        seq_len, vocab = int(text["seq_len"]), int(text["vocab_size"])
+        layout = (f"token ids [batch, {seq_len}] ({text['tokenizer']} tokenizer); shorter sequences padded on the right "
+                  "with any id: the model is causal, so the logits at position t depend only on tokens 0..t")
+        return forward, _Signature((seq_len,), "int32", "tokens", layout, (seq_len, vocab), "next-token logits")
+    image_shape = tuple(int(v) for v in loaded.meta["image_shape"])
+    return forward, _Signature(image_shape, "float32", "images", "NHWC images, batch >= 1",
+                               (int(loaded.meta["num_classes"]),), "logits")
 
 
 def model_folder(path: str | Path) -> Path:
@@ -150,28 +172,27 @@ def export_stablehlo(model_or_run_folder, path: str | Path | None = None, *, pla
     _need_flatbuffers()
     loaded, home = _loaded(model_or_run_folder)
     path = _target(path, home, STABLEHLO_NAME)
-    forward, image_shape, num_classes = _inference_forward(loaded)
+    forward, sig = _inference_forward(loaded)
 
     batch = jax.export.symbolic_shape("b")[0]
-    spec = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
+    spec = jax.ShapeDtypeStruct((batch, *sig.input_shape), jnp.dtype(sig.dtype))
     exported = jax.export.export(jax.jit(forward), platforms=tuple(platforms))(spec)
     (out,) = exported.out_avals
-    if len(out.shape) != 2 or str(out.shape[0]) != "b" or out.shape[1] != num_classes:
-        raise RuntimeError(f"the traced model returns {out.shape}, expected (b, {num_classes})")  # a bug
+    if str(out.shape[0]) != "b" or tuple(out.shape[1:]) != sig.output_shape:
+        raise RuntimeError(f"the traced model returns {out.shape}, expected (b, {sig.output_shape})")  # a bug
 
-    shape_text = ", ".join(["b", *map(str, image_shape)])
+    shape_text = ", ".join(["b", *map(str, sig.input_shape)])
     sidecar = {
         "format": "jax.export serialized Exported (StableHLO); read with jax.export.deserialize",
-        "input": {"shape": ["b", *image_shape], "dtype": "float32", "layout": "NHWC images, batch b >= 1"},
-        "output": {"shape": ["b", num_classes], "dtype": str(out.dtype), "meaning": "logits"},
-        "num_classes": num_classes,
-        "arch": loaded.arch,
+        "input": {"shape": ["b", *sig.input_shape], "dtype": sig.dtype, "layout": sig.layout.replace("batch", "b")},
+        "output": {"shape": ["b", *sig.output_shape], "dtype": str(out.dtype), "meaning": sig.meaning},
+        **_model_facts(loaded, sig),
         "jax_version": jax.__version__,
         "platforms": list(exported.platforms),
         "calling_convention_version": exported.calling_convention_version,
         "usage": (
             f"import jax, numpy as np; exported = jax.export.deserialize(open('{path.name}', 'rb').read()); "
-            f"logits = exported.call(images)  # images: np.float32 array of shape ({shape_text})"
+            f"logits = exported.call({sig.name})  # {sig.name}: np.{sig.dtype} array of shape ({shape_text})"
         ),
     }
     atomic_write_bytes(path, bytes(exported.serialize()))
@@ -179,8 +200,18 @@ def export_stablehlo(model_or_run_folder, path: str | Path | None = None, *, pla
     return path
 
 
+def _model_facts(loaded, sig: _Signature) -> dict:
+    """The sidecar's description of the model: architecture, classes or (language model) vocabulary and text."""
+    if sig.name == "tokens":
+        text = loaded.meta["text"]
+        return {"vocab_size": int(text["vocab_size"]), "seq_len": int(text["seq_len"]),
+                "tokenizer": text["tokenizer"], "arch": loaded.arch}
+    return {"num_classes": sig.output_shape[0], "arch": loaded.arch}
+
+
 def load_stablehlo(path: str | Path):
-    """A function images [B, H, W, C] -> logits [B, classes] from a file `export_stablehlo` wrote.
+    """A function images [B, H, W, C] -> logits [B, classes] (a language model: token ids [B, seq_len] -> logits
+    [B, seq_len, vocab]) from a file `export_stablehlo` wrote.
 
     ``path``: the ``.stablehlo`` file, or a run folder / its ``model/`` holding one. Uses only jax (as the snippet
     in this module's docstring does); the `jax.export.Exported` is the function's ``exported`` attribute.
@@ -195,9 +226,10 @@ def load_stablehlo(path: str | Path):
     if not file.is_file():
         raise ExportError(f"no StableHLO model at {file}; write one with python -m jaxnas.export <run folder>")
     exported = jax.export.deserialize(file.read_bytes())
+    dtype = exported.in_avals[0].dtype
 
     def logits(x):
-        return exported.call(jnp.asarray(x, jnp.float32))
+        return exported.call(jnp.asarray(x, dtype))
 
     logits.exported = exported
     return logits
@@ -219,30 +251,32 @@ def export_onnx(model_or_run_folder, path: str | Path | None = None) -> Path:
 
     loaded, home = _loaded(model_or_run_folder)
     path = _target(path, home, ONNX_NAME)
-    forward, image_shape, num_classes = _inference_forward(loaded)
+    forward, sig = _inference_forward(loaded)
     quiet = logging.getLogger("jax2onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # its plugin registry logs each optional example plugin it cannot import
     try:
         from jax2onnx import to_onnx
 
-        proto = to_onnx(forward, [("batch", *image_shape)], model_name="jaxnas", opset=ONNX_OPSET,
-                        input_names=["images"], output_names=["logits"])
+        spec = jax.ShapeDtypeStruct(("batch", *sig.input_shape), jax.numpy.dtype(sig.dtype))
+        proto = to_onnx(forward, [spec], model_name="jaxnas", opset=ONNX_OPSET, input_names=[sig.name],
+                        output_names=["logits"])
+    except Exception as error:  # an op the converter does not cover: say which model and what to use instead
+        raise ExportError(f"jax2onnx could not convert {loaded.arch}: {error}; use --format stablehlo") from error
     finally:
         quiet.setLevel(level)
     onnx.checker.check_model(proto)
     sidecar = {
         "format": f"ONNX (opset {ONNX_OPSET}), converted by jax2onnx; run with onnxruntime or any ONNX runtime",
-        "input": {"name": "images", "shape": ["batch", *image_shape], "dtype": "float32",
-                  "layout": "NHWC images, batch >= 1"},
-        "output": {"name": "logits", "shape": ["batch", num_classes], "dtype": "float32"},
-        "num_classes": num_classes,
-        "arch": loaded.arch,
+        "input": {"name": sig.name, "shape": ["batch", *sig.input_shape], "dtype": sig.dtype, "layout": sig.layout},
+        "output": {"name": "logits", "shape": ["batch", *sig.output_shape], "dtype": "float32",
+                   "meaning": sig.meaning},
+        **_model_facts(loaded, sig),
         "jax_version": jax.__version__,
         "usage": (
             f"import onnxruntime as ort; session = ort.InferenceSession('{path.name}'); "
-            "logits = session.run(['logits'], {'images': images})[0]  # images: np.float32 array of shape "
-            f"({', '.join(['batch', *map(str, image_shape)])})"
+            f"logits = session.run(['logits'], {{'{sig.name}': {sig.name}}})[0]  # {sig.name}: np.{sig.dtype} array "
+            f"of shape ({', '.join(['batch', *map(str, sig.input_shape)])})"
         ),
     }
     atomic_write_bytes(path, proto.SerializeToString())
@@ -251,7 +285,8 @@ def export_onnx(model_or_run_folder, path: str | Path | None = None) -> Path:
 
 
 def load_onnx(path: str | Path):
-    """A function images [B, H, W, C] -> logits [B, classes] (numpy) from a file `export_onnx` wrote, run by
+    """A function images [B, H, W, C] -> logits [B, classes] (a language model: token ids [B, seq_len] -> logits
+    [B, seq_len, vocab]) (numpy) from a file `export_onnx` wrote, run by
     onnxruntime on the CPU; ``path``: the ``.onnx`` file, or a run folder / its ``model/`` holding one. The
     onnxruntime session is the function's ``session`` attribute."""
     import numpy as np
@@ -269,8 +304,11 @@ def load_onnx(path: str | Path):
     options.log_severity_level = 3  # errors only: shape-merge notes about layout transposes are not problems
     session = onnxruntime.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
 
+    (given,) = session.get_inputs()
+    dtype = np.int32 if given.type == "tensor(int32)" else np.float32
+
     def logits(x):
-        return session.run(["logits"], {"images": np.asarray(x, np.float32)})[0]
+        return session.run(["logits"], {given.name: np.asarray(x, dtype)})[0]
 
     logits.session = session
     return logits

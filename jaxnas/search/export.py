@@ -7,8 +7,8 @@
 ``jaxnas.load_model(path)`` rebuilds the twin from ``arch.json`` and restores its state; the result is an
 ordinary Flax NNX module: ``model(x [B, H, W, C] float32) -> logits [B, classes]``.
 
-Language models (space lm) export the `TwinLM` the same way (no StableHLO file: `jaxnas.export` refuses them),
-with ``arch.json["text"]`` = {name, tokenizer, vocab_size, seq_len} and the weights also stored at
+Language models (space lm) export the `TwinLM` the same way (its StableHLO file maps token ids [b, seq_len] to
+next-token logits), with ``arch.json["text"]`` = {name, tokenizer, vocab_size, seq_len} and the weights also stored at
 objectives.quant as ``weights.<precision>.safetensors`` (`jaxnas.quant.save`: layer indices as string keys).
 They load as `LoadedLM`: ``model(tokens [B, T]) -> logits [B, T, vocab]`` and ``model.generate(text, n_new)``.
 """
@@ -54,15 +54,12 @@ def export_model(folder: str | Path, model: SearchModel, space_cfg: SpaceConfig,
     }
     if is_primary():  # the state above is written by every process together (Orbax)
         atomic_write_text(folder / "arch.json", json.dumps(json_safe(meta), indent=2) + "\n")
-        if "text" in meta:  # a language model: no image-batch StableHLO file
-            if quantised is not None:
-                from jaxnas import quant
+        if "text" in meta and quantised is not None:  # a language model's weights at objectives.quant
+            from jaxnas import quant
 
-                leaves, treedef = jax.tree.flatten(_string_keys(jax.tree.unflatten(quantised.treedef,
-                                                                                    quantised.leaves)))
-                quant.save(quant.QuantizedParams(quantised.precision, treedef, tuple(leaves)),
-                           folder / f"weights.{quantised.precision}.safetensors")
-            return
+            leaves, treedef = jax.tree.flatten(_string_keys(jax.tree.unflatten(quantised.treedef, quantised.leaves)))
+            quant.save(quant.QuantizedParams(quantised.precision, treedef, tuple(leaves)),
+                       folder / f"weights.{quantised.precision}.safetensors")
         from jaxnas.export import export_stablehlo  # lazy: jaxnas.export imports this module
 
         export_stablehlo(LoadedModel(twin, meta["arch"], meta, folder))  # one trace + serialise of the twin
