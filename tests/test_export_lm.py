@@ -5,27 +5,37 @@ leaves the logits of the real tokens unchanged."""
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
+from interop.config import load_config
 from jaxnas import load_model
+from jaxnas.config import RunConfig
 from jaxnas.export import ExportError, export_onnx, load_onnx, load_stablehlo
-from jaxnas.search.__main__ import main as search_main
+from jaxnas.search.export import export_model
+from jaxnas.search.models import build_space, model_for
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--config", str(ROOT / "configs" / "lm.yaml"), "data.seq_len=12", "data.train_stride=8192",
-        "space.max_layers=1", "space.hidden=[8]", "space.heads=[2]", "space.kv_heads=[1,2]", "space.ffn_mults=[1]",
-        "space.lm_activations=[swiglu]", "search.strategy=random", "search.population=1", "search.budget=1",
-        "train.epochs=1", "final.top_k=1", "final.epochs=1", "final.baselines=[]", "progress=false"]
+SPACE = ["space.max_layers=1", "space.hidden=[8]", "space.heads=[2]", "space.kv_heads=[1,2]", "space.ffn_mults=[1]",
+         "space.lm_activations=[swiglu]"]
 MIXERS = {"attention": ["space.mixers=[attention]", "space.positions=[alibi]"],
           "linear": ["space.mixers=[linear]", "space.positions=[rope]"],
           "recurrent": ["space.mixers=[recurrent]"]}
+TEXT = {"name": "text:pydoc", "tokenizer": "bytes", "vocab_size": 256, "seq_len": 12}
 
 
 @pytest.fixture(scope="module", params=sorted(MIXERS))
 def lm_run(request, tmp_path_factory):
+    """A run folder holding an exported language model, written by the code a search's end runs (`export_model`;
+    tests/test_search_lm.py checks a real run writes the same files)."""
+    cfg = load_config(RunConfig, ROOT / "configs" / "lm.yaml", [*SPACE, *MIXERS[request.param]])
+    space = build_space(cfg.space)
+    model = model_for(space, cfg.space, (TEXT["seq_len"],), TEXT["vocab_size"])
+    enc = np.asarray(space.sample(jax.random.key(0), 1))[0]
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), model.init(jax.random.key(1)))
     out = tmp_path_factory.mktemp(request.param) / "run"
-    assert search_main([*TINY, *MIXERS[request.param], f"output={out}"]) == 0
+    export_model(out / "model", model, cfg.space, enc, params, None, {"text": TEXT})
     return out
 
 

@@ -196,7 +196,8 @@ def train_setup(digits):
 
 
 def _train(
-    train_setup, digits, *, params=None, encs=None, keys=None, opt_state=None, epochs=2, val=None, patience=None
+    train_setup, digits, *, params=None, encs=None, keys=None, opt_state=None, epochs=2, val=None, patience=None,
+    monitor="accuracy",
 ):
     supernet, encs0, params0, keys0 = train_setup
     tx, ty, vx, vy = digits
@@ -216,6 +217,7 @@ def _train(
         patience=patience,
         keys=keys0 if keys is None else keys,
         opt_state=opt_state,
+        monitor=monitor,
     )
 
 
@@ -272,6 +274,21 @@ def test_early_stopping_freezes_a_candidate_at_its_stop_epoch(train_setup, digit
         stop_epoch = result.best_epoch[p] + 1  # patience 1: the first epoch without improvement
         shorter = _train(train_setup, digits, epochs=int(stop_epoch) + 1, val=noise, patience=1)
         chex.assert_trees_all_equal(_row(result.params, p), _row(shorter.params, p))
+
+
+def test_monitoring_the_validation_loss_changes_the_history_not_the_training(train_setup, digits, trained):
+    """monitor="loss" (what language-model runs use): the history is the negated validation loss after each epoch
+    and the best epoch its argmax; without patience the weights are those of the default run."""
+    supernet, encs, _, _ = train_setup
+    _, _, vx, vy = digits
+    result = _train(train_setup, digits, monitor="loss")
+    chex.assert_trees_all_equal(result.params, trained.params)
+    after = pop.evaluate_population(supernet.apply, result.params, encs, vx, vy)
+    np.testing.assert_allclose(result.history[-1], -np.asarray(after["loss"]), rtol=1e-5)
+    np.testing.assert_array_equal(result.best_epoch, np.argmax(result.history, axis=0))
+    assert np.all(result.history < 0)
+    with pytest.raises(ValueError, match="monitor must be 'accuracy' or 'loss'"):
+        _train(train_setup, digits, monitor="ppl")
 
 
 def test_warm_start_tiles_supernet_weights(train_setup):
