@@ -33,7 +33,8 @@ def lm_run(request, tmp_path_factory):
     space = build_space(cfg.space)
     model = model_for(space, cfg.space, (TEXT["seq_len"],), TEXT["vocab_size"])
     enc = np.asarray(space.sample(jax.random.key(0), 1))[0]
-    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), model.init(jax.random.key(1)))
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape),
+                          model.init(jax.random.key(1)))
     out = tmp_path_factory.mktemp(request.param) / "run"
     export_model(out / "model", model, cfg.space, enc, params, None, {"text": TEXT})
     return out

@@ -24,8 +24,9 @@ The images are what `jaxnas.data.load_dataset` gives for the run's data settings
 ``config.yaml``), already scaled. A language model (space lm) is exported the same way as its full causal forward:
 token ids [b, seq_len] int32 (the tokenizer named in the sidecar) -> next-token logits [b, seq_len, vocab];
 shorter sequences are padded on the right (causality keeps the real tokens' logits exact). Decoding with a cache
-stays in jaxnas (`jaxnas.load_model(run).generate`). The sidecar ``model.stablehlo.json`` records the input shape (the batch as
-"b"), its dtype, the number of classes, the architecture string, the jax version and how to call the file.
+stays in jaxnas (`jaxnas.load_model(run).generate`). The sidecar ``model.stablehlo.json`` records the input shape
+(the batch as "b"), its dtype, the number of classes (or the vocabulary and tokenizer), the architecture string,
+the jax version and how to call the file.
 
 ONNX (``--format onnx``, `export_onnx` / `load_onnx`): the same inference-mode twin converted by jax2onnx into
 ``model.onnx`` (+ ``model.onnx.json``), input ``images`` [batch, H, W, C] float32 (dynamic batch), output
@@ -34,8 +35,8 @@ than jaxnas uses (for its orbax-export integration, which the conversion does no
 without its dependency resolution: ``pip install "jaxnas[onnx]"`` and then ``pip install --no-deps
 jax2onnx==0.17.1`` (``make install`` does both). The tests check the ONNX logits of every space's twin against
 jax with onnxruntime; a language model with the recurrent mixer is refused (its parallel form, an associative
-scan, has no ONNX counterpart in jax2onnx: use StableHLO). A search does not write ONNX itself (the conversion takes about 20 s); run
-``python -m jaxnas.export <run> --format onnx``.
+scan, has no ONNX counterpart in jax2onnx: use StableHLO). A search does not write ONNX itself (the conversion
+takes about 20 s); run ``python -m jaxnas.export <run> --format onnx``.
 
 This package imports jax only when it exports or loads, so ``python -m jaxnas.export`` refuses bad input at once.
 """
@@ -49,8 +50,8 @@ from pathlib import Path
 
 from interop._atomic import atomic_write_bytes, atomic_write_text
 
-__all__ = ["ExportError", "FORMATS", "PLATFORMS", "export_onnx", "require_onnx", "export_stablehlo", "load_onnx", "load_stablehlo",
-           "model_folder"]
+__all__ = ["ExportError", "FORMATS", "PLATFORMS", "export_onnx", "require_onnx", "export_stablehlo", "load_onnx",
+           "load_stablehlo", "model_folder"]
 
 STABLEHLO_NAME = "model.stablehlo"
 ONNX_NAME = "model.onnx"
@@ -133,8 +134,8 @@ def _inference_forward(loaded):
     text = loaded.meta.get("text")
     if text is not None:
         seq_len, vocab = int(text["seq_len"]), int(text["vocab_size"])
-        layout = (f"token ids [batch, {seq_len}] ({text['tokenizer']} tokenizer); shorter sequences padded on the right "
-                  "with any id: the model is causal, so the logits at position t depend only on tokens 0..t")
+        layout = (f"token ids [batch, {seq_len}] ({text['tokenizer']} tokenizer); shorter sequences padded on the "
+                  "right with any id: the model is causal, so the logits at position t depend only on tokens 0..t")
         return forward, _Signature((seq_len,), "int32", "tokens", layout, (seq_len, vocab), "next-token logits")
     image_shape = tuple(int(v) for v in loaded.meta["image_shape"])
     return forward, _Signature(image_shape, "float32", "images", "NHWC images, batch >= 1",
