@@ -81,8 +81,8 @@ FULL = [
     "final.patience=null",
 ]
 QUICK = [
-    "data.seq_len=16", "data.train_stride=512", "space.max_layers=2", "space.hidden=[16,32]", "space.heads=[2]",
-    "space.kv_heads=[1,2]", "space.ffn_mults=[2,4]", "search.population=4", "search.budget=4", "train.epochs=1",
+    "data.seq_len=16", "data.train_stride=512", "space.max_layers=1", "space.hidden=[16,32]", "space.heads=[2]",
+    "space.kv_heads=[1,2]", "space.ffn_mults=[2,4]", "search.population=3", "search.budget=3", "train.epochs=1",
     "train.batch_size=32", "train.learning_rate=0.003", "final.epochs=1", "final.patience=null",
     "objectives.latency_repeats=3",
 ]

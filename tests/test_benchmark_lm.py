@@ -15,11 +15,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import lm  # noqa: E402
 
 
-def test_lm_benchmark_quick_writes_the_comparison_as_json(tmp_path):
+def test_lm_benchmark_quick_writes_the_comparison_as_json(tmp_path, capsys):
     out_json = tmp_path / "lm.json"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lm.py"), "--quick", "--json", str(out_json)],
+    script = str(ROOT / "benchmarks" / "lm.py")
+    done = subprocess.run([sys.executable, script, "--quick", "--skip-torch", "--json", str(out_json)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(out_json.read_text())["torch"] is None and "torch / jaxnas" not in done.stdout
+    # the PyTorch comparison on that report's networks, added to it
+    torch_done = subprocess.run([sys.executable, script, "--quick", "--torch-only", str(out_json)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert torch_done.returncode == 0, torch_done.stderr[-3000:]
     r = json.loads(out_json.read_text())
     assert r["config"]["space"]["name"] == "lm" and r["config"]["data"]["name"] == "text:pydoc"
     assert 1 <= len(r["searched"]) <= 2 and len(r["baselines"]) == 2 and r["search_evaluations"] >= 1
@@ -48,7 +54,11 @@ def test_lm_benchmark_quick_writes_the_comparison_as_json(tmp_path):
     # both sides did the same work: same initial weights, batches and optimiser -> close losses after one epoch
     np.testing.assert_allclose(t["torch_train_loss"], t["jax_train_loss"], rtol=0.02)
     np.testing.assert_allclose(t["torch_val_loss"], t["jax_val_loss"], rtol=0.02)
-    assert "the searched front dominates" in done.stdout and "torch / jaxnas" in done.stdout
+    assert "the searched front dominates" in done.stdout and "torch / jaxnas" in torch_done.stdout
+
+    # a report of another space is refused
+    assert lm.main(["--quick", "--torch-only", str(out_json), "space.max_layers=2"]) == 2
+    assert "its space differs from this run's" in capsys.readouterr().err
 
 
 def test_dominance_and_equal_parameter_comparisons():
@@ -68,7 +78,7 @@ def test_dominance_and_equal_parameter_comparisons():
     assert [(r["searched"], r["searched_wins"]) for r in rows] == [("a", True), (None, False), ("b", True)]
 
 
-def test_gpt2_like_baselines_are_architectures_of_the_space_and_bad_sizes_are_refused():
+def test_gpt2_like_baselines_are_architectures_of_the_space_and_bad_sizes_are_refused(capsys):
     from interop.config import load_config
     from jaxnas.config import RunConfig
     from jaxnas.search.models import build_space
@@ -79,6 +89,5 @@ def test_gpt2_like_baselines_are_architectures_of_the_space_and_bad_sizes_are_re
     assert arch == ("layers=2;hidden=64;norm=layernorm;activation=gelu;mixer=attention;position=learned;"
                     "layer1.heads=4;layer1.kv_heads=4;layer1.ffn_mult=4;layer2.heads=4;layer2.kv_heads=4;"
                     "layer2.ffn_mult=4")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lm.py"), "--grid-widths", "48"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "grid and headline sizes must be options of the space" in done.stderr
+    assert lm.main(["--grid-widths", "48"]) == 2
+    assert "grid and headline sizes must be options of the space" in capsys.readouterr().err

@@ -146,6 +146,21 @@ def test_population_scores_of_an_lm_equal_each_candidates_own_twin():
         np.testing.assert_allclose(alone["accuracy"][0], scores["accuracy"][p], rtol=1e-6)
 
 
+def test_lm_run_with_successive_halving_promotes_by_validation_loss(tmp_path):
+    """train.fidelity=successive_halving on LMs: every candidate trains the first rung, the best half by validation
+    loss (lower perplexity) goes on to the full epochs."""
+    out = tmp_path / "run"
+    args = [*RUN, "search.budget=4", "search.population=4", "train.epochs=2", "train.fidelity=successive_halving",
+            "final.top_k=0", f"output={out}"]
+    assert main(args) == 0
+    with (out / "history.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(int(r["epochs"]) for r in rows) == [1, 1, 2, 2]
+    promoted = [float(r["val_ppl"]) for r in rows if r["epochs"] == "2"]
+    stopped = [float(r["val_ppl"]) for r in rows if r["epochs"] == "1"]
+    assert max(promoted) < min(stopped)
+
+
 def test_lm_oneshot_run_scores_inherited_weights_and_measures_decode_latency(tmp_path):
     """Mode oneshot: the LM supernet trained with the sandwich rule, candidates scored by validation perplexity
     on inherited weights; latency_ms_per_token measured on each candidate's twin (cached decode steps)."""
