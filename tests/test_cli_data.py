@@ -35,9 +35,9 @@ def test_overrides_select_another_dataset(tmp_path):
 
 
 def test_text_data_of_a_language_model_config_is_summarised(tmp_path):
-    out = run("--config", "configs/lm.yaml", "data.seq_len=32", f"output={tmp_path}")
+    out = run("--config", "configs/lm.yaml", f"output={tmp_path}")  # as README shows it (and the output folder)
     assert out.returncode == 0, out.stderr
-    assert "text:pydoc: bytes tokens (vocabulary 256), windows of 32 tokens (train stride 256)" in out.stdout
+    assert "text:pydoc: bytes tokens (vocabulary 256), windows of 64 tokens (train stride 256)" in out.stdout
     summary = json.loads((tmp_path / "data_summary.json").read_text())
     splits = [summary[s] for s in ("train", "validation", "test")]
     assert [s["span"][0] for s in splits] == ["train"] * 3  # pydoc is one stream, split by position
