@@ -24,7 +24,9 @@ from jaxnas.data.images import as_uint8_hwc, pil_to_uint8
 _SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what save_to_disk writes at the folder's top
 
 
-def _load(target: str, config: DataConfig):
+def load_source(target: str, config: DataConfig):
+    """The `datasets.Dataset` / `DatasetDict` of ``hf:<target>`` (a save_to_disk folder, a folder of data files, or
+    a hub name read from the cache); `DatasetNotAvailableError` naming the offline alternatives otherwise."""
     import datasets
 
     folder = Path(target).expanduser()
@@ -57,12 +59,11 @@ def _image_uint8(value) -> np.ndarray:
     return pil_to_uint8(value) if isinstance(value, Image.Image) else as_uint8_hwc(np.asarray(value))
 
 
-def load_hf(config: DataConfig) -> Dataset:
-    """The ``Dataset`` of ``config.name = 'hf:<target>'`` with ``config.image_column`` / ``label_column``."""
+def choose_splits(loaded, target: str) -> dict:
+    """split name -> dataset of what `load_source` gave: each of our splits under the first of its
+    ``SPLIT_ALIASES`` the source has (a lone dataset is the train split); DataError without a train split."""
     import datasets
 
-    target = config.name.removeprefix("hf:")
-    loaded = _load(target, config)
     by_name = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
     chosen = {
         split: by_name[name]
@@ -71,6 +72,15 @@ def load_hf(config: DataConfig) -> Dataset:
     }
     if "train" not in chosen:
         raise DataError(f"hf:{target} has no 'train' split (it has: {', '.join(sorted(by_name))})")
+    return chosen
+
+
+def load_hf(config: DataConfig) -> Dataset:
+    """The ``Dataset`` of ``config.name = 'hf:<target>'`` with ``config.image_column`` / ``label_column``."""
+    import datasets
+
+    target = config.name.removeprefix("hf:")
+    chosen = choose_splits(load_source(target, config), target)
     columns = chosen["train"].column_names
     for role in ("image", "label"):
         column = getattr(config, f"{role}_column")

@@ -41,9 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxnas.data.batching import epoch_order
+from jaxnas.data.batching import batch_rows
 from jaxnas.data.config import DataConfig, _field
-from jaxnas.data.core import SPLIT_ALIASES, SPLITS
+from jaxnas.data.core import SPLITS
 from jaxnas.data.errors import DataError, DatasetNotAvailableError
 
 DOCUMENT_SEPARATOR = "\n\n"
@@ -300,12 +300,10 @@ def _local_text(target: str, name: str) -> str:
 
 def _hf_texts(target: str, config: TextConfig) -> dict[str, str]:
     """The text of each split the Hugging Face source has (``train`` at least), rows joined."""
-    import datasets
-
-    from jaxnas.data.hf_source import _load
+    from jaxnas.data.hf_source import choose_splits, load_source
 
     try:
-        loaded = _load(target, config)
+        loaded = load_source(target, config)
     except DatasetNotAvailableError as error:
         cause = error.__cause__
         if cause is None:  # a local path that does not exist: the message says so
@@ -318,14 +316,7 @@ def _hf_texts(target: str, config: TextConfig) -> dict[str, str]:
             + "".join(f"  name={form},\n" for form in NAME_FORMS if form.startswith("'text:"))
             + "  or name='hf:<folder>' for a folder from save_to_disk or of data files (json, csv, parquet, txt)."
         ) from cause
-    by_name = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-    chosen = {
-        split: by_name[name]
-        for split, aliases in SPLIT_ALIASES.items()
-        if (name := next((a for a in aliases if a in by_name), None)) is not None
-    }
-    if "train" not in chosen:
-        raise DataError(f"hf:{target} has no 'train' split (it has: {', '.join(sorted(by_name))})")
+    chosen = choose_splits(loaded, target)
     texts = {}
     for split, ds in chosen.items():
         if config.text_column not in ds.column_names:
@@ -461,17 +452,10 @@ def batches(
     Window orders are ``jaxnas.data.batching``'s (``epoch_order(len(split), seed, epoch)``), so
     ``epoch_indices(len(split), batch_size, seed, epoch)`` indexes ``split.windows`` in the same batches on a device.
     """
-    n = len(split)
-    if batch_size < 1 or (drop_remainder and n < batch_size):
-        raise ValueError(f"batch_size: got {batch_size}; expected 1 <= batch_size <= {n} (the split's windows)")
-    if epochs < 1:
-        raise ValueError(f"epochs: got {epochs}; expected an integer >= 1")
-    stop = n - n % batch_size if drop_remainder else n
-    for epoch in range(epochs):
-        order = epoch_order(n, seed, epoch) if shuffle else np.arange(n)
-        for start in range(0, stop, batch_size):
-            rows = split.windows[order[start : start + batch_size]]
-            yield rows[:, :-1], rows[:, 1:]
+    for index in batch_rows(len(split), batch_size, seed, shuffle=shuffle, drop_remainder=drop_remainder,
+                            epochs=epochs):
+        rows = split.windows[index]
+        yield rows[:, :-1], rows[:, 1:]
 
 
 __all__ = [

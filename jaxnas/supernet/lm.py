@@ -54,8 +54,10 @@ from flax import nnx
 from jaxnas.spaces import Space
 from jaxnas.spaces.lm import ATTENTION_MIXERS, LMArch
 from jaxnas.supernet.transformer import (
+    Stream,
+    dropout_on,
+    dropped,
     ffn_inner,
-    masked_norm,
     transformer_init,
     twin_norm,
     alibi_distances,
@@ -511,24 +513,11 @@ class LMSupernet:
         supernet's dropout > 0.
         """
         self._check_inputs(tokens)
-        dropping = train and self.dropout > 0.0
-        if dropping and key is None:
-            raise ValueError("apply(..., train=True) with dropout needs a PRNG key; pass key=jax.random.key(seed)")
-
-        def drop(a, keep):
-            return a if keep is None else jnp.where(keep, a / (1.0 - self.dropout), 0.0)
-
+        dropping = dropout_on(train, self.dropout, key)
+        drop = functools.partial(dropped, rate=self.dropout)
         space = self.space
-        hidden = space.value(enc, "hidden")
-        feature = jnp.arange(self.max_hidden)
-        mask = feature < hidden
-        layernorm = _is(space, enc, "norm", "layernorm")
-
-        def norm(z, p):
-            return masked_norm(z, mask, hidden, p, layernorm)
-
-        def masked(z):
-            return jnp.where(mask, z, 0.0)
+        stream = Stream.of(space.value(enc, "hidden"), self.max_hidden, _is(space, enc, "norm", "layernorm"))
+        hidden, feature, mask, norm, masked = stream.hidden, stream.feature, stream.mask, stream.norm, stream.masked
 
         h = jnp.take(params["embed"]["embedding"], tokens, axis=0)
         t = h.shape[1]

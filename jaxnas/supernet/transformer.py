@@ -430,24 +430,11 @@ class TransformerSupernet:
         supernet's dropout > 0.
         """
         self._check_inputs(x)
-        dropping = train and self.dropout > 0.0
-        if dropping and key is None:
-            raise ValueError("apply(..., train=True) with dropout needs a PRNG key; pass key=jax.random.key(seed)")
-
-        def drop(a, keep):
-            return a if keep is None else jnp.where(keep, a / (1.0 - self.dropout), 0.0)
-
+        dropping = dropout_on(train, self.dropout, key)
+        drop = functools.partial(dropped, rate=self.dropout)
         space = self.space
-        hidden = space.value(enc, "hidden")
-        feature = jnp.arange(self.max_hidden)
-        mask = feature < hidden
-        layernorm = self._is(enc, "norm", "layernorm")
-
-        def norm(z, p):
-            return masked_norm(z, mask, hidden, p, layernorm)
-
-        def masked(z):
-            return jnp.where(mask, z, 0.0)
+        stream = Stream.of(space.value(enc, "hidden"), self.max_hidden, self._is(enc, "norm", "layernorm"))
+        hidden, feature, mask, norm, masked = stream.hidden, stream.feature, stream.mask, stream.norm, stream.masked
 
         if self.input == "patches":
             h = patchify(x, self.patch) @ params["embed"]["kernel"] + params["embed"]["bias"]
@@ -660,6 +647,42 @@ class TransformerSupernet:
         state.replace_by_pure_dict(sliced)
         nnx.update(twin, state)
         return state.to_pure_dict(), twin
+
+
+def dropout_on(train: bool, rate: float, key) -> bool:
+    """Whether a masked apply drops out (``train`` and ``rate`` > 0); ValueError when it would and has no key."""
+    dropping = train and rate > 0.0
+    if dropping and key is None:
+        raise ValueError("apply(..., train=True) with dropout needs a PRNG key; pass key=jax.random.key(seed)")
+    return dropping
+
+
+def dropped(a: jax.Array, keep: jax.Array | None, rate: float) -> jax.Array:
+    """Inverted dropout of ``a`` with the drawn ``keep`` mask (None: no dropout)."""
+    return a if keep is None else jnp.where(keep, a / (1.0 - rate), 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stream:
+    """The residual stream's active width in a masked transformer apply: ``hidden`` (traced), ``feature`` =
+    arange(largest width), ``mask`` = feature < hidden; ``masked`` zeroes the inactive features and ``norm`` is
+    `masked_norm` with the encoding's norm (LayerNorm where ``layernorm``, else RMSNorm)."""
+
+    hidden: jax.Array
+    feature: jax.Array
+    mask: jax.Array
+    layernorm: jax.Array | bool
+
+    @classmethod
+    def of(cls, hidden: jax.Array, max_hidden: int, layernorm: jax.Array | bool) -> Stream:
+        feature = jnp.arange(max_hidden)
+        return cls(hidden, feature, feature < hidden, layernorm)
+
+    def masked(self, z: jax.Array) -> jax.Array:
+        return jnp.where(self.mask, z, 0.0)
+
+    def norm(self, z: jax.Array, p: dict) -> jax.Array:
+        return masked_norm(z, self.mask, self.hidden, p, self.layernorm)
 
 
 def masked_norm(z: jax.Array, mask: jax.Array, width: jax.Array, p: dict, layernorm: jax.Array | bool) -> jax.Array:
