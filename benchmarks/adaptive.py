@@ -1,6 +1,7 @@
 """Experiential channel gating (`jaxnas.adaptive`) on the make-run winner and the quick space's largest network.
 
     python benchmarks/adaptive.py [--json out.json] [--repeats 10] [--winner runs/quick/model]
+    python benchmarks/adaptive.py --quick --json out.json    # smoke run: tiny networks on digits, one grid point
 
 1. the winner of ``make run`` (``runs/quick/model``: a cnn found on mnist5k);
 2. the largest network of the quick space (every stage d2, w32, bn, skip), trained stand-alone with the quick
@@ -18,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,14 +36,26 @@ from jaxnas.data import load_dataset
 from jaxnas.search import fidelity
 from jaxnas.search.evaluate import Ends, OneShotEvaluator
 from jaxnas.search.export import export_model
+from jaxnas.search.__main__ import main as search_main
 from jaxnas.search.models import build_space, model_for
 
 
-def largest_model(config: str, folder: Path):
-    """The quick space's largest network, trained with the final recipe and exported into ``folder`` (once)."""
+# --quick: a one-network search and a two-stage conv space on digits, one budget pair, the fewest timed repeats.
+QUICK_SPACE = ["data.name=digits", "space.families=[cnn]", "space.max_stages=2", "space.max_depth=2",
+               "space.channels=[8]", "space.kernels=[3]", "space.activations=[relu]", "space.dropouts=[0.0]",
+               "space.batchnorm=[true]", "space.skip=[false]", "train.batch_size=64", "train.learning_rate=0.01",
+               "final.epochs=1", "final.seeds=1", "progress=false"]
+QUICK_SEARCH = ["mode=train", "search.strategy=random", "search.population=1", "search.budget=1", "train.epochs=1",
+                "final.top_k=1", "final.control=0", "final.baselines=[]"]
+QUICK_SETTINGS = {"bl_grid": (0.18,), "Bg_grid": (0.08,), "batch_size": 32, "calibration_batch": 32,
+                  "probe_images": 4, "repeats": 5, "timing_passes": 1, "exit_epochs": 3}
+
+
+def largest_model(config: str, folder: Path, overrides: tuple[str, ...] = ()):
+    """The config's space's largest network, trained with its final recipe and exported into ``folder`` (once)."""
     if (folder / "arch.json").is_file():
         return load_model(folder)
-    cfg = load_config(RunConfig, config, ["progress=false"])
+    cfg = load_config(RunConfig, config, ["progress=false", *overrides])
     space = build_space(cfg.space)
     dataset = load_dataset(cfg.data)
     model = model_for(space, cfg.space, dataset.info.image_shape, dataset.info.num_classes)
@@ -61,11 +75,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="configs/quick.yaml")
     parser.add_argument("--largest", default=str(Path.home() / ".cache" / "jaxnas" / "adaptive" / "largest"))
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: a one-network search and a tiny space's largest network on digits (in a "
+                             "temporary folder), one budget pair, 5 timed repeats, 3 exit-head epochs")
     parser.add_argument("--json", help="write every number to this JSON file")
     args = parser.parse_args(argv)
-    settings = Settings(repeats=args.repeats)
-    dataset = load_dataset("mnist5k")
+    if args.quick:
+        with tempfile.TemporaryDirectory(prefix="jaxnas-adaptive-") as folder:
+            run = Path(folder) / "winner"
+            if search_main([f"output={run}", *QUICK_SPACE, *QUICK_SEARCH]) != 0:
+                return 1
+            models = {"winner": load_model(run),
+                      "largest": largest_model(args.config, Path(folder) / "largest", tuple(QUICK_SPACE))}
+            return _report(models, load_dataset("digits"), Settings(**QUICK_SETTINGS), args.json)
     models = {"winner": load_model(args.winner), "largest": largest_model(args.config, Path(args.largest))}
+    return _report(models, load_dataset("mnist5k"), Settings(repeats=args.repeats), args.json)
+
+
+def _report(models: dict, dataset, settings: Settings, json_path: str | None) -> int:
     reports = {}
     for name, model in models.items():
         print(f"\n== {name}: {model.arch}", flush=True)
@@ -74,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         best = reports[name]["best"]
         print(f"{name}: base test accuracy {reports[name]['base']['accuracy']:.1f}; best experience arm "
               f"{json.dumps(best)} ({time.perf_counter() - start:.0f} s)", flush=True)
-    if args.json:
-        atomic_write_text(args.json, json.dumps(json_safe({"settings": dataclasses.asdict(settings), **reports}),
+    if json_path:
+        atomic_write_text(json_path, json.dumps(json_safe({"settings": dataclasses.asdict(settings), **reports}),
                                                 indent=2) + "\n")
     return 0
 

@@ -1,0 +1,28 @@
+"""benchmarks/adaptive.py runs end to end with --quick (a tiny winner and a tiny largest network on digits, one
+budget pair) and its JSON holds both reports with every arm."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_adaptive_benchmark_quick_reports_both_networks(tmp_path):
+    out = tmp_path / "adaptive.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adaptive.py"), "--quick", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["settings"]["bl_grid"] == [0.18] and report["settings"]["repeats"] == 5
+    assert report["largest"]["arch"].startswith("cnn|s1:d2,w8") and report["winner"]["arch"].startswith("cnn|")
+    for name in ("winner", "largest"):
+        r = report[name]
+        assert 0 <= r["base"]["accuracy"] <= 100 and r["test_images"] > 0
+        (row,) = r["grid"]
+        assert (row["bl"], row["Bg"]) == (0.18, 0.08)
+        assert set(row["arms"]) == {"static", "current", "experience"}
+        assert set(row["timing"]["arms"]) == {"base", "static", "current", "experience"}
+        assert r["early_exit"] is not None
+    assert "== winner" in done.stdout and "== largest" in done.stdout
