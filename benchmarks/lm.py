@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from interop._atomic import atomic_write_text  # noqa: E402
 from interop.config import load_config, to_dict  # noqa: E402
 from jaxnas import population as pop  # noqa: E402
+from jaxnas.population import lm_sized  # noqa: E402
 from jaxnas.config import RunConfig  # noqa: E402
 from jaxnas.data import load_text  # noqa: E402
 from jaxnas.data.batching import epoch_indices  # noqa: E402
@@ -211,6 +212,12 @@ def torch_ratio(evaluator: TrainEvaluator, archs: list[str], repeats: int, threa
         jax.block_until_ready(result.params)
         return result
 
+    def sized_epoch():
+        result = lm_sized.train_lm_sized(model, params_P, encs, optimizer, d.train_x, d.train_y, d.val_x, d.val_y,
+                                         epochs=1, batch_size=batch, seed=cfg.seed)
+        jax.block_until_ready(result.params)
+        return result
+
     def torch_epoch():
         models = [torch_lm_from_twin(twin, arch, vocab_size=sn.vocab_size, positions=sn.seq_len)
                   for arch, twin in twins]
@@ -218,23 +225,29 @@ def torch_ratio(evaluator: TrainEvaluator, archs: list[str], repeats: int, threa
                                 lr=cfg.train.learning_rate, batches=order)
 
     first, trained = timed(jax_epoch)
+    sized_first, _ = timed(sized_epoch)
     torch_epoch()  # warm-up (allocator, kernels)
-    jax_times, torch_times, torch_rows = [], [], None
+    jax_times, sized_times, torch_times, torch_rows = [], [], [], None
     for _ in range(repeats):
         t, trained = timed(jax_epoch)
         jax_times.append(t)
+        t, sized_result = timed(sized_epoch)
+        sized_times.append(t)
         t, torch_rows = timed(torch_epoch)
         torch_times.append(t)
     scores = evaluator.score(trained.params, encs, d.val_x, d.val_y, shared=False)
     jax_losses = np.asarray(trained.train_loss)[-1]
     macs = np.array([model.macs(e) for e in encs], float)
     largest = float(model.macs(model.supernet.largest(jnp.asarray(encs[0]))))
-    jax_s, torch_s = summary(jax_times), summary(torch_times)
+    jax_s, sized_s, torch_s = summary(jax_times), summary(sized_times), summary(torch_times)
     return {
         "population": len(archs), "threads": threads, "repeats": repeats, "batches": int(order[0].shape[0]),
         "batch_size": batch, "jax_first_call_seconds": round(first, 3), "jax_epoch": jax_s, "torch_epoch": torch_s,
         "torch_over_jax_steady": torch_s["median"] / jax_s["median"],
         "torch_over_jax_first_call": torch_s["median"] / first,
+        "sized_first_call_seconds": round(sized_first, 3), "sized_epoch": sized_s,
+        "torch_over_sized_steady": torch_s["median"] / sized_s["median"],
+        "sized_train_loss": [float(v) for v in np.asarray(sized_result.train_loss)[-1]],
         "padded_fraction": float(macs.mean() / largest),
         "jax_train_loss": [float(v) for v in jax_losses], "torch_train_loss": [r["train_loss"] for r in torch_rows],
         "jax_val_loss": [float(v) for v in scores["loss"]], "torch_val_loss": [r["val_loss"] for r in torch_rows],
@@ -358,8 +371,10 @@ def _torch_only(path: Path, cfg: RunConfig, model, dataset, repeats: int, thread
               file=sys.stderr)
         return 2
     report["torch"] = torch_ratio(TrainEvaluator(cfg, model, dataset), archs, repeats, threads)
-    print(_table(report, {}))
+    report["dominance"] = dominance = dominated(report["searched"], report["baselines"])  # reports of older versions
+    report["dominated_beyond_noise_count"] = sum(bool(d["beyond_noise_by"]) for d in dominance)
     atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    print(_table(report, {}))
     return 0
 
 
@@ -410,6 +425,9 @@ def _table(report: dict, grid: dict) -> str:
                      f"another {t['torch_epoch']['median']:.2f} s ({t['threads']} thread(s)): torch / jaxnas = "
                      f"{t['torch_over_jax_steady']:.2f}x; padded fraction "
                      f"{t['padded_fraction']:.2f} (candidate MACs / the largest network's, one mixer counted)")
+        lines.append(f"the sized backend (each twin at its own sizes, jaxnas.population.lm_sized): "
+                     f"{t['sized_epoch']['median']:.2f} s steady (first call {t['sized_first_call_seconds']:.2f} s, "
+                     f"compiling each twin layout): torch / jaxnas sized = {t['torch_over_sized_steady']:.2f}x")
     return "\n".join(lines)
 
 

@@ -208,8 +208,9 @@ class PopulationConfig:
         "auto",
         "masked: one vmapped program for the whole population, every candidate at the supernet's largest sizes with "
         "masks (jaxnas.population.masked: the form for GPU / TPU and sharded populations; every space); sized: each "
-        "candidate at its own sizes (jaxnas.population.sized / sized_train: the fast form on CPU; macro space); "
-        "auto: sized for the macro space on a CPU backend in one process (training: on one device), else masked. "
+        "candidate at its own sizes (jaxnas.population.sized / sized_train: the fast form on CPU; macro space; lm: "
+        "training only, jaxnas.population.lm_sized); auto: sized for the macro and lm spaces on a CPU backend in one "
+        "process (training: on one device), else masked. "
         "Both compute the same networks (scores equal to float tolerance).",
     )
 
@@ -399,10 +400,10 @@ class RunConfig:
             )
         self._check_differentiable()
         self._check_text()
-        if self.population.backend == "sized" and self.space.name != "macro":
+        if self.population.backend == "sized" and self.space.name not in ("macro", "lm"):
             raise ValueError(
-                f"population.backend=sized computes macro-space candidates at their own sizes, got space.name="
-                f"{self.space.name!r}; use population.backend=auto or masked"
+                f"population.backend=sized computes macro-space and language-model candidates at their own sizes, "
+                f"got space.name={self.space.name!r}; use population.backend=auto or masked"
             )
 
     def _check_text(self):

@@ -50,7 +50,9 @@ def test_lm_benchmark_quick_writes_the_comparison_as_json(tmp_path, capsys):
     assert t["population"] == len({x["arch"] for x in r["searched"] + r["baselines"]})
     assert t["jax_epoch"]["median"] > 0 and t["torch_epoch"]["median"] > 0
     assert t["torch_over_jax_steady"] == pytest.approx(t["torch_epoch"]["median"] / t["jax_epoch"]["median"])
-    assert 0 < t["padded_fraction"] <= 1
+    assert 0 < t["padded_fraction"] <= 1 and t["sized_epoch"]["median"] > 0
+    assert t["torch_over_sized_steady"] == pytest.approx(t["torch_epoch"]["median"] / t["sized_epoch"]["median"])
+    np.testing.assert_allclose(t["sized_train_loss"], t["jax_train_loss"], rtol=1e-4)
     # both sides did the same work: same initial weights, batches and optimiser -> close losses after one epoch
     np.testing.assert_allclose(t["torch_train_loss"], t["jax_train_loss"], rtol=0.02)
     np.testing.assert_allclose(t["torch_val_loss"], t["jax_val_loss"], rtol=0.02)

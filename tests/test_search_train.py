@@ -203,10 +203,10 @@ def test_search_trains_sized_and_masked_alike(tmp_path):
     assert abs(best_exact["fitness"] - best_vmapped["fitness"]) <= 0.05
 
 
-def test_the_sized_backend_outside_the_macro_space_is_refused(tmp_path, capsys):
+def test_the_sized_backend_outside_the_macro_and_lm_spaces_is_refused(tmp_path, capsys):
     assert main([f"output={tmp_path / 'r'}", "mode=train", "population.backend=sized", "space.name=nb201",
                  *TINY[:1]]) == 2
-    assert "population.backend=sized computes macro-space candidates" in capsys.readouterr().err
+    assert "population.backend=sized computes macro-space and language-model candidates" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 

@@ -6,7 +6,8 @@ same networks:
   GPU / TPU and for populations sharded over devices (`jaxnas.population.sharding`).
 - **sized** (`jaxnas.population.sized` for scoring, `jaxnas.population.sized_train` for training): each candidate
   at its own sizes through layer programs compiled once per layer size, for the macro space. The fast form on
-  CPU, where XLA runs vmapped per-candidate convolutions densely.
+  CPU, where XLA runs vmapped per-candidate convolutions densely. Language models train sized through
+  `jaxnas.population.lm_sized` (each candidate's twin on its own, written back with `LMSupernet.embed`).
 
 The search picks one with ``population.backend=auto|masked|sized`` (`jaxnas.config.PopulationConfig`). Both use
 the same per-candidate bookkeeping and step pieces (`jaxnas.population.common`), so a candidate draws the same

@@ -29,8 +29,8 @@ from flax import nnx
 
 from jaxnas import population as pop
 from jaxnas import quant
-from jaxnas.population import sized, sized_train
-from jaxnas.population.common import batched, per_example
+from jaxnas.population import lm_sized, sized, sized_train
+from jaxnas.population.common import batched
 from jaxnas.config import RunConfig
 from jaxnas.data.core import Dataset
 from jaxnas.distributed import to_host, tree_to_host
@@ -183,7 +183,12 @@ class _Trained:
             (encs_j, params_P, keys), _ = pop.shard_population((encs_j, params_P, keys), mesh)
         d = self.data
         trained_sized = _sized_training(self.cfg.population.backend, self.model, mesh)
-        if trained_sized:
+        if trained_sized and self.lm:
+            result = lm_sized.train_lm_sized(
+                self.model, params_P, encs_j, self.optimizer, d.train_x, d.train_y, d.val_x, d.val_y,
+                epochs=epochs, batch_size=self.cfg.train.batch_size, seed=seed, patience=patience, keys=keys,
+            )
+        elif trained_sized:
             result = sized_train.train_population_sized(
                 self.model, params_P, encs_j, self.optimizer, d.train_x, d.train_y, d.val_x, d.val_y,
                 epochs=epochs, batch_size=self.cfg.train.batch_size, seed=seed, patience=patience, keys=keys,
@@ -315,21 +320,8 @@ def perplexity(loss: float) -> float:
 
 def twin_lm_loss(twin, x, y, batch_size: int = 64) -> float:
     """Mean token NLL of a language-model twin (`TwinLM`) on token windows x [N, T] with next tokens y [N, T]."""
-    graph, state = nnx.split(twin)
     (xb, weight), (yb, _) = batched(jnp.asarray(x), batch_size), batched(jnp.asarray(y, jnp.int32), batch_size)
-    return float(_twin_nll_sum(graph, state, xb, yb, weight)) / int(x.shape[0])
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _twin_nll_sum(graph, state, xb, yb, weight):
-    """Summed per-window mean NLL over batches xb [n, B, T] (padding weighted out): one program per twin layout."""
-
-    def batch(total, data):
-        x, y, w = data
-        nll = optax.softmax_cross_entropy_with_integer_labels(nnx.merge(graph, state)(x), y)
-        return total + jnp.sum(per_example(nll) * w), None
-
-    return jax.lax.scan(batch, jnp.zeros((), jnp.float32), (xb, yb, weight))[0]
+    return float(lm_sized.twin_nll_sum(twin, xb, yb, weight)) / int(x.shape[0])
 
 
 def lm_quantised(model, enc, params, precision: str, x, y) -> dict:
@@ -354,7 +346,11 @@ SIZED_BATCH = 500  # validation examples per batch of sized scoring (activations
 
 
 def _sized_training(backend: str, model, mesh) -> bool:
-    """Whether candidates train through `jaxnas.population.sized_train` (see ``population.backend``)."""
+    """Whether candidates train through `jaxnas.population.sized_train` (language models: `lm_sized`) (see
+    ``population.backend``)."""
+    if is_lm(model):
+        alone = lm_sized.supports(model) and mesh is None and jax.process_count() == 1
+        return alone and (backend == "sized" or (backend == "auto" and jax.default_backend() == "cpu"))
     if backend == "auto":
         macro = isinstance(model, SearchModel) and sized_train.supports(model)
         return macro and jax.default_backend() == "cpu" and jax.process_count() == 1 and mesh is None
@@ -362,7 +358,10 @@ def _sized_training(backend: str, model, mesh) -> bool:
 
 
 def _sized_scoring(backend: str, model) -> bool:
-    """Whether candidates are scored through `jaxnas.population.sized` (see ``population.backend``)."""
+    """Whether candidates are scored through `jaxnas.population.sized` (see ``population.backend``); language
+    models are scored by the masked program (a forward pass only)."""
+    if is_lm(model):
+        return False
     if backend == "auto":
         return sized.supports(model) and jax.default_backend() == "cpu" and jax.process_count() == 1
     return backend == "sized"

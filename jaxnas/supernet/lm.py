@@ -775,6 +775,43 @@ class LMSupernet:
         nnx.update(twin, state)
         return state.to_pure_dict(), twin
 
+    def embed(self, params: dict, enc: jax.Array, twin_params: dict) -> dict:
+        """The inverse of `extract`: ``params`` (one candidate's supernet weights) with the slices ``enc``'s twin
+        reads replaced by ``twin_params`` (a twin's parameter state as a plain dict, e.g. after training it on its
+        own); every other weight is left as it is, so ``extract`` of the result gives ``twin_params`` back."""
+        arch = self.arch(enc)
+        d = arch.hidden
+
+        def linear(p, q, i=None):
+            n_in, n_out = q["kernel"].shape
+            at = (slice(None),) if i is None else (i,)
+            return {"kernel": p["kernel"].at[(*at, slice(0, n_in), slice(0, n_out))].set(q["kernel"]),
+                    "bias": p["bias"].at[(*at, slice(0, n_out))].set(q["bias"])}
+
+        def norm(p, q, i=None):
+            at = () if i is None else (i,)
+            return {name: p[name].at[(*at, slice(0, d))].set(q[name]) if name in q else p[name] for name in p}
+
+        out = jax.tree.map(lambda a: a, params)  # a new dict tree; arrays are immutable
+        out["embed"] = {"embedding": params["embed"]["embedding"].at[:, :d].set(twin_params["embed"]["embedding"])}
+        out["norm"] = norm(params["norm"], twin_params["norm"])
+        if arch.position == "learned":
+            out["position"] = params["position"].at[:, :d].set(twin_params["position"])
+        layers = out["layers"]
+        for i in range(arch.layers):
+            q = twin_params["layers"][i]
+            for name in ("norm1", "norm2"):
+                layers[name] = norm(layers[name], q[name], i)
+            for name, sub in q["ffn"].items():
+                layers["ffn"][name] = linear(layers["ffn"][name], sub, i)
+            mixer = layers[arch.mixer]
+            for name, sub in q["mixer"].items():
+                if name == "decay":
+                    mixer["decay"] = mixer["decay"].at[i, :d].set(sub)
+                else:
+                    mixer[name] = linear(mixer[name], sub, i)
+        return out
+
 
 def _repair(allowed: list[bool]) -> list[int]:
     """Option index -> itself if allowed, else the nearest allowed index (ties to the lower)."""
