@@ -183,7 +183,7 @@ def test_the_sized_backend_for_a_space_it_does_not_cover_is_refused_by_the_confi
     from interop.config import ConfigError, load_config
     from jaxnas.config import RunConfig
 
-    with pytest.raises(ConfigError, match="macro-space candidates"):
+    with pytest.raises(ConfigError, match="macro-space and language-model candidates"):
         load_config(RunConfig, None, ["space.name=nb201", "population.backend=sized"])
 
 
