@@ -77,9 +77,11 @@ def train_lm_sized(
         twins.append([graph, params, optimizer.init(params), jnp.zeros((), bool)])
     val = batched(jnp.asarray(val_x), eval_batch_size), batched(jnp.asarray(val_y, jnp.int32), eval_batch_size)
 
+    scores = np.full(population, -np.inf)  # a stopped candidate's weights no longer change: nor does its score
+
     def run_epoch(epoch, running):
         index = jnp.asarray(epoch_indices(train_x.shape[0], batch_size, seed, epoch))
-        scores, losses, failed = np.full(population, -np.inf), np.full(population, np.nan), np.zeros(population, bool)
+        losses, failed = np.full(population, np.nan), np.zeros(population, bool)
         for p, state in enumerate(twins):
             graph, params, opt, was_failed = state
             if running[p]:
@@ -87,9 +89,9 @@ def train_lm_sized(
                                                               train_y, index)
                 twins[p] = [graph, params, opt, was_failed]
                 losses[p] = float(jnp.mean(step_losses))
+                scores[p] = -float(_nll_sum(graph, params, val[0][0], val[1][0], val[0][1])) / int(val_x.shape[0])
             failed[p] = bool(was_failed)
-            scores[p] = -float(_nll_sum(graph, params, val[0][0], val[1][0], val[0][1])) / int(val_x.shape[0])
-        return scores, losses, failed
+        return scores.copy(), losses, failed
 
     outcome = run_epochs(population, epochs, patience, run_epoch)
     trained = [supernet.embed(host[p], encs[p], twins[p][1].to_pure_dict()) for p in range(population)]
