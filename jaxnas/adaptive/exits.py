@@ -3,8 +3,11 @@
 An exit after block ``k`` is a head ``pool(h_k) @ W_k + b_k`` (global average pool, one linear layer), trained on
 the train split with the backbone frozen (the twin is never changed). At inference the batch runs to the first
 exit; images whose softmax confidence reaches that exit's threshold leave with its prediction, the rest continue
-to the next exit and, at last, the twin's own head. The remaining images of a batch are padded to a power of two,
-so each segment compiles for a few static shapes.
+to the next exit and, at last, the twin's own head. :meth:`EarlyExitNet.predict` (the reference) decides on the
+host between segments and pads the remaining images to a power of two, so each segment compiles for a few static
+shapes; :meth:`EarlyExitNet.predict_fused` routes the same way inside one jitted program (no host round trip): the
+remaining images are compacted to the front and the next segment runs on a static bucket of rows picked by
+``lax.switch`` (XLA runs only the taken branch, so the work really shrinks).
 
 Thresholds are calibrated on validation only (:func:`calibrate_thresholds`): the thresholds that minimise the
 average MACs while the whole policy keeps its accuracy drop within the guardrail on validation. ``avg_macs``
@@ -40,10 +43,13 @@ class EarlyExitNet:
     exits: list[int]
     heads: list[dict]
     thresholds: list[float]
+    buckets: int = 16  # fused segments run on multiples of B / buckets rows (fused_buckets)
 
     def __post_init__(self):
         self._graph, self._state = nnx.split(self.twin)
         self._bounds = [0, *(k + 1 for k in self.exits), len(self.twin.blocks)]
+        self._fused: dict[tuple, object] = {}
+        self.fused_traces = 0  # times a fused program was traced: one per threshold setting and batch shape
 
     @functools.cached_property
     def _segments(self):
@@ -122,6 +128,93 @@ class EarlyExitNet:
             h = jnp.take(h, jnp.asarray(np.pad(stay, (0, bucket - len(stay)), mode="edge")), axis=0)
         return logits_out, where
 
+    def predict_fused(self, x) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`predict` in one jitted program: ``(logits [B, classes], exit index [B])``, the same routing."""
+        logits, where = self.fused_forward(x)
+        return np.asarray(logits), np.asarray(where)
+
+    def fused_forward(self, x) -> tuple[jax.Array, jax.Array]:
+        """:meth:`predict_fused` without the copy to the host (device arrays, dispatched asynchronously)."""
+        return self.fused_program()(self._state, self.heads, jnp.asarray(x, jnp.float32))
+
+    def fused_program(self):
+        """The jitted ``(state, heads, x [B, H, W, C]) -> (logits [B, classes], exit index [B] int32)`` of the
+        current thresholds (cached per thresholds and buckets; jax re-traces it per batch shape)."""
+        thresholds = tuple(float(t) for t in self.thresholds)
+        if len(thresholds) != len(self.exits):
+            raise ValueError(f"{len(thresholds)} thresholds for {len(self.exits)} exits {self.exits}")
+        missing = [i for i, t in enumerate(thresholds) if t != np.inf and i >= len(self.heads)]
+        if missing:
+            raise ValueError(f"exits {missing} have finite thresholds but no trained head ({len(self.heads)} heads)")
+        key = (thresholds, self.buckets)
+        if key not in self._fused:
+            self._fused[key] = jax.jit(functools.partial(self._fused_forward, thresholds, self.buckets))
+        return self._fused[key]
+
+    def _stages(self, thresholds: tuple[float, ...]) -> list[tuple[int, int, int | None]]:
+        """``(first segment, end segment, exit)`` per stage: the segments up to the next exit with a finite
+        threshold (``inf`` exits are skipped at trace time: no head, no decision); ``exit`` None: the twin's head."""
+        stages, start = [], 0
+        for i, t in enumerate(thresholds):
+            if t != np.inf:
+                stages.append((start, i + 1, i))
+                start = i + 1
+        return [*stages, (start, len(self.exits) + 1, None)]
+
+    def _fused_forward(self, thresholds, buckets, state, heads, x):
+        """Stage by stage (:meth:`_stages`): the rows still running are compacted to the front and each stage after
+        the first runs on the smallest bucket holding them (``lax.switch``, padded back to ``B`` rows); the logits
+        and exit of the images leaving are scattered back to batch order."""
+        self.fused_traces += 1
+        twin = nnx.merge(self._graph, state)
+        n_rows, last = x.shape[0], len(self.exits)
+        sizes = fused_buckets(n_rows, buckets)
+        rows = jnp.arange(n_rows)
+        logits_out = jnp.zeros((n_rows, twin.head.out_features), jnp.float32)
+        where = jnp.full(n_rows, last, jnp.int32)
+        origin = rows  # the batch index of the image in each row: the remaining images are compacted to the front
+        alive = n_rows  # rows [0, alive) hold images still running
+        h, order = x, None
+        for first, end, exit_ in self._stages(thresholds):
+
+            def run(h, first=first, end=end, exit_=exit_):
+                if first == 0:
+                    h = jax.nn.relu(twin.stem(h))
+                for block in list(twin.blocks)[self._bounds[first] : self._bounds[end]]:
+                    h = block(h)
+                pooled = h.mean((1, 2))
+                logits = twin.head(pooled) if exit_ is None else pooled @ heads[exit_]["w"] + heads[exit_]["b"]
+                return (None if exit_ is None else h), logits
+
+            if order is None:  # the first stage: the whole batch
+                h, logits = run(h)
+            else:
+                padded = jax.eval_shape(run, jax.ShapeDtypeStruct(h.shape, h.dtype))
+
+                def branch(size, h, order, run=run, padded=padded):
+                    if size == 0:
+                        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), padded)
+                    out = run(jnp.take(h, order[:size], axis=0))
+                    return jax.tree.map(lambda a: jnp.pad(a, [(0, n_rows - size)] + [(0, 0)] * (a.ndim - 1)), out)
+
+                bucket = jnp.searchsorted(jnp.asarray(sizes), alive)  # the smallest size >= alive
+                h, logits = jax.lax.switch(bucket, [functools.partial(branch, s) for s in sizes], h, order)
+            valid = rows < alive
+            if exit_ is None:
+                leave = valid
+            else:  # the confidence as predict computes it on the host
+                probs = jnp.exp(logits - logits.max(-1, keepdims=True))
+                leave = valid & (probs.max(-1) / probs.sum(-1) >= thresholds[exit_])
+            target = jnp.where(leave, origin, n_rows)  # out of bounds: dropped
+            logits_out = logits_out.at[target].set(logits, mode="drop")
+            where = where.at[target].set(last if exit_ is None else exit_, mode="drop")
+            if exit_ is None:
+                break
+            stay = valid & ~leave
+            order = jnp.nonzero(stay, size=n_rows, fill_value=0)[0]  # stable: the staying rows, in order
+            origin, alive = origin[order], stay.sum()
+        return logits_out, where
+
     def segment_macs(self, net: GatedNet, image_shape) -> list[int]:
         """MACs of one image leaving at exit ``k`` (the last: the twin's head), heads on the way included (every
         exit's head counts: the thresholds are not known yet when the calibration needs these)."""
@@ -133,6 +226,18 @@ class EarlyExitNet:
             heads = sum(int(self.heads[j]["w"].shape[0]) * classes for j in range(min(k + 1, len(self.exits))))
             out.append(backbone + heads + (layers[-1] if k == len(self.exits) else 0))
         return out
+
+
+def fused_buckets(batch: int, steps: int = 16) -> tuple[int, ...]:
+    """Row counts a fused segment may run on: 0 and the multiples of ``batch / steps`` rounded up.
+
+    Evenly spaced rather than powers of two: most images usually run on past an exit, and the segments' cost is
+    far from proportional to their rows (a fixed part per call), so a bucket just above the remaining count saves
+    more than fine small buckets; 16 steps waste at most ``batch / 16`` rows per segment for 17 branches compiled
+    per exit that decides (compile time grows with the steps)."""
+    if batch < 1 or steps < 1:
+        raise ValueError(f"fused buckets need batch >= 1 and steps >= 1, got batch={batch}, steps={steps}")
+    return tuple(sorted({-(-k * batch // steps) for k in range(steps + 1)}))
 
 
 def train_heads(net: EarlyExitNet, images: np.ndarray, labels: np.ndarray, *, epochs: int = 30,
@@ -242,4 +347,5 @@ def calibrate_thresholds(all_logits: list[np.ndarray], labels: np.ndarray, segme
     return best
 
 
-__all__ = ["EarlyExitNet", "average_macs", "calibrate_thresholds", "exit_points", "policy_accuracy", "train_heads"]
+__all__ = ["EarlyExitNet", "average_macs", "calibrate_thresholds", "exit_points", "fused_buckets", "policy_accuracy",
+           "train_heads"]
