@@ -18,9 +18,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import stats
 
 LOW_TAU = 0.5  # below this Kendall tau, the report warns that the cheap ranking is unreliable
+
+
+def _stats():
+    """scipy.stats, imported on first use: it costs ~1.4 s of every search's start-up."""
+    from scipy import stats
+
+    return stats
 
 
 def rank_correlation(a, b) -> dict:
@@ -33,8 +39,8 @@ def rank_correlation(a, b) -> dict:
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return {"kendall_tau": math.nan, "spearman": math.nan, "n": int(len(a))}
     return {
-        "kendall_tau": float(stats.kendalltau(a, b).statistic),
-        "spearman": float(stats.spearmanr(a, b).statistic),
+        "kendall_tau": float(_stats().kendalltau(a, b).statistic),
+        "spearman": float(_stats().spearmanr(a, b).statistic),
         "n": int(len(a)),
     }
 

@@ -36,14 +36,16 @@ import math
 import os
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from interop._atomic import atomic_write_bytes, atomic_write_text
 from jaxnas.search.pareto import Objective, pareto_mask
 from jaxnas.status import EVALUATED, Status
+
+if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn: it costs ~1 s of every search's start-up
+    from matplotlib.figure import Figure
 
 HISTORY = "history.csv"
 GENERATIONS = "generations.csv"
@@ -262,7 +264,15 @@ def _png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
+def _integer_locator():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def _new_axes(title: str, xlabel: str, ylabel: str):
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(6.4, 4.0))
     axes = figure.subplots()
     axes.set_title(title)
@@ -296,7 +306,7 @@ def _fitness_png(history: _Csv, generations: _Csv | None) -> bytes | None:
     # fmax skips NaN, so a generation where everything failed keeps the best found so far.
     axes.plot(gens, np.fmax.accumulate(best), marker="s", ms=4, color="tab:red", lw=2, label="best so far")
     axes.plot(gens, mean, marker="o", ms=3, color="tab:blue", label="generation mean")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.xaxis.set_major_locator(_integer_locator())
     axes.legend()
     return _png(figure)
 
@@ -333,7 +343,7 @@ def _pareto_png(history: _Csv, pareto: dict | None) -> bytes | None:
             cmap="viridis", s=14, alpha=0.6, label="evaluated candidates",
         )
         colorbar = figure.colorbar(points, ax=axes, label="generation")
-        colorbar.locator = MaxNLocator(integer=True)
+        colorbar.locator = _integer_locator()
         colorbar.update_ticks()
     if len(front):
         front = front[np.argsort(front[:, 0], kind="stable")]
@@ -360,7 +370,7 @@ def _per_generation_png(generations: _Csv | None, column: str, ylabel: str, titl
     order = np.argsort(gens, kind="stable")
     figure, axes = _new_axes(title, "generation", ylabel)
     axes.plot(gens[order], values[order], marker="o", ms=3, color="tab:green")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.xaxis.set_major_locator(_integer_locator())
     return _png(figure)
 
 
