@@ -39,7 +39,7 @@ run: $(STAMP)
 # Two workers (pytest-xdist), one per core; each test file stays on one worker so its module fixtures run once.
 # A crashed worker ends the session at once, naming its test (xdist 3.8's loadfile scheduling can hang replacing it).
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 --max-worker-restart=0
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 --max-worker-restart=0
 
 clean:
 	rm -rf $(VENV) .pytest_cache
