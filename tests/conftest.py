@@ -21,8 +21,8 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 # save (about half the compile time). Results are unchanged; benchmarks never run with this.
 if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
-# XLA:CPU's fusion emitters (MLIR kernels per fusion) compile the masked supernets' many small fusions 2-3x slower
-# than the classic LLVM emitters (one NB201 search: 57 s of XLA compilation -> 21 s); same results.
+# XLA:CPU's fusion emitters compile the masked supernets' many small fusions far slower than the classic LLVM
+# emitters (measured in docs/benchmarks.md); same results up to float summation order.
 if "--xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 # No persistent XLA compilation cache: jax 0.10.2 segfaulted inside compilation_cache.put_executable_and_time
@@ -55,7 +55,7 @@ def _release_compiled_programs():
     A worker runs dozens of files in one process; every program XLA:CPU compiles keeps memory mappings until JAX
     drops it, and a worker that reached the kernel's cap (vm.max_map_count, 65530) crashed (a segmentation fault
     while the failed compilation's C++ exception unwound; core dumps showed 65444 mappings). A file adds a few
-    thousand at most; releasing after every file (clear_caches + gc.collect, 0.6-0.9 s each) cost ~50 s per suite.
+    thousand at most, and releasing after every file (clear_caches + gc.collect) cost more than recompiling saved.
     """
     yield
     import sys

@@ -23,7 +23,7 @@ LOW_TAU = 0.5  # below this Kendall tau, the report warns that the cheap ranking
 
 
 def _stats():
-    """scipy.stats, imported on first use: it costs ~1.4 s of every search's start-up."""
+    """scipy.stats, imported on first use: most searches never rank, and the import is slow."""
     from scipy import stats
 
     return stats

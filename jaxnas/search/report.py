@@ -44,7 +44,7 @@ from interop._atomic import atomic_write_bytes, atomic_write_text
 from jaxnas.search.pareto import Objective, pareto_mask
 from jaxnas.status import EVALUATED, Status
 
-if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn: it costs ~1 s of every search's start-up
+if TYPE_CHECKING:  # matplotlib is imported when a plot is drawn: a slow import every search would pay at start
     from matplotlib.figure import Figure
 
 HISTORY = "history.csv"
