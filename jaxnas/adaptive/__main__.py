@@ -56,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bl", type=_floats, default=defaults.bl_grid, help="per-gate budgets, e.g. 0.10,0.12,0.18")
     parser.add_argument("--Bg", type=_floats, default=defaults.Bg_grid, help="global budgets, e.g. 0.05,0.06,0.08")
     for name in ("align", "batch_size", "calibration_batch", "probe_images", "repeats", "warmup", "timing_passes",
-                 "exit_epochs"):
+                 "exit_epochs", "exit_grid", "latency_rounds"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
                             help=Settings.__dataclass_fields__[name].metadata["help"])
-    for name in ("min_keep", "wcur", "wmem"):
+    for name in ("min_keep", "wcur", "wmem", "min_speedup", "guardrail_z"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name),
                             help=Settings.__dataclass_fields__[name].metadata["help"])
     args = parser.parse_args(argv)
@@ -68,9 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             max_drop=args.max_drop, bl_grid=args.bl, Bg_grid=args.Bg, align=args.align, min_keep=args.min_keep,
             probe_images=args.probe_images, batch_size=args.batch_size, calibration_batch=args.calibration_batch,
             wcur=args.wcur, wmem=args.wmem, repeats=args.repeats, warmup=args.warmup,
-            timing_passes=args.timing_passes, exit_epochs=args.exit_epochs,
+            timing_passes=args.timing_passes, exit_epochs=args.exit_epochs, exit_grid=args.exit_grid,
+            latency_rounds=args.latency_rounds, guardrail_z=args.guardrail_z,
+            min_speedup=args.min_speedup,
         )
-        for name in ("align", "batch_size", "calibration_batch", "probe_images", "warmup", "timing_passes"):
+        for name in ("align", "batch_size", "calibration_batch", "probe_images", "warmup", "timing_passes",
+                     "exit_grid"):
             if getattr(settings, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(settings, name)}")
         from jaxnas import load_model

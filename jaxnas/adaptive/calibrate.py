@@ -11,9 +11,11 @@
    ``max_drop`` points of the full twin's.
 4. **Memory** (:func:`build_memory`): one entry per batch whose decision held the guardrail (outcome > 0) -
    fingerprint, outcome record, importance payload per gate; a batch that broke it teaches nothing to copy.
-5. **Guardrail** (:func:`enforce_guardrail`): the whole policy's accuracy drop on the whole validation split;
-   while it exceeds ``max_drop`` the policy is tightened - ``Bg`` halved, then ``bl`` halved, alternately -
-   down to never gating (``Bg = 0``), which holds by construction.
+5. **Guardrail** (:func:`enforce_guardrail`): the whole policy's accuracy drop on the whole validation split (or
+   its one-sided upper confidence bound, :func:`drop_bound`); while it exceeds ``max_drop`` the policy is
+   tightened - ``Bg`` halved, then ``bl`` halved, alternately - down to never gating (``Bg = 0``), which holds
+   by construction (unless the network itself was changed, e.g. fine-tuned: then the drop is measured against
+   the original network's predictions).
 """
 
 from __future__ import annotations
@@ -47,6 +49,19 @@ class BatchEvidence:
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
     """Accuracy in points (0-100)."""
     return 100.0 * float(np.mean(predictions == labels)) if len(labels) else 0.0
+
+
+def drop_bound(full_correct: np.ndarray, correct: np.ndarray, z: float) -> tuple[float, float]:
+    """``(accuracy drop, its one-sided upper bound)`` in points of a policy against the full network on the same
+    images, from per-image correctness (bool ``[N]`` each): the drop is the mean of the paired differences
+    ``d_i = full_i - policy_i``, the bound adds ``z`` standard errors of that mean (``z = 0``: the drop itself).
+    Images both get right or both get wrong contribute 0, so the bound is tight when the two rarely disagree."""
+    d = np.asarray(full_correct, np.float64) - np.asarray(correct, np.float64)
+    if not len(d):
+        return 0.0, 0.0
+    drop = 100.0 * float(d.sum()) / len(d)  # exact for a whole number of images at the boundary
+    se = 100.0 * float(d.std(ddof=1)) / np.sqrt(len(d)) if len(d) > 1 else 0.0
+    return drop, drop + z * se
 
 
 def _mean_nll(logits: jax.Array, labels: np.ndarray) -> float:
@@ -120,22 +135,28 @@ def build_memory(evidence: list[BatchEvidence], results: list[tuple[float, float
 
 def enforce_guardrail(
     policy: ChannelGatePolicy, images: np.ndarray, labels: np.ndarray, *, batch_size: int, max_drop: float,
-    max_tightening: int = 6,
+    max_tightening: int = 6, z: float = 0.0, full_predictions: np.ndarray | None = None,
 ) -> list[dict]:
-    """Tighten ``policy`` in place until its accuracy drop on ``images`` (validation) is <= ``max_drop`` points.
+    """Tighten ``policy`` in place until its accuracy drop on ``images`` (validation) is <= ``max_drop`` points -
+    with ``z > 0``, the drop's upper confidence bound (:func:`drop_bound`). The drop is taken against
+    ``full_predictions`` (the network the user had, e.g. before fine-tuning; default: ``policy.net`` at full width).
 
-    Returns every step tried, ``{"bl", "Bg", "accuracy_full", "accuracy", "accuracy_drop", "holds"}``; the last
-    is the final policy. After ``max_tightening`` steps the policy never gates (``Bg = 0``).
+    Returns every step tried, ``{"bl", "Bg", "accuracy_full", "accuracy", "accuracy_drop", "drop_bound",
+    "holds"}``; the last is the final policy. After ``max_tightening`` steps the policy never gates (``Bg = 0``).
     """
-    base = accuracy(predict_batches(policy.net, images, batch_size), labels)
+    if full_predictions is None:
+        full_predictions = predict_batches(policy.net, images, batch_size)
+    full_correct = np.asarray(full_predictions) == labels
+    base = accuracy(full_predictions, labels)
     steps = []
     for step in range(max_tightening + 1):
         if step == max_tightening:
             policy.Bg = 0.0
-        acc = accuracy(predict_batches(policy.predict, images, batch_size), labels)
-        holds = base - acc <= max_drop
-        steps.append(dict(bl=policy.bl, Bg=policy.Bg, accuracy_full=base, accuracy=acc, accuracy_drop=base - acc,
-                          holds=holds))
+        predictions = predict_batches(policy.predict, images, batch_size)
+        drop, bound = drop_bound(full_correct, predictions == labels, z)
+        holds = bound <= max_drop + 1e-9
+        steps.append(dict(bl=policy.bl, Bg=policy.Bg, accuracy_full=base, accuracy=accuracy(predictions, labels),
+                          accuracy_drop=drop, drop_bound=bound, holds=holds))
         if holds or policy.never_gates:
             break
         if step % 2 == 0:
@@ -146,4 +167,4 @@ def enforce_guardrail(
 
 
 __all__ = ["BatchEvidence", "LEVELS", "accuracy", "build_memory", "channel_sensitivity", "collect_evidence",
-           "enforce_guardrail", "outcomes", "reference_of"]
+           "drop_bound", "enforce_guardrail", "outcomes", "reference_of"]

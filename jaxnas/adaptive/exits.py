@@ -44,6 +44,7 @@ class EarlyExitNet:
     heads: list[dict]
     thresholds: list[float]
     buckets: int = 16  # fused segments run on multiples of B / buckets rows (fused_buckets)
+    grid: int = 1  # exit heads read the features averaged over a grid x grid partition of the positions
 
     def __post_init__(self):
         self._graph, self._state = nnx.split(self.twin)
@@ -54,7 +55,7 @@ class EarlyExitNet:
     @functools.cached_property
     def _segments(self):
         """Jitted ``(state, h, heads) -> (h, logits)`` per segment: blocks between exits, then that exit's head."""
-        graph, bounds = self._graph, self._bounds
+        graph, bounds, grid = self._graph, self._bounds, self.grid
 
         def segment(index, state, h, head):
             twin = nnx.merge(graph, state)
@@ -62,8 +63,7 @@ class EarlyExitNet:
                 h = jax.nn.relu(twin.stem(h))
             for block in list(twin.blocks)[bounds[index] : bounds[index + 1]]:
                 h = block(h)
-            pooled = h.mean((1, 2))
-            logits = twin.head(pooled) if head is None else pooled @ head["w"] + head["b"]
+            logits = twin.head(h.mean((1, 2))) if head is None else exit_pool(h, grid) @ head["w"] + head["b"]
             return h, logits
 
         return [jax.jit(functools.partial(segment, i)) for i in range(len(bounds) - 1)]
@@ -71,7 +71,7 @@ class EarlyExitNet:
     @functools.cached_property
     def _trunks(self):
         """Jitted ``(state, h) -> (h, pooled)`` per segment before an exit: its blocks only (no head)."""
-        graph, bounds = self._graph, self._bounds
+        graph, bounds, grid = self._graph, self._bounds, self.grid
 
         def trunk(index, state, h):
             twin = nnx.merge(graph, state)
@@ -79,12 +79,12 @@ class EarlyExitNet:
                 h = jax.nn.relu(twin.stem(h))
             for block in list(twin.blocks)[bounds[index] : bounds[index + 1]]:
                 h = block(h)
-            return h, h.mean((1, 2))
+            return h, exit_pool(h, grid)
 
         return [jax.jit(functools.partial(trunk, i)) for i in range(len(self.exits))]
 
     def features(self, x) -> list[jax.Array]:
-        """Pooled ``[B, C_k]`` features at every exit (full batch, no exiting)."""
+        """Pooled ``[B, grid * grid * C_k]`` features at every exit (full batch, no exiting; see `exit_pool`)."""
         out, h = [], jnp.asarray(x, jnp.float32)
         for trunk in self._trunks:
             h, pooled = trunk(self._state, h)
@@ -182,9 +182,9 @@ class EarlyExitNet:
                     h = jax.nn.relu(twin.stem(h))
                 for block in list(twin.blocks)[self._bounds[first] : self._bounds[end]]:
                     h = block(h)
-                pooled = h.mean((1, 2))
-                logits = twin.head(pooled) if exit_ is None else pooled @ heads[exit_]["w"] + heads[exit_]["b"]
-                return (None if exit_ is None else h), logits
+                if exit_ is None:
+                    return None, twin.head(h.mean((1, 2)))
+                return h, exit_pool(h, self.grid) @ heads[exit_]["w"] + heads[exit_]["b"]
 
             if order is None:  # the first stage: the whole batch
                 h, logits = run(h)
@@ -226,6 +226,19 @@ class EarlyExitNet:
             heads = sum(int(self.heads[j]["w"].shape[0]) * classes for j in range(min(k + 1, len(self.exits))))
             out.append(backbone + heads + (layers[-1] if k == len(self.exits) else 0))
         return out
+
+
+def exit_pool(h: jax.Array, grid: int) -> jax.Array:
+    """``[B, H, W, C]`` -> ``[B, g * g * C]``: the mean over each cell of a ``g x g`` partition of the positions
+    (``g = min(grid, H, W)``; cells as even as the sizes allow), cells in row-major order. ``grid=1`` is the
+    global average pool."""
+    g = max(1, min(grid, h.shape[1], h.shape[2]))
+    if g == 1:
+        return h.mean((1, 2))
+    rows = np.linspace(0, h.shape[1], g + 1).round().astype(int)
+    cols = np.linspace(0, h.shape[2], g + 1).round().astype(int)
+    cells = [h[:, rows[i] : rows[i + 1], cols[j] : cols[j + 1]].mean((1, 2)) for i in range(g) for j in range(g)]
+    return jnp.concatenate(cells, axis=-1)
 
 
 def fused_buckets(batch: int, steps: int = 16) -> tuple[int, ...]:
@@ -318,19 +331,24 @@ def average_macs(where: np.ndarray, segment_macs: list[int]) -> float:
 
 
 def calibrate_thresholds(all_logits: list[np.ndarray], labels: np.ndarray, segment_macs: list[int], *,
-                         max_drop: float, grid: int = 100) -> list[float]:
+                         max_drop: float, grid: int = 100, z: float = 0.0) -> list[float]:
     """Thresholds minimising the average MACs on these (validation) logits with the whole policy's accuracy drop
     <= ``max_drop`` points: the best threshold shared by every exit (of ``grid`` confidence quantiles), then each
-    exit from the earliest lowered to the candidate that saves the most while the whole policy still holds."""
-    base = 100.0 * float(np.mean(all_logits[-1].argmax(-1) == labels))
+    exit from the earliest lowered to the candidate that saves the most while the whole policy still holds.
+    ``z > 0`` holds the drop's upper confidence bound instead (`jaxnas.adaptive.calibrate.drop_bound`)."""
+    from jaxnas.adaptive.calibrate import drop_bound
+
+    full_correct = all_logits[-1].argmax(-1) == labels
     confs = _confidences(all_logits)
     if not confs:
         return []
     candidates = np.unique(np.quantile(np.concatenate(confs), np.linspace(0, 1, grid + 1)))
+    predictions = np.stack([a.argmax(-1) for a in all_logits])
 
     def cost(thresholds):
-        acc, where = policy_accuracy(all_logits, labels, thresholds)
-        return (base - acc <= max_drop), average_macs(where, segment_macs)
+        _, where = policy_accuracy(all_logits, labels, thresholds)
+        correct = predictions[where, np.arange(len(labels))] == labels
+        return drop_bound(full_correct, correct, z)[1] <= max_drop + 1e-9, average_macs(where, segment_macs)
 
     best = [np.inf] * len(confs)
     best_macs = cost(best)[1]
@@ -347,5 +365,5 @@ def calibrate_thresholds(all_logits: list[np.ndarray], labels: np.ndarray, segme
     return best
 
 
-__all__ = ["EarlyExitNet", "average_macs", "calibrate_thresholds", "exit_points", "fused_buckets", "policy_accuracy",
-           "train_heads"]
+__all__ = ["EarlyExitNet", "average_macs", "calibrate_thresholds", "exit_pool", "exit_points", "fused_buckets",
+           "policy_accuracy", "train_heads"]

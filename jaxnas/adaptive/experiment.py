@@ -29,6 +29,7 @@ from jaxnas.adaptive.calibrate import (
     accuracy,
     build_memory,
     collect_evidence,
+    drop_bound,
     enforce_guardrail,
     outcomes,
     reference_of,
@@ -42,7 +43,7 @@ from jaxnas.adaptive.exits import (
     train_heads,
 )
 from jaxnas.adaptive.gated import GatedNet
-from jaxnas.adaptive.policy import ChannelGatePolicy, active_fraction, predict_batches
+from jaxnas.adaptive.policy import ChannelGatePolicy, active_fraction, predict_batches, stream_classes
 
 ARMS = ("static", "current", "experience")
 
@@ -56,6 +57,9 @@ class Settings:
     """Knobs of one run (the CLI's flags)."""
 
     max_drop: float = _field(0.5, "Guardrail: max accuracy drop on validation, in points.")
+    guardrail_z: float = _field(1.645, "The guardrail holds the drop's upper confidence bound: the drop plus this "
+                                       "many standard errors of the paired per-image differences (1.645: one-sided "
+                                       "95%; 0: the drop itself).")
     bl_grid: tuple[float, ...] = _field((0.10, 0.12, 0.18), "Per-gate budgets tried.")
     Bg_grid: tuple[float, ...] = _field((0.05, 0.06, 0.08), "Global budgets tried.")
     align: int = _field(2, "Kept channel counts are multiples of this (or the whole gate).")
@@ -69,14 +73,25 @@ class Settings:
     warmup: int = _field(1, "Untimed warm-up rounds of every arm.")
     timing_passes: int = _field(2, "Passes over the test split per timed call.")
     exit_epochs: int = _field(30, "Epochs of exit-head training (backbone frozen); 0 skips early exits.")
+    exit_grid: int = _field(4, "Exit heads read features averaged over a grid x grid partition of the positions "
+                               "(1: global average pool).")
+    latency_rounds: int = _field(15, "Interleaved rounds timing every reachable kept-width program at calibration "
+                                     "(0: no measurement, every width allowed).")
+    min_speedup: float = _field(0.03, "A kept-width program runs only if measured at least this fraction faster "
+                                      "than full width.")
 
     def __post_init__(self):
+        if not self.guardrail_z >= 0:
+            raise ValueError(f"guardrail_z is a number of standard errors and must be >= 0, got {self.guardrail_z}")
         if not self.max_drop >= 0:
             raise ValueError(f"max_drop is an accuracy drop in points and must be >= 0, got {self.max_drop}")
         if self.repeats and self.repeats < MIN_REPEATS:
             raise ValueError(f"repeats={self.repeats}: timing needs at least {MIN_REPEATS} interleaved repeats, or 0")
         if self.probe_images >= self.batch_size:
             raise ValueError(f"probe_images={self.probe_images} must be below batch_size={self.batch_size}")
+        if self.latency_rounds < 0 or not 0 <= self.min_speedup < 1:
+            raise ValueError(f"latency_rounds must be >= 0 and min_speedup a fraction in [0, 1), got "
+                             f"{self.latency_rounds} and {self.min_speedup}")
         for name in ("bl_grid", "Bg_grid"):
             if not getattr(self, name) or any(not 0 <= v <= 1 for v in getattr(self, name)):
                 raise ValueError(f"{name} must list fractions in [0, 1], got {list(getattr(self, name))}")
@@ -94,8 +109,31 @@ class GridPoint:
     experiences: int
 
 
-def calibrate_grid(net: GatedNet, validation, settings: Settings) -> list[GridPoint]:
-    """Phases 1 and 2 on the validation split (images, labels) for every grid point."""
+def measure_widths(net: GatedNet, images: np.ndarray, settings: Settings) -> dict[tuple[int, ...], float]:
+    """Milliseconds per call of every kept-width program the grid can reach (and of full width), on a batch of
+    ``batch_size - probe_images`` validation images (what a gated program runs); ``{}`` if ``latency_rounds`` is 0."""
+    if not settings.latency_rounds:
+        return {}
+    widths = {net.full: None}
+    for bl, Bg in itertools.product(settings.bl_grid, settings.Bg_grid):
+        policy = ChannelGatePolicy(net, bl=bl, Bg=Bg, align=settings.align, min_keep=settings.min_keep)
+        widths.update(dict.fromkeys(policy.reachable_widths()))
+    rows = settings.batch_size - settings.probe_images
+    batch = np.resize(images[:rows], (rows, *images.shape[1:]))
+    return net.latencies(list(widths), batch, rounds=settings.latency_rounds)
+
+
+def fast_widths(latency: dict[tuple[int, ...], float], full: tuple[int, ...], min_speedup: float) -> dict | None:
+    """width tuple -> ms of those measured at least ``min_speedup`` faster than ``full`` (None: nothing measured)."""
+    if not latency:
+        return None
+    return {w: ms for w, ms in latency.items() if w != full and ms <= (1 - min_speedup) * latency[full]}
+
+
+def calibrate_grid(net: GatedNet, validation, settings: Settings,
+                   latency: dict[tuple[int, ...], float] | None = None) -> list[GridPoint]:
+    """Phases 1 and 2 on the validation split (images, labels) for every grid point; ``latency`` (from
+    :func:`measure_widths`) restricts the decisions to the widths measured faster than full width."""
     images, labels = validation
     half = len(images) // 2
     common = dict(align=settings.align, min_keep=settings.min_keep, probe_images=settings.probe_images,
@@ -103,9 +141,10 @@ def calibrate_grid(net: GatedNet, validation, settings: Settings) -> list[GridPo
     evidence = collect_evidence(ChannelGatePolicy(net, **common), images[:half], labels[:half],
                                 batch_size=settings.calibration_batch)
     reference = reference_of(evidence)
+    fast = fast_widths(latency or {}, net.full, settings.min_speedup)
     points = []
     for bl, Bg in itertools.product(settings.bl_grid, settings.Bg_grid):
-        budgets = dict(common, bl=bl, Bg=Bg, reference=reference)
+        budgets = dict(common, bl=bl, Bg=Bg, reference=reference, fast_widths=fast)
         memory = build_memory(evidence, outcomes(ChannelGatePolicy(net, **budgets), evidence,
                                                  max_drop=settings.max_drop))
         policies = {
@@ -114,7 +153,8 @@ def calibrate_grid(net: GatedNet, validation, settings: Settings) -> list[GridPo
             "experience": ChannelGatePolicy(net, **budgets, memory=memory),
         }
         guardrail = {name: enforce_guardrail(p, images, labels, batch_size=settings.batch_size,
-                                             max_drop=settings.max_drop) for name, p in policies.items()}
+                                             max_drop=settings.max_drop, z=settings.guardrail_z)
+                     for name, p in policies.items()}
         points.append(GridPoint(bl, Bg, policies, guardrail, len(memory), len(evidence)))
     return points
 
@@ -136,15 +176,20 @@ def _logits_by_exit(net: EarlyExitNet, images: np.ndarray, batch_size: int) -> l
 def calibrate_exits(model, gated: GatedNet, train, validation, settings: Settings, image_shape) -> ExitCalibration:
     """Exit heads trained on ``train`` (backbone frozen), thresholds chosen and the guardrail checked on
     ``validation`` for the whole policy."""
-    net = EarlyExitNet(model.twin, exit_points(model.twin), [], [])
+    net = EarlyExitNet(model.twin, exit_points(model.twin), [], [], grid=settings.exit_grid)
     net.heads = train_heads(net, *train, epochs=settings.exit_epochs)
     segment_macs = net.segment_macs(gated, image_shape)
     logits = _logits_by_exit(net, validation[0], settings.batch_size)
-    net.thresholds = calibrate_thresholds(logits, validation[1], segment_macs, max_drop=settings.max_drop)
+    net.thresholds = calibrate_thresholds(logits, validation[1], segment_macs, max_drop=settings.max_drop,
+                                          z=settings.guardrail_z)
     base = accuracy(logits[-1].argmax(-1), validation[1])
     acc, where = policy_accuracy(logits, validation[1], net.thresholds)
+    predictions = np.stack([lg.argmax(-1) for lg in logits])[where, np.arange(len(where))]
+    drop, bound = drop_bound(logits[-1].argmax(-1) == validation[1], predictions == validation[1],
+                             settings.guardrail_z)
     return ExitCalibration(net, segment_macs, dict(
-        accuracy_full=base, accuracy=acc, accuracy_drop=base - acc, holds=base - acc <= settings.max_drop,
+        accuracy_full=base, accuracy=acc, accuracy_drop=drop, drop_bound=bound,
+        holds=bound <= settings.max_drop + 1e-9,
         head_accuracy=[accuracy(lg.argmax(-1), validation[1]) for lg in logits[:-1]],
         avg_macs=average_macs(where, segment_macs),
     ))
@@ -191,13 +236,25 @@ def _throughput_arm(forward, images: np.ndarray, batch_size: int, passes: int):
     return arm
 
 
+def _stream_arm(policy: ChannelGatePolicy, images: np.ndarray, batch_size: int, passes: int):
+    def arm() -> int:
+        out = None
+        for _ in range(passes):
+            for out in policy.stream(images, batch_size):
+                pass
+        jax.block_until_ready(out)
+        return passes * len(images)
+
+    return arm
+
+
 def report_point(net: GatedNet, point: GridPoint, test, settings: Settings, base_accuracy: float, image_shape) -> dict:
     """Phase 3 for one grid point: test accuracy, drop, active fraction, widths, memory use and timing."""
     images, labels = test
     arms = {}
     for name, policy in point.policies.items():
         policy.decisions, policy.log_decisions = [], True
-        acc = accuracy(predict_batches(policy.predict, images, settings.batch_size), labels)
+        acc = accuracy(stream_classes(policy, images, settings.batch_size), labels)
         policy.log_decisions = False
         decisions = list(policy.decisions)
         widths = sorted({d.widths for d in decisions})
@@ -214,7 +271,7 @@ def report_point(net: GatedNet, point: GridPoint, test, settings: Settings, base
     if settings.repeats:
         timed = {"base": _throughput_arm(net, images, settings.batch_size, settings.timing_passes)}
         for name, policy in point.policies.items():
-            timed[name] = _throughput_arm(policy.predict, images, settings.batch_size, settings.timing_passes)
+            timed[name] = _stream_arm(policy, images, settings.batch_size, settings.timing_passes)
         result = interleaved_benchmark(timed, repeats=settings.repeats, warmup=settings.warmup)
         timing = result.to_dict()
         timing["table"] = format_table(result, unit="images/s")
@@ -233,7 +290,12 @@ def run_adaptive(model, dataset, settings: Settings, *, progress=print) -> dict:
     image_shape = tuple(int(v) for v in validation[0].shape[1:])
     progress(f"gates {dict(zip(net.names, net.full))}; calibrating {len(settings.bl_grid) * len(settings.Bg_grid)} "
              f"budget pairs on {len(validation[0])} validation images")
-    points = calibrate_grid(net, validation, settings)
+    latency = measure_widths(net, validation[0], settings)
+    fast = fast_widths(latency, net.full, settings.min_speedup) or {}
+    if latency:
+        progress(f"kept-width programs measured faster than full width ({latency[net.full]:.2f} ms): "
+                 f"{len(fast)} of {len(latency) - 1}")
+    points = calibrate_grid(net, validation, settings, latency)
     validation_full = accuracy(predict_batches(net, validation[0], settings.batch_size), validation[1])
     exits = None
     if settings.exit_epochs:
@@ -254,6 +316,7 @@ def run_adaptive(model, dataset, settings: Settings, *, progress=print) -> dict:
     return dict(
         arch=model.arch, gates=dict(zip(net.names, net.full)), macs_full=net.macs(net.full, image_shape),
         settings=dataclasses.asdict(settings), validation_accuracy_full=validation_full,
+        latency_ms=[dict(widths=list(w), ms=ms, fast=w in fast) for w, ms in latency.items()],
         test_images=len(test[0]), base=dict(accuracy=base), grid=rows, best=best_point(rows), early_exit=early_exit,
     )
 

@@ -276,6 +276,30 @@ class GatedNet:
         args = {n: jnp.asarray(keep[n], jnp.int32) for n, w, f in zip(self.names, widths, self.full) if w < f}
         return self.program(widths)(self._state, jnp.asarray(x, jnp.float32), args)
 
+    def latencies(self, widths: list[tuple[int, ...]], x, *, rounds: int = 15) -> dict[tuple[int, ...], float]:
+        """Median milliseconds of one call of each width tuple's program on ``x`` ``[B, H, W, C]``.
+
+        The programs are compiled and warmed first, then called in ``rounds`` interleaved rounds (one call of
+        every tuple per round, so a drifting machine load affects them alike). Which channels are kept does not
+        change the cost, so the first ``k`` of each gate are kept.
+        """
+        import time
+
+        x = jnp.asarray(x, jnp.float32)
+        calls = {}
+        for w in dict.fromkeys(tuple(int(v) for v in t) for t in widths):
+            keep = {n: jnp.arange(k, dtype=jnp.int32) for n, k, f in zip(self.names, w, self.full) if k < f}
+            program = self.program(w)
+            jax.block_until_ready(program(self._state, x, keep))
+            calls[w] = functools.partial(program, self._state, x, keep)
+        times: dict[tuple[int, ...], list[float]] = {w: [] for w in calls}
+        for _ in range(max(1, rounds)):
+            for w, call in calls.items():
+                start = time.perf_counter()
+                jax.block_until_ready(call())
+                times[w].append(time.perf_counter() - start)
+        return {w: 1e3 * float(np.median(t)) for w, t in times.items()}
+
     @functools.cached_property
     def recorder(self):
         """The jitted ``(state, x) -> (logits, record)`` at full width; ``record``: gate -> ``[C]`` mean |activation|

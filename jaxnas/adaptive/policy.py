@@ -20,6 +20,18 @@ For every batch of images:
 
 All of it happens inside :meth:`ChannelGatePolicy.predict`, so a timer around it includes the probe and the
 decision. A policy with ``Bg = 0`` never removes a channel and runs the plain twin (no probe).
+
+**Hardware.** A smaller width is not always a faster program: XLA:CPU's convolutions are fast at channel counts
+that are multiples of the vector width and slow in between (docs/benchmarks.md). ``fast_widths``, when given,
+maps the width tuples measured faster than the full network to their milliseconds per batch (`GatedNet.latencies`
+over :meth:`ChannelGatePolicy.reachable_widths`, at calibration). Then the budgets choose *how much* is removed
+by time instead of by channel count: of the width tuples the budgets reach, the fastest measured one (where
+BudgetController takes the most channels); the scores still choose *which* channels of each gate go (the lowest).
+A policy that reaches no fast tuple never gates (no probe).
+
+**Pipelining.** :meth:`ChannelGatePolicy.stream` decides every batch exactly as :meth:`predict` does, but the
+probe of batch ``t + 1`` runs inside batch ``t``'s gated program (one dispatch per batch instead of two): only
+the host decision itself stays between programs.
 """
 
 from __future__ import annotations
@@ -79,7 +91,10 @@ class ChannelGatePolicy:
     ``memory``: payloads named by gate (``None``: current evidence only). Current evidence of a channel:
     with a calibrated ``reference``, its measured importance scaled by how active it is in this batch relative to
     calibration (``importance * activity / reference activity``); without, ``mean|activation| * reader norm``.
-    ``static``: fixed channel scores (gate -> ``[C]``): the static baseline - one kept set at the current budgets for every batch, no probe.
+    ``static``: fixed channel scores (gate -> ``[C]``): the static baseline - one kept set at the current budgets
+    for every batch, no probe.
+    ``fast_widths``: width tuple -> measured ms, for the tuples faster than full width (None: the budgets decide
+    by channel count; see the module docstring's *Hardware*).
     Decisions are appended to :attr:`decisions` when :attr:`log_decisions` is set.
     """
 
@@ -95,6 +110,7 @@ class ChannelGatePolicy:
     fingerprint_seed: int = 0
     static: dict | None = None
     reference: Reference | None = None
+    fast_widths: dict | None = None
     log_decisions: bool = False
     decisions: list[Decision] = dataclasses.field(default_factory=list)
 
@@ -110,6 +126,8 @@ class ChannelGatePolicy:
         self.fingerprinter = Fingerprinter(self.net.full[0], FINGERPRINT_DIM, seed=self.fingerprint_seed)
         self._host_norms = jax.device_get(self.net.reader_norms())
         self._static_cache: dict = {}
+        self._pipelined: dict = {}
+        self._hardware_cache: dict = {}
 
     def budget(self, Bg: float | None = None) -> BudgetController:
         return BudgetController(self.bl, self.Bg if Bg is None else Bg, align=self.align, min_keep=self.min_keep)
@@ -125,6 +143,11 @@ class ChannelGatePolicy:
 
         return jax.jit(run)
 
+    def _probe_result(self, raw) -> Probe:
+        logits, activity, fp = raw
+        activity, fp = jax.device_get((activity, fp))
+        return Probe(logits, self.current_evidence(activity), fp, activity)
+
     def probe(self, x) -> Probe:
         """The full-width probe of images ``x`` ``[P, H, W, C]``: logits, channel evidence, stem fingerprint.
 
@@ -133,9 +156,7 @@ class ChannelGatePolicy:
         the memory, selector and budget are a few dozen tiny array operations, which eager jax would dispatch
         one by one at tens of microseconds each - milliseconds per batch, billed to every decision.
         """
-        logits, activity, fp = self._probe(self.net.state, jnp.asarray(x, jnp.float32))
-        activity, fp = jax.device_get((activity, fp))
-        return Probe(logits, self.current_evidence(activity), fp, activity)
+        return self._probe_result(self._probe(self.net.state, jnp.asarray(x, jnp.float32)))
 
     def current_evidence(self, activity: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """gate -> ``[C]`` current evidence from a batch's mean |activation| per channel (see the class docstring)."""
@@ -150,20 +171,62 @@ class ChannelGatePolicy:
         if memory is not None and len(memory):
             retrieval = memory.query(probe.fingerprint, k=TOP_K)
             memory_evidence = {n: memory.payload_evidence(n, retrieval) for n in self.net.names}
-        return self.budget(Bg).select(self.selector.scores(probe.evidence, memory_evidence))
+        return self._keep(self.selector.scores(probe.evidence, memory_evidence), Bg)
 
     def static_keep(self, importance: dict[str, jax.Array]) -> dict:
         """Static pruning at this policy's budgets: one kept set for every batch, from fixed channel scores
         (e.g. the calibrated mean evidence), scored and budgeted as :meth:`select` scores a probe's."""
-        return self.budget().select(self.selector.scores(importance))
+        return self._keep(self.selector.scores(importance))
+
+    def _keep(self, scores: dict, Bg: float | None = None) -> dict:
+        """Kept indices per gate from channel ``scores``: by the budget controller, or with ``fast_widths`` at the
+        fastest reachable measured widths, each gate keeping its highest-scoring channels (ties: the lower
+        index is removed first, as the controller does). ``{}`` keeps everything."""
+        if self.fast_widths is None:
+            return self.budget(Bg).select(scores)
+        widths = self.hardware_widths(Bg)
+        keep = {}
+        for name, k, full in zip(self.net.names, widths, self.net.full):
+            if k < full:
+                values = np.asarray(scores[name])
+                removed = np.lexsort((np.arange(full), values))[: full - k]
+                keep[name] = np.setdiff1d(np.arange(full), removed)
+        return keep
+
+    def hardware_widths(self, Bg: float | None = None) -> tuple[int, ...]:
+        """With ``fast_widths``: the fastest measured width tuple the budgets reach (the full widths if none)."""
+        key = (self.bl, self.Bg if Bg is None else Bg, self.align, self.min_keep)
+        if key not in self._hardware_cache:
+            options = [w for w in self.reachable_widths(Bg) if w in self.fast_widths]
+            fastest = min(options, key=lambda w: (self.fast_widths[w], w)) if options else self.net.full
+            self._hardware_cache[key] = fastest
+        return self._hardware_cache[key]
+
+    def reachable_widths(self, Bg: float | None = None) -> list[tuple[int, ...]]:
+        """Every width tuple a decision can produce at the current budgets (the full one first): each gate's
+        allowed removals (``bl``, ``align``, ``min_keep``) combined within the global cap (``Bg``)."""
+        budget = self.budget(Bg)
+        cap = budget.global_cap(sum(self.net.full))
+        found = [()]
+        for width in self.net.full:
+            found = [(*t, width - r) for t in found for r in budget.removal_options(width)
+                     if sum(self.net.full[: len(t)]) - sum(t) + r <= cap]
+        return sorted(found, key=lambda t: (-sum(t), t))
 
     @property
     def never_gates(self) -> bool:
-        """Whether the budgets let no channel go (then no batch is probed): no gate may lose a chunk within
-        ``bl`` that also fits in the global budget."""
+        """Whether no decision can run a smaller program (then no batch is probed): no gate may lose a chunk
+        within ``bl`` that also fits in the global budget, or (with ``fast_widths``) none of the width tuples
+        the budgets reach was measured faster than full width."""
+        if self.fast_widths is not None:
+            return self.hardware_widths() == self.net.full
         budget = self.budget()
         cap = budget.global_cap(sum(self.net.full))
         return not any(0 < r <= cap for w in self.net.full for r in budget.removal_options(w))
+
+    def _decide(self, probe: Probe) -> dict:
+        """Kept indices for the batch behind ``probe`` (memory consulted if any)."""
+        return self.select(probe, memory=self.memory)
 
     def predict(self, x) -> jax.Array:
         """Logits ``[B, classes]`` of one batch ``x`` ``[B, H, W, C]``: probe, decision, the rest gated."""
@@ -181,9 +244,52 @@ class ChannelGatePolicy:
         if n_probe == n:
             self._log(Decision(self.net.full, n, n_probe, False))
             return probe.logits
-        keep = self.select(probe, memory=self.memory)
+        keep = self._decide(probe)
         self._log(Decision(self.net.widths(keep), n, n_probe, self.memory is not None and len(self.memory) > 0))
         return jnp.concatenate([probe.logits, self.net(x[n_probe:], keep)])
+
+    def _pipelined_program(self, widths: tuple[int, ...]):
+        """The jitted ``(state, rest, keep, next probe images) -> (rest logits, next batch's raw probe)``."""
+        if widths not in self._pipelined:
+            program, probe = self.net.program(widths), self._probe
+            self._pipelined[widths] = jax.jit(lambda state, rest, keep, nxt: (program(state, rest, keep),
+                                                                              probe(state, nxt)))
+        return self._pipelined[widths]
+
+    def stream(self, images, batch_size: int):
+        """Logits ``[b, classes]`` of each batch of ``images`` (``batch_size`` at a time), decided as
+        :meth:`predict` decides them, with the next batch's probe inside this batch's program (see the module
+        docstring's *Pipelining*). A generator: a timer around its consumption includes every decision."""
+        starts = range(0, len(images), batch_size)
+        if self.never_gates or self.static is not None:
+            for start in starts:
+                yield self.predict(images[start : start + batch_size])
+            return
+        batches = [images[start : start + batch_size] for start in starts]
+        used_memory = self.memory is not None and len(self.memory) > 0
+        probe = self.probe(batches[0][: self.probe_images]) if batches else None
+        for t, x in enumerate(batches):
+            n, n_probe = len(x), min(self.probe_images, len(x))
+            following = batches[t + 1][: self.probe_images] if t + 1 < len(batches) else None
+            if n_probe == n:
+                self._log(Decision(self.net.full, n, n_probe, False))
+                yield probe.logits
+                probe = None if following is None else self.probe(following)
+                continue
+            keep = self._decide(probe)
+            widths = self.net.widths(keep)
+            self._log(Decision(widths, n, n_probe, used_memory))
+            cut = {name: jnp.asarray(keep[name], jnp.int32)
+                   for name, w, f in zip(self.net.names, widths, self.net.full) if w < f}
+            rest = jnp.asarray(x[n_probe:], jnp.float32)
+            if following is None:
+                logits, upcoming = self.net.program(widths)(self.net.state, rest, cut), None
+            else:
+                logits, raw = self._pipelined_program(widths)(self.net.state, rest, cut,
+                                                              jnp.asarray(following, jnp.float32))
+                upcoming = self._probe_result(raw)
+            yield jnp.concatenate([probe.logits, logits])
+            probe = upcoming
 
     def _static_keep(self, bl: float, Bg: float) -> dict:
         """The static kept set at budgets ``(bl, Bg)``, computed once per pair (the guardrail changes them)."""
@@ -194,6 +300,12 @@ class ChannelGatePolicy:
     def _log(self, decision: Decision) -> None:
         if self.log_decisions:
             self.decisions.append(decision)
+
+
+def stream_classes(policy: ChannelGatePolicy, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """int32 ``[N]`` predicted classes of ``images`` through ``policy.stream`` (pipelined decisions)."""
+    out = [np.asarray(jnp.argmax(logits, -1)) for logits in policy.stream(images, batch_size)]
+    return np.concatenate(out).astype(np.int32) if out else np.zeros(0, np.int32)
 
 
 def predict_batches(forward, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -212,4 +324,5 @@ def active_fraction(net: GatedNet, decisions: list[Decision], image_shape) -> fl
     return spent / (images * full)
 
 
-__all__ = ["ChannelGatePolicy", "Decision", "Probe", "Reference", "active_fraction", "predict_batches"]
+__all__ = ["ChannelGatePolicy", "Decision", "Probe", "Reference", "active_fraction", "predict_batches",
+           "stream_classes"]

@@ -1,0 +1,157 @@
+"""Channel gating's pipelined decisions and hardware-aware widths (`ChannelGatePolicy.stream`, ``fast_widths``,
+`GatedNet.latencies`, `jaxnas.adaptive.experiment.measure_widths`): correctness only, never timings."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from test_adaptive import _twin
+
+import interop
+from jaxnas.adaptive import experiment
+from jaxnas.adaptive.gated import GatedNet
+from jaxnas.adaptive.policy import ChannelGatePolicy, predict_batches, stream_classes
+from jaxnas.data import load_dataset
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def net(digits):
+    return GatedNet(_twin("cnn", digits.train.images))
+
+
+def _memory(net: GatedNet, seed: int = 0) -> interop.ExperienceMemory:
+    rng = np.random.default_rng(seed)
+    memory = interop.ExperienceMemory(dim=64, capacity=8)
+    for _ in range(4):
+        memory.add(rng.standard_normal(64), {"outcome": 1.0}, {n: rng.random(w) for n, w in zip(net.names, net.full)})
+    return memory
+
+
+def _decided(policy: ChannelGatePolicy, run) -> tuple[list, list]:
+    policy.decisions, policy.log_decisions = [], True
+    outputs = [np.asarray(v) for v in run()]
+    policy.log_decisions = False
+    return outputs, list(policy.decisions)
+
+
+# the last batch: whole; smaller than the probe; exactly the probe
+@pytest.mark.parametrize("n_images", [200, 100 + 3, 2 * 50 + 4])
+def test_stream_decides_and_predicts_exactly_as_predict_does(net, digits, n_images):
+    images = digits.test.images[:n_images]
+    policy = ChannelGatePolicy(net, bl=0.5, Bg=0.3, align=2, probe_images=4, memory=_memory(net))
+    expected, expected_decisions = _decided(policy, lambda: [policy.predict(images[i : i + 50])
+                                                             for i in range(0, len(images), 50)])
+    got, decisions = _decided(policy, lambda: policy.stream(images, 50))
+    assert decisions == expected_decisions
+    assert any(d.widths != net.full for d in decisions)  # the stream really gates
+    assert [g.shape for g in got] == [e.shape for e in expected]
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(stream_classes(policy, images, 50), predict_batches(policy.predict, images, 50))
+
+
+def test_stream_probes_inside_the_previous_batch_program(net, digits, monkeypatch):
+    policy = ChannelGatePolicy(net, bl=0.5, Bg=0.3, align=2, probe_images=4)
+    calls = []
+    real = policy.probe
+    monkeypatch.setattr(policy, "probe", lambda x: calls.append(len(x)) or real(x))
+    assert len(list(policy.stream(digits.test.images[:200], 50))) == 4
+    assert calls == [4]  # only the first batch is probed on its own: the others ride in the program before them
+
+
+def _brute_force_widths(net: GatedNet, bl: float, Bg: float, align: int, min_keep: float) -> set:
+    found = set()
+    for widths in itertools.product(*[range(1, w + 1) for w in net.full]):
+        removed = [f - w for w, f in zip(widths, net.full)]
+        if sum(removed) > math.floor(round(Bg * sum(net.full), 9)):
+            continue
+        if all(r == 0 or (r <= math.floor(round(bl * f, 9)) and w % align == 0 and w >= math.ceil(min_keep * f))
+               for w, f, r in zip(widths, net.full, removed)):
+            found.add(widths)
+    return found
+
+
+@pytest.mark.parametrize("bl, Bg, align", [(0.5, 0.3, 2), (0.5, 0.5, 4), (0.25, 0.1, 1), (0.1, 0.05, 2)])
+def test_reachable_widths_are_exactly_the_width_tuples_the_budgets_allow(net, bl, Bg, align):
+    policy = ChannelGatePolicy(net, bl=bl, Bg=Bg, align=align, min_keep=0.5)
+    reachable = policy.reachable_widths()
+    assert reachable[0] == net.full and len(set(reachable)) == len(reachable)
+    assert set(reachable) == _brute_force_widths(net, bl, Bg, align, 0.5)
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # and every decision lands on one of them
+        probe = policy.probe(np.asarray(rng.random((4, 8, 8, 1)), np.float32))
+        assert net.widths(policy.select(probe)) in set(reachable)
+
+
+def test_fast_widths_choose_the_fastest_reachable_program_and_the_scores_the_channels(net, digits):
+    images = digits.test.images[:150]
+    free = ChannelGatePolicy(net, bl=0.5, Bg=0.3, align=2, probe_images=4)
+    expected, decided = _decided(free, lambda: free.stream(images, 50))
+    chosen = {d.widths for d in decided} - {net.full}
+    assert len(chosen) == 1
+    # No width measured fast: the policy never gates and runs the plain network, no probe.
+    slow = ChannelGatePolicy(net, bl=0.5, Bg=0.3, align=2, probe_images=4, fast_widths={})
+    assert slow.never_gates and slow.hardware_widths() == net.full
+    out, decisions = _decided(slow, lambda: slow.stream(images, 50))
+    assert all(d.widths == net.full and d.n_probe == 0 for d in decisions)
+    np.testing.assert_array_equal(np.concatenate(out), np.concatenate([np.asarray(net(images[i : i + 50]))
+                                                                       for i in range(0, 150, 50)]))
+    # The controller's own widths measured fastest: the same decisions and the same kept channels.
+    reachable = free.reachable_widths()
+    timings = {w: 2.0 for w in reachable[1:]} | {next(iter(chosen)): 1.0}
+    same = ChannelGatePolicy(net, bl=0.5, Bg=0.3, align=2, probe_images=4, fast_widths=timings)
+    got, decisions = _decided(same, lambda: same.stream(images, 50))
+    assert decisions == decided
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+    # Another reachable tuple measured fastest: every batch runs at it, an unreachable faster one is ignored.
+    other = next(w for w in reachable[1:] if w not in chosen)
+    beyond = tuple(1 for _ in net.full)
+    hw = ChannelGatePolicy(net, bl=0.5, Bg=0.3, align=2, probe_images=4,
+                           fast_widths={w: 2.0 for w in reachable[1:]} | {other: 1.0, beyond: 0.1})
+    assert hw.hardware_widths() == other and not hw.never_gates
+    _, decisions = _decided(hw, lambda: hw.stream(images, 50))
+    assert all(d.widths == other and d.n_probe == 4 for d in decisions)
+    probe = hw.probe(images[:4])
+    keep = hw.select(probe)
+    scores = hw.selector.scores(probe.evidence)
+    for name, k, full in zip(net.names, other, net.full):
+        if k < full:  # each gate keeps its k highest-scoring channels
+            kept = np.asarray(keep[name])
+            assert len(kept) == k and np.asarray(scores[name])[kept].min() >= np.delete(
+                np.asarray(scores[name]), kept).max()
+    static = ChannelGatePolicy(net, bl=0.5, Bg=0.3, align=2, fast_widths={other: 1.0},
+                               static={n: np.arange(w, dtype=float) for n, w in zip(net.names, net.full)})
+    keep = static._static_keep(0.5, 0.3)
+    assert net.widths(keep) == other
+    assert all(np.array_equal(keep[n], np.arange(f - k, f)) for n, k, f in zip(net.names, other, net.full) if k < f)
+
+
+def test_latencies_time_every_distinct_width_tuple_once(net, digits):
+    half = tuple(max(1, w // 2) for w in net.full)
+    lat = net.latencies([net.full, half, net.full], digits.test.images[:16], rounds=2)
+    assert list(lat) == [net.full, half] and all(v > 0 and math.isfinite(v) for v in lat.values())
+
+
+def test_measure_widths_covers_every_reachable_tuple_and_fast_widths_reads_the_table(net, digits):
+    settings = experiment.Settings(bl_grid=(0.25, 0.5), Bg_grid=(0.1, 0.3), align=4, batch_size=24, probe_images=4,
+                                   latency_rounds=1, repeats=0, exit_epochs=0)
+    lat = experiment.measure_widths(net, digits.validation.images, settings)
+    expected = {net.full}
+    for bl, Bg in itertools.product(settings.bl_grid, settings.Bg_grid):
+        expected |= set(ChannelGatePolicy(net, bl=bl, Bg=Bg, align=4, min_keep=0.5).reachable_widths())
+    assert set(lat) == expected and len(lat) > 1
+    assert experiment.measure_widths(net, digits.validation.images,
+                                     experiment.Settings(latency_rounds=0, repeats=0)) == {}
+    table = {(4, 4): 10.0, (2, 4): 9.8, (4, 2): 9.0, (2, 2): 5.0}
+    assert experiment.fast_widths(table, (4, 4), 0.03) == {(4, 2): 9.0, (2, 2): 5.0}
+    assert set(experiment.fast_widths(table, (4, 4), 0.0)) == {(2, 4), (4, 2), (2, 2)}
+    assert experiment.fast_widths({}, (4, 4), 0.03) is None
+    with pytest.raises(ValueError, match="min_speedup"):
+        experiment.Settings(min_speedup=1.5)
