@@ -56,13 +56,17 @@ def test_stream_decides_and_predicts_exactly_as_predict_does(net, digits, n_imag
     np.testing.assert_array_equal(stream_classes(policy, images, 50), predict_batches(policy.predict, images, 50))
 
 
-def test_stream_probes_inside_the_previous_batch_program(net, digits, monkeypatch):
+def test_stream_probes_inside_the_program_two_batches_before(net, digits):
     policy = ChannelGatePolicy(net, bl=0.5, Bg=0.3, align=2, probe_images=4)
-    calls = []
-    real = policy.probe
-    monkeypatch.setattr(policy, "probe", lambda x: calls.append(len(x)) or real(x))
-    assert len(list(policy.stream(digits.test.images[:200], 50))) == 4
-    assert calls == [4]  # only the first batch is probed on its own: the others ride in the program before them
+    images = digits.test.images[:250]
+    list(policy.stream(images, 50))  # compiles the pipelined programs (they hold the probe program inside)
+    calls, real = [], policy._probe
+    policy._probe = lambda state, x: calls.append(len(x)) or real(state, x)
+    pipelined, fused = policy._pipelined_program, []
+    policy._pipelined_program = lambda widths: fused.append(widths) or pipelined(widths)
+    assert len(list(policy.stream(images, 50))) == 5
+    assert calls == [4, 4]  # batches 0 and 1 are probed on their own
+    assert len(fused) == 3  # batches 0, 1, 2 carry the probes of batches 2, 3, 4; batches 3 and 4 carry none
 
 
 def _brute_force_widths(net: GatedNet, bl: float, Bg: float, align: int, min_keep: float) -> set:
@@ -155,3 +159,36 @@ def test_measure_widths_covers_every_reachable_tuple_and_fast_widths_reads_the_t
     assert experiment.fast_widths({}, (4, 4), 0.03) is None
     with pytest.raises(ValueError, match="min_speedup"):
         experiment.Settings(min_speedup=1.5)
+
+
+class _Splits:
+    def __init__(self, digits):
+        self.train, self.validation, self.test = digits.train, digits.validation, digits.test
+
+
+def test_a_fine_tuned_network_is_gated_only_if_it_is_no_worse_on_validation(net, digits, monkeypatch):
+    data = _Splits(digits)
+    settings = experiment.Settings(finetune_epochs=1, repeats=0, exit_epochs=0, batch_size=50, probe_images=4)
+    predictions = predict_batches(net, digits.validation.images, 50)
+    no_tuning = experiment.Settings(repeats=0, finetune_epochs=0)
+    assert experiment.finetune_gates(net, data, no_tuning, predictions, None) == (net, None)
+    assert experiment.finetune_gates(net, data, settings, predictions, {}) == (net, None)  # nothing fast to train
+
+    seen = {}
+
+    def fake(candidate, images, labels, **kwargs):
+        seen.update(kwargs, images=len(images))
+        return seen["result"], {"epochs": 1}
+
+    monkeypatch.setattr(experiment, "finetune_for_gating", fake)
+    seen["result"] = candidate = GatedNet(_twin("cnn", digits.train.images))
+    fast = {tuple(w // 2 for w in net.full): 1.0}
+    labels = digits.validation.labels
+    # The exported network got every validation image wrong: the candidate is no worse, and is gated.
+    gating, summary = experiment.finetune_gates(net, data, settings, (labels + 1) % 10, fast)
+    assert gating is candidate and summary["used"] and summary["validation_drop_full_width"] <= 0
+    assert seen["selection"] == "evidence" and seen["widths"] == sorted(fast) and seen["probe_images"] == 4
+    assert seen["images"] == len(digits.train.images)  # trained on the train split only
+    # The exported network got every validation image right: the candidate is worse, and the export is gated.
+    gating, summary = experiment.finetune_gates(net, data, settings, labels, fast)
+    assert gating is net and not summary["used"] and summary["validation_drop_full_width"] > 0

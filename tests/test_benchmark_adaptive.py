@@ -1,5 +1,6 @@
 """benchmarks/adaptive.py runs end to end with --quick (a tiny winner and a tiny largest network on digits, one
-budget pair) and its JSON holds both reports with every arm."""
+budget pair: widths timed, fine-tuning, calibration, pipelined arms, early exits) and its JSON holds both reports
+with every arm."""
 
 import json
 import subprocess
@@ -15,13 +16,18 @@ def test_adaptive_benchmark_quick_reports_both_networks(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["settings"]["bl_grid"] == [0.18] and report["settings"]["repeats"] == 5
+    assert report["settings"]["bl_grid"] == [0.5] and report["settings"]["repeats"] == 5
     assert report["largest"]["arch"].startswith("cnn|s1:d2,w8") and report["winner"]["arch"].startswith("cnn|")
     for name in ("winner", "largest"):
         r = report[name]
         assert 0 <= r["base"]["accuracy"] <= 100 and r["test_images"] > 0
         (row,) = r["grid"]
-        assert (row["bl"], row["Bg"]) == (0.18, 0.08)
+        assert (row["bl"], row["Bg"]) == (0.5, 0.5)
+        assert r["latency_ms"][0]["widths"] == list(r["gates"].values()) and len(r["latency_ms"]) > 1
+        if any(entry["fast"] for entry in r["latency_ms"]):  # the fast widths were fine-tuned for
+            assert r["finetune"]["epochs"] == 2 and r["finetune"]["used"] in (True, False)
+        else:
+            assert r["finetune"] is None
         assert set(row["arms"]) == {"static", "current", "experience"}
         assert set(row["timing"]["arms"]) == {"base", "static", "current", "experience"}
         assert r["early_exit"] is not None

@@ -14,8 +14,7 @@
 5. **Guardrail** (:func:`enforce_guardrail`): the whole policy's accuracy drop on the whole validation split (or
    its one-sided upper confidence bound, :func:`drop_bound`); while it exceeds ``max_drop`` the policy is
    tightened - ``Bg`` halved, then ``bl`` halved, alternately - down to never gating (``Bg = 0``), which holds
-   by construction (unless the network itself was changed, e.g. fine-tuned: then the drop is measured against
-   the original network's predictions).
+   by construction.
 """
 
 from __future__ import annotations
@@ -61,7 +60,7 @@ def drop_bound(full_correct: np.ndarray, correct: np.ndarray, z: float) -> tuple
         return 0.0, 0.0
     drop = 100.0 * float(d.sum()) / len(d)  # exact for a whole number of images at the boundary
     se = 100.0 * float(d.std(ddof=1)) / np.sqrt(len(d)) if len(d) > 1 else 0.0
-    return drop, drop + z * se
+    return drop, float(drop + z * se)
 
 
 def _mean_nll(logits: jax.Array, labels: np.ndarray) -> float:
@@ -98,6 +97,14 @@ def collect_evidence(
     return found
 
 
+def evidence_rule(net: GatedNet, evidence: list[BatchEvidence]) -> list[BatchEvidence]:
+    """``evidence`` with each batch's importance replaced by the policy's uncalibrated evidence of the whole batch
+    (mean |activation| x reader norm, `ChannelGatePolicy.current_evidence` without a reference): the rule a
+    gate-aware fine-tuned network was trained to be gated by (`jaxnas.adaptive.finetune`, ``selection="evidence"``)."""
+    norms = jax.device_get(net.reader_norms())
+    return [dataclasses.replace(e, importance={n: e.activity[n] * norms[n] for n in net.names}) for e in evidence]
+
+
 def reference_of(evidence: list[BatchEvidence]) -> Reference:
     """Mean importance and activity per gate and channel over the calibration batches."""
     names = list(evidence[0].importance)
@@ -115,7 +122,7 @@ def outcomes(policy: ChannelGatePolicy, evidence: list[BatchEvidence], *, max_dr
         base = accuracy(np.asarray(jnp.argmax(policy.net(rest), -1)), rest_y)
         outcome, drop = 0.0, 0.0
         for level in LEVELS:
-            keep = policy.budget(level * policy.Bg).select(policy.selector.scores(current))
+            keep = policy.keep(policy.selector.scores(current), level * policy.Bg)
             gated = accuracy(np.asarray(jnp.argmax(policy.net(rest, keep), -1)), rest_y)
             if base - gated > max_drop:
                 break
@@ -135,17 +142,15 @@ def build_memory(evidence: list[BatchEvidence], results: list[tuple[float, float
 
 def enforce_guardrail(
     policy: ChannelGatePolicy, images: np.ndarray, labels: np.ndarray, *, batch_size: int, max_drop: float,
-    max_tightening: int = 6, z: float = 0.0, full_predictions: np.ndarray | None = None,
+    max_tightening: int = 6, z: float = 0.0,
 ) -> list[dict]:
-    """Tighten ``policy`` in place until its accuracy drop on ``images`` (validation) is <= ``max_drop`` points -
-    with ``z > 0``, the drop's upper confidence bound (:func:`drop_bound`). The drop is taken against
-    ``full_predictions`` (the network the user had, e.g. before fine-tuning; default: ``policy.net`` at full width).
+    """Tighten ``policy`` in place until its accuracy drop on ``images`` (validation) against ``policy.net`` at full
+    width is <= ``max_drop`` points - with ``z > 0``, the drop's upper confidence bound (:func:`drop_bound`).
 
     Returns every step tried, ``{"bl", "Bg", "accuracy_full", "accuracy", "accuracy_drop", "drop_bound",
     "holds"}``; the last is the final policy. After ``max_tightening`` steps the policy never gates (``Bg = 0``).
     """
-    if full_predictions is None:
-        full_predictions = predict_batches(policy.net, images, batch_size)
+    full_predictions = predict_batches(policy.net, images, batch_size)
     full_correct = np.asarray(full_predictions) == labels
     base = accuracy(full_predictions, labels)
     steps = []
@@ -167,4 +172,4 @@ def enforce_guardrail(
 
 
 __all__ = ["BatchEvidence", "LEVELS", "accuracy", "build_memory", "channel_sensitivity", "collect_evidence",
-           "drop_bound", "enforce_guardrail", "outcomes", "reference_of"]
+           "drop_bound", "enforce_guardrail", "evidence_rule", "outcomes", "reference_of"]

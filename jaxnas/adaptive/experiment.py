@@ -30,6 +30,7 @@ from jaxnas.adaptive.calibrate import (
     build_memory,
     collect_evidence,
     drop_bound,
+    evidence_rule,
     enforce_guardrail,
     outcomes,
     reference_of,
@@ -42,6 +43,7 @@ from jaxnas.adaptive.exits import (
     policy_accuracy,
     train_heads,
 )
+from jaxnas.adaptive.finetune import finetune_for_gating
 from jaxnas.adaptive.gated import GatedNet
 from jaxnas.adaptive.policy import ChannelGatePolicy, active_fraction, predict_batches, stream_classes
 
@@ -62,7 +64,8 @@ class Settings:
                                        "95%; 0: the drop itself).")
     bl_grid: tuple[float, ...] = _field((0.10, 0.12, 0.18), "Per-gate budgets tried.")
     Bg_grid: tuple[float, ...] = _field((0.05, 0.06, 0.08), "Global budgets tried.")
-    align: int = _field(2, "Kept channel counts are multiples of this (or the whole gate).")
+    align: int = _field(8, "Kept channel counts are multiples of this (or the whole gate); 8: the vector width "
+                           "XLA:CPU convolutions run fast at.")
     min_keep: float = _field(0.5, "Fewest channels a gate keeps, as a fraction.")
     probe_images: int = _field(8, "Images of each batch probed at full width.")
     batch_size: int = _field(256, "Images per batch (one decision per batch).")
@@ -75,6 +78,9 @@ class Settings:
     exit_epochs: int = _field(30, "Epochs of exit-head training (backbone frozen); 0 skips early exits.")
     exit_grid: int = _field(4, "Exit heads read features averaged over a grid x grid partition of the positions "
                                "(1: global average pool).")
+    finetune_epochs: int = _field(30, "Epochs of gate-aware fine-tuning on the train split before calibration "
+                                     "(jaxnas.adaptive.finetune; 0: gate the exported weights as they are).")
+    finetune_lr: float = _field(1e-3, "Adam learning rate of the gate-aware fine-tuning.")
     latency_rounds: int = _field(15, "Interleaved rounds timing every reachable kept-width program at calibration "
                                      "(0: no measurement, every width allowed).")
     min_speedup: float = _field(0.03, "A kept-width program runs only if measured at least this fraction faster "
@@ -89,6 +95,9 @@ class Settings:
             raise ValueError(f"repeats={self.repeats}: timing needs at least {MIN_REPEATS} interleaved repeats, or 0")
         if self.probe_images >= self.batch_size:
             raise ValueError(f"probe_images={self.probe_images} must be below batch_size={self.batch_size}")
+        if self.finetune_epochs < 0 or not self.finetune_lr > 0:
+            raise ValueError(f"finetune_epochs must be >= 0 and finetune_lr > 0, got {self.finetune_epochs} and "
+                             f"{self.finetune_lr}")
         if self.latency_rounds < 0 or not 0 <= self.min_speedup < 1:
             raise ValueError(f"latency_rounds must be >= 0 and min_speedup a fraction in [0, 1), got "
                              f"{self.latency_rounds} and {self.min_speedup}")
@@ -131,20 +140,26 @@ def fast_widths(latency: dict[tuple[int, ...], float], full: tuple[int, ...], mi
 
 
 def calibrate_grid(net: GatedNet, validation, settings: Settings,
-                   latency: dict[tuple[int, ...], float] | None = None) -> list[GridPoint]:
+                   latency: dict[tuple[int, ...], float] | None = None, trained_rule: bool = False) -> list[GridPoint]:
     """Phases 1 and 2 on the validation split (images, labels) for every grid point; ``latency`` (from
-    :func:`measure_widths`) restricts the decisions to the widths measured faster than full width."""
+    :func:`measure_widths`) restricts the decisions to the widths measured faster than full width.
+
+    ``trained_rule``: ``net`` was fine-tuned to be gated by the uncalibrated evidence (`finetune_gates`), so the
+    arms keep that rule: no calibrated reference, the memory's payloads and the static scores are the batches'
+    evidence (`jaxnas.adaptive.calibrate.evidence_rule`) instead of their measured channel importance."""
     images, labels = validation
     half = len(images) // 2
     common = dict(align=settings.align, min_keep=settings.min_keep, probe_images=settings.probe_images,
                   wcur=settings.wcur, wmem=settings.wmem)
     evidence = collect_evidence(ChannelGatePolicy(net, **common), images[:half], labels[:half],
                                 batch_size=settings.calibration_batch)
+    if trained_rule:
+        evidence = evidence_rule(net, evidence)
     reference = reference_of(evidence)
     fast = fast_widths(latency or {}, net.full, settings.min_speedup)
     points = []
     for bl, Bg in itertools.product(settings.bl_grid, settings.Bg_grid):
-        budgets = dict(common, bl=bl, Bg=Bg, reference=reference, fast_widths=fast)
+        budgets = dict(common, bl=bl, Bg=Bg, reference=None if trained_rule else reference, fast_widths=fast)
         memory = build_memory(evidence, outcomes(ChannelGatePolicy(net, **budgets), evidence,
                                                  max_drop=settings.max_drop))
         policies = {
@@ -248,8 +263,11 @@ def _stream_arm(policy: ChannelGatePolicy, images: np.ndarray, batch_size: int, 
     return arm
 
 
-def report_point(net: GatedNet, point: GridPoint, test, settings: Settings, base_accuracy: float, image_shape) -> dict:
-    """Phase 3 for one grid point: test accuracy, drop, active fraction, widths, memory use and timing."""
+def report_point(net: GatedNet, point: GridPoint, test, settings: Settings, base_accuracy: float, image_shape,
+                 gated_full_accuracy: float | None = None) -> dict:
+    """Phase 3 for one grid point: test accuracy, drop, active fraction, widths, memory use and timing.
+    ``base_accuracy``: the exported network's; ``gated_full_accuracy``: that of the network the arms gate, when
+    it differs (fine-tuned), for the drop due to gating alone."""
     images, labels = test
     arms = {}
     for name, policy in point.policies.items():
@@ -260,6 +278,7 @@ def report_point(net: GatedNet, point: GridPoint, test, settings: Settings, base
         widths = sorted({d.widths for d in decisions})
         arms[name] = dict(
             bl=policy.bl, Bg=policy.Bg, accuracy=acc, accuracy_drop=base_accuracy - acc,
+            accuracy_drop_gating=(base_accuracy if gated_full_accuracy is None else gated_full_accuracy) - acc,
             guardrail_validation=point.guardrail[name][-1], tightening_steps=len(point.guardrail[name]) - 1,
             active_fraction=active_fraction(net, decisions, image_shape),
             widths=[list(w) for w in widths], memory_used=any(d.used_memory for d in decisions),
@@ -283,6 +302,32 @@ def report_point(net: GatedNet, point: GridPoint, test, settings: Settings, base
                 arms=arms, timing=timing)
 
 
+def finetune_gates(net: GatedNet, dataset, settings: Settings, validation_predictions: np.ndarray,
+                   fast: dict | None) -> tuple[GatedNet, dict | None]:
+    """The network the gating arms run: ``net`` itself, or with ``finetune_epochs`` its gate-aware fine-tuned copy
+    (`jaxnas.adaptive.finetune`, train split: each step one of the ``fast`` width tuples - those measured faster
+    than full width; without a measurement, removals up to the grid's largest ``bl`` on the ``align`` grid - with
+    the channels the policy's uncalibrated evidence ranks lowest on a probe of the batch dropped) - kept only if its
+    full-width validation accuracy is no lower than ``net``'s (``validation_predictions``), else ``net``. The
+    guardrail then holds each gated arm against the network it gates, so on validation the drop against the
+    exported network is at most the arm's."""
+    if not settings.finetune_epochs or fast == {}:
+        return net, None
+    train_x, train_y = dataset.train.images, dataset.train.labels
+    tuned, summary = finetune_for_gating(
+        net, train_x, train_y, epochs=settings.finetune_epochs, bl=max(settings.bl_grid), align=settings.align,
+        min_keep=settings.min_keep, learning_rate=settings.finetune_lr, batch_size=min(128, len(train_y)), seed=0,
+        selection="evidence", widths=None if fast is None else sorted(fast), probe_images=settings.probe_images,
+    )
+    images, labels = dataset.validation.images, dataset.validation.labels
+    predictions = predict_batches(tuned, images, settings.batch_size)
+    drop, bound = drop_bound(validation_predictions == labels, predictions == labels, settings.guardrail_z)
+    kept = bool(drop <= 1e-9)
+    summary.update(validation_accuracy_full_width=accuracy(predictions, labels), validation_drop_full_width=drop,
+                   validation_drop_bound_full_width=bound, used=kept)
+    return (tuned if kept else net), summary
+
+
 def run_adaptive(model, dataset, settings: Settings, *, progress=print) -> dict:
     """Calibrate and guard on ``dataset.validation``, then report on ``dataset.test`` (read only after that)."""
     net = GatedNet(model.twin)
@@ -295,8 +340,13 @@ def run_adaptive(model, dataset, settings: Settings, *, progress=print) -> dict:
     if latency:
         progress(f"kept-width programs measured faster than full width ({latency[net.full]:.2f} ms): "
                  f"{len(fast)} of {len(latency) - 1}")
-    points = calibrate_grid(net, validation, settings, latency)
-    validation_full = accuracy(predict_batches(net, validation[0], settings.batch_size), validation[1])
+    validation_predictions = predict_batches(net, validation[0], settings.batch_size)
+    validation_full = accuracy(validation_predictions, validation[1])
+    gating, finetune = finetune_gates(net, dataset, settings, validation_predictions,
+                                      fast_widths(latency, net.full, settings.min_speedup))
+    if finetune is not None:
+        progress(f"gate-aware fine-tuning: {finetune}")
+    points = calibrate_grid(gating, validation, settings, latency, trained_rule=gating is not net)
     exits = None
     if settings.exit_epochs:
         exits = calibrate_exits(model, net, (dataset.train.images, dataset.train.labels), validation, settings,
@@ -306,9 +356,13 @@ def run_adaptive(model, dataset, settings: Settings, *, progress=print) -> dict:
     # test split read.
     test = (dataset.test.images, dataset.test.labels)
     base = accuracy(predict_batches(net, test[0], settings.batch_size), test[1])
+    gated_full = None
+    if finetune is not None:
+        gated_full = accuracy(predict_batches(gating, test[0], settings.batch_size), test[1])
+        finetune["test_accuracy_full_width"] = gated_full
     rows = []
     for point in points:
-        rows.append(report_point(net, point, test, settings, base, image_shape))
+        rows.append(report_point(net, point, test, settings, base, image_shape, gated_full))
         progress(summary_line(rows[-1]))
     early_exit = None if exits is None else report_exits(exits, test, settings, base, net)
     if early_exit is not None:
@@ -316,8 +370,9 @@ def run_adaptive(model, dataset, settings: Settings, *, progress=print) -> dict:
     return dict(
         arch=model.arch, gates=dict(zip(net.names, net.full)), macs_full=net.macs(net.full, image_shape),
         settings=dataclasses.asdict(settings), validation_accuracy_full=validation_full,
-        latency_ms=[dict(widths=list(w), ms=ms, fast=w in fast) for w, ms in latency.items()],
-        test_images=len(test[0]), base=dict(accuracy=base), grid=rows, best=best_point(rows), early_exit=early_exit,
+        latency_ms=[dict(widths=list(w), ms=ms, fast=w in fast) for w, ms in latency.items()], finetune=finetune,
+        test_images=len(test[0]), base=dict(accuracy=base), grid=rows, best=best_point(rows),
+        best_by_arm={name: best_point(rows, name) for name in ARMS}, early_exit=early_exit,
     )
 
 
@@ -332,15 +387,15 @@ def exit_line(report: dict) -> str:
     return text
 
 
-def best_point(rows: list[dict]) -> dict | None:
-    """The experience arm that gates (runs a smaller program than BASE) with the largest throughput gain whose CI
+def best_point(rows: list[dict], arm_name: str = "experience") -> dict | None:
+    """The ``arm_name`` arm that gates (runs a smaller program than BASE) with the largest throughput gain whose CI
     lower bound is > 0 (else the largest gain); None if no grid point gates after the guardrail."""
-    timed = [(r, r["arms"]["experience"]) for r in rows
-             if "throughput_gain" in r["arms"]["experience"] and not r["arms"]["experience"]["same_program_as_base"]]
+    timed = [(r, r["arms"][arm_name]) for r in rows
+             if "throughput_gain" in r["arms"][arm_name] and not r["arms"][arm_name]["same_program_as_base"]]
     if not timed:
         return None
     r, arm = max(timed, key=lambda t: (t[1]["throughput_gain_ci95"][0] > 0, t[1]["throughput_gain"]))
-    return dict(bl=r["bl"], Bg=r["Bg"], **{k: arm[k] for k in ("accuracy_drop", "active_fraction",
+    return dict(bl=r["bl"], Bg=r["Bg"], **{k: arm[k] for k in ("accuracy_drop", "active_fraction", "widths",
                                                                   "throughput_gain", "throughput_gain_ci95")})
 
 

@@ -2,15 +2,16 @@
 
 An exported network was trained at full width only; removing a quarter to a half of a gate's channels (what
 `jaxnas.adaptive.policy` does per batch, in chunks of ``align`` channels) costs it far more accuracy than the
-guardrail allows. :func:`finetune_for_gating` fine-tunes the twin's weights on the train split with the sandwich
-rule and in-place distillation of slimmable networks / Once-for-All: every step trains the full-width network on the
-labels (cross-entropy) and, on the same batch, one randomly thinned network to match the full network's softmax
-(KL divergence, the teacher's probabilities held fixed). The thinned network is `gated._forward` with every gate's
-dropped channels zeroed where they are read - exactly what the cut programs of `GatedNet` compute - and each gate
+guardrail allows. :func:`finetune_for_gating` fine-tunes the twin's weights on the train split with in-place
+distillation as in slimmable networks / Once-for-All: every step trains the full-width network on the labels
+(cross-entropy) and, on the same batch, one randomly thinned network to match the full network's softmax (KL
+divergence, the teacher's probabilities held fixed). The thinned network is `gated._forward` with every gate's
+dropped channels zeroed where they are read - what the cut programs of `GatedNet` compute - and each gate
 independently drops a random allowed count (the policy's removal options: kept counts on the ``align`` grid, at
-most ``bl`` of the gate removed, at least ``min_keep`` of it kept) of uniformly random channels, drawn inside the
-jitted step (no host round trip per step). Only the ``nnx.Param`` leaves train: BatchNorm stays in inference
-mode with its running statistics unchanged, so the fine-tuned twin exports and gates exactly like the original.
+most ``bl`` of the gate removed, at least ``min_keep`` of it kept) of uniformly random channels (the policy picks
+channels by score, not by position), drawn inside the jitted step from a jax key. Only the ``nnx.Param`` leaves
+train: BatchNorm stays in inference mode with its running statistics unchanged, so the fine-tuned twin has the
+original's gates, programs and statistics.
 """
 
 from __future__ import annotations
@@ -27,6 +28,25 @@ from flax import nnx
 
 from interop import BudgetController
 from jaxnas.adaptive.gated import GatedNet, _forward
+
+
+SELECTIONS = ("random", "evidence")
+
+
+def reader_norms(twin, gates) -> dict[str, jax.Array]:
+    """gate -> ``[C]`` (jax, traceable): `GatedNet.reader_norms` of the twin's current weights."""
+    blocks = list(twin.blocks)
+    out = {}
+    for gate in gates:
+        total = jnp.zeros(gate.width, jnp.float32)
+        for block, conv in gate.consumers:
+            total = total + jnp.sqrt((getattr(blocks[block], conv).kernel[...] ** 2).sum(axis=(0, 1, 3)))
+        if gate.head:
+            total = total + jnp.sqrt((twin.head.kernel[...] ** 2).sum(axis=1))
+        if not gate.consumers and not gate.head:
+            total = total + 1.0
+        out[gate.name] = total
+    return out
 
 
 def removal_options(width: int, *, bl: float, align: int, min_keep: float) -> list[int]:
@@ -58,7 +78,9 @@ def _check(epochs, bl, align, min_keep, learning_rate, batch_size, distill) -> N
 
 def finetune_for_gating(net: GatedNet, images: np.ndarray, labels: np.ndarray, *, epochs: int = 5,
                         bl: float = 0.5, align: int = 8, min_keep: float = 0.5, learning_rate: float = 1e-3,
-                        batch_size: int = 128, distill: float = 1.0, seed: int = 0) -> tuple[GatedNet, dict]:
+                        batch_size: int = 128, distill: float = 1.0, seed: int = 0,
+                        selection: str = "random", widths: list[tuple[int, ...]] | None = None,
+                        probe_images: int = 8) -> tuple[GatedNet, dict]:
     """A new `GatedNet` of ``net``'s twin fine-tuned to be gated, and a JSON-safe summary of the run.
 
     ``images`` ``[N, H, W, C]`` float32 and ``labels`` ``[N]`` int32 are the TRAIN split. Each step on a batch:
@@ -93,17 +115,38 @@ def finetune_for_gating(net: GatedNet, images: np.ndarray, labels: np.ndarray, *
     gates = net.gates
     options = {g.name: removal_options(g.width, bl=bl, align=align, min_keep=min_keep) for g in gates}
     thinned = [g for g in gates if len(options[g.name]) > 1]
+    if widths is not None:  # the width tuples to train for (e.g. those measured fast): one drawn per step
+        widths = [tuple(int(v) for v in w) for w in widths]
+        if not widths or any(len(w) != len(gates) or not all(1 <= k <= g.width for k, g in zip(w, gates))
+                             for w in widths):
+            raise ValueError(f"finetune_for_gating: widths must list width tuples of the gates "
+                             f"{[g.name for g in gates]} (1..{[g.width for g in gates]} each), got {widths}")
+        thinned = [g for i, g in enumerate(gates) if any(w[i] < g.width for w in widths)]
+        index = {g.name: i for i, g in enumerate(gates)}
+        removals = jnp.asarray([[g.width - w[index[g.name]] for g in thinned] for w in widths], jnp.int32)
     distill = float(distill)
     opt = optax.adam(learning_rate)
 
-    def masks(key) -> dict[str, jax.Array]:
-        """gate -> ``[C]`` 0/1: per gate a random allowed removal count ``r``, channels of random rank < r dropped."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"finetune_for_gating: selection must be one of {list(SELECTIONS)}, got {selection!r}")
+
+    def masks(key, evidence) -> dict[str, jax.Array]:
+        """gate -> ``[C]`` 0/1: per gate a removal count ``r`` (a random allowed one, or the drawn tuple's), the
+        ``r`` channels of lowest rank dropped - a random rank, or the rank of the batch's ``evidence``."""
         out = {}
-        for gate, k in zip(thinned, jax.random.split(key, max(1, len(thinned)))):
+        key, k_tuple = jax.random.split(key)
+        row = None if widths is None else removals[jax.random.randint(k_tuple, (), 0, len(widths))]
+        for j, (gate, k) in enumerate(zip(thinned, jax.random.split(key, max(1, len(thinned))))):
             k_count, k_rank = jax.random.split(k)
-            choices = jnp.asarray(options[gate.name], jnp.int32)
-            r = choices[jax.random.randint(k_count, (), 0, len(choices))]
-            rank = jax.random.permutation(k_rank, gate.width)  # channel c gets rank rank[c]: a uniform subset
+            if row is None:
+                choices = jnp.asarray(options[gate.name], jnp.int32)
+                r = choices[jax.random.randint(k_count, (), 0, len(choices))]
+            else:
+                r = row[j]
+            if evidence is None:
+                rank = jax.random.permutation(k_rank, gate.width)  # channel c gets rank rank[c]: a uniform subset
+            else:  # the least evident first, ties to the lower index (argsort is stable), as the policy removes
+                rank = jnp.argsort(jnp.argsort(evidence[gate.name]))
             out[gate.name] = (rank >= r).astype(jnp.float32)
         return out
 
@@ -114,7 +157,13 @@ def finetune_for_gating(net: GatedNet, images: np.ndarray, labels: np.ndarray, *
         if not thinned or distill == 0.0:
             kl = jnp.zeros((), jnp.float32)
         else:
-            sub = _forward(model, gates, x, {}, masks(key))
+            evidence = None
+            if selection == "evidence":  # the policy's uncalibrated evidence, from a probe of the batch's first
+                record: dict = {}       # images: mean |activation| x the norm of the weights reading the channel
+                _forward(model, gates, x[:probe_images], {}, {}, record)
+                norms = reader_norms(model, gates)
+                evidence = {g.name: jax.lax.stop_gradient(record[g.name] * norms[g.name]) for g in thinned}
+            sub = _forward(model, gates, x, {}, masks(key, evidence))
             teacher = jax.lax.stop_gradient(jax.nn.log_softmax(full))
             kl = (jnp.exp(teacher) * (teacher - jax.nn.log_softmax(sub))).sum(-1).mean()
         return ce + distill * kl, (ce, kl)
@@ -125,8 +174,8 @@ def finetune_for_gating(net: GatedNet, images: np.ndarray, labels: np.ndarray, *
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, jnp.stack([loss, ce, kl])
 
-    # One jitted step per batch, dispatched asynchronously (the host waits once per epoch, for the losses): XLA:CPU
-    # runs convolutions inside a while loop (lax.scan) through a much slower path than in a top-level program.
+    # One jitted step per batch, dispatched asynchronously (the host waits once per epoch, for the losses), not a
+    # lax.scan over the epoch: XLA:CPU ran the scanned steps (a while loop) far slower than this loop of one program.
     params = jax.tree.map(jnp.copy, params)  # donated below: never the arrays the caller's twin still holds
     opt_state = opt.init(params)
     x_all, y_all = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
@@ -162,4 +211,4 @@ def finetune_for_gating(net: GatedNet, images: np.ndarray, labels: np.ndarray, *
     return tuned, summary
 
 
-__all__ = ["finetune_for_gating", "removal_options"]
+__all__ = ["SELECTIONS", "finetune_for_gating", "reader_norms", "removal_options"]

@@ -30,8 +30,9 @@ BudgetController takes the most channels); the scores still choose *which* chann
 A policy that reaches no fast tuple never gates (no probe).
 
 **Pipelining.** :meth:`ChannelGatePolicy.stream` decides every batch exactly as :meth:`predict` does, but the
-probe of batch ``t + 1`` runs inside batch ``t``'s gated program (one dispatch per batch instead of two): only
-the host decision itself stays between programs.
+probe of batch ``t + 2`` runs inside batch ``t``'s gated program (one dispatch per batch instead of two), so
+when the host reads batch ``t``'s probe and decides, the program of batch ``t - 1`` is still queued: the
+decision leaves the critical path (jax dispatches asynchronously) instead of stalling every batch.
 """
 
 from __future__ import annotations
@@ -171,14 +172,14 @@ class ChannelGatePolicy:
         if memory is not None and len(memory):
             retrieval = memory.query(probe.fingerprint, k=TOP_K)
             memory_evidence = {n: memory.payload_evidence(n, retrieval) for n in self.net.names}
-        return self._keep(self.selector.scores(probe.evidence, memory_evidence), Bg)
+        return self.keep(self.selector.scores(probe.evidence, memory_evidence), Bg)
 
     def static_keep(self, importance: dict[str, jax.Array]) -> dict:
         """Static pruning at this policy's budgets: one kept set for every batch, from fixed channel scores
         (e.g. the calibrated mean evidence), scored and budgeted as :meth:`select` scores a probe's."""
-        return self._keep(self.selector.scores(importance))
+        return self.keep(self.selector.scores(importance))
 
-    def _keep(self, scores: dict, Bg: float | None = None) -> dict:
+    def keep(self, scores: dict, Bg: float | None = None) -> dict:
         """Kept indices per gate from channel ``scores``: by the budget controller, or with ``fast_widths`` at the
         fastest reachable measured widths, each gate keeping its highest-scoring channels (ties: the lower
         index is removed first, as the controller does). ``{}`` keeps everything."""
@@ -258,7 +259,7 @@ class ChannelGatePolicy:
 
     def stream(self, images, batch_size: int):
         """Logits ``[b, classes]`` of each batch of ``images`` (``batch_size`` at a time), decided as
-        :meth:`predict` decides them, with the next batch's probe inside this batch's program (see the module
+        :meth:`predict` decides them, with the probe of batch ``t + 2`` inside batch ``t``'s program (see the module
         docstring's *Pipelining*). A generator: a timer around its consumption includes every decision."""
         starts = range(0, len(images), batch_size)
         if self.never_gates or self.static is not None:
@@ -267,14 +268,22 @@ class ChannelGatePolicy:
             return
         batches = [images[start : start + batch_size] for start in starts]
         used_memory = self.memory is not None and len(self.memory) > 0
-        probe = self.probe(batches[0][: self.probe_images]) if batches else None
+
+        def probe_images(i: int) -> jax.Array:
+            return jnp.asarray(batches[i][: self.probe_images], jnp.float32)
+
+        # raw (device) probes by batch: the first two on their own, every later one inside the program two batches
+        # earlier - so while the host reads batch t's probe and decides, batch t - 1's program is still queued.
+        raw = {i: self._probe(self.net.state, probe_images(i)) for i in range(min(2, len(batches)))}
         for t, x in enumerate(batches):
+            probe = self._probe_result(raw.pop(t))
             n, n_probe = len(x), min(self.probe_images, len(x))
-            following = batches[t + 1][: self.probe_images] if t + 1 < len(batches) else None
+            ahead = t + 2 if t + 2 < len(batches) else None
             if n_probe == n:
                 self._log(Decision(self.net.full, n, n_probe, False))
+                if ahead is not None:
+                    raw[ahead] = self._probe(self.net.state, probe_images(ahead))
                 yield probe.logits
-                probe = None if following is None else self.probe(following)
                 continue
             keep = self._decide(probe)
             widths = self.net.widths(keep)
@@ -282,14 +291,11 @@ class ChannelGatePolicy:
             cut = {name: jnp.asarray(keep[name], jnp.int32)
                    for name, w, f in zip(self.net.names, widths, self.net.full) if w < f}
             rest = jnp.asarray(x[n_probe:], jnp.float32)
-            if following is None:
-                logits, upcoming = self.net.program(widths)(self.net.state, rest, cut), None
+            if ahead is None:
+                logits = self.net.program(widths)(self.net.state, rest, cut)
             else:
-                logits, raw = self._pipelined_program(widths)(self.net.state, rest, cut,
-                                                              jnp.asarray(following, jnp.float32))
-                upcoming = self._probe_result(raw)
+                logits, raw[ahead] = self._pipelined_program(widths)(self.net.state, rest, cut, probe_images(ahead))
             yield jnp.concatenate([probe.logits, logits])
-            probe = upcoming
 
     def _static_keep(self, bl: float, Bg: float) -> dict:
         """The static kept set at budgets ``(bl, Bg)``, computed once per pair (the guardrail changes them)."""
