@@ -56,17 +56,21 @@ def test_stream_decides_and_predicts_exactly_as_predict_does(net, digits, n_imag
     np.testing.assert_array_equal(stream_classes(policy, images, 50), predict_batches(policy.predict, images, 50))
 
 
-def test_stream_probes_inside_the_program_two_batches_before(net, digits):
+@pytest.mark.parametrize("depth", [1, 2, 4])
+def test_stream_probes_inside_the_program_depth_batches_before(net, digits, depth):
     policy = ChannelGatePolicy(net, bl=0.5, Bg=0.3, align=2, probe_images=4)
     images = digits.test.images[:250]
-    list(policy.stream(images, 50))  # compiles the pipelined programs (they hold the probe program inside)
+    expected = list(policy.stream(images, 50, depth=1))  # compiles the pipelined programs (probe program inside)
     calls, real = [], policy._probe
     policy._probe = lambda state, x: calls.append(len(x)) or real(state, x)
     pipelined, fused = policy._pipelined_program, []
     policy._pipelined_program = lambda widths: fused.append(widths) or pipelined(widths)
-    assert len(list(policy.stream(images, 50))) == 5
-    assert calls == [4, 4]  # batches 0 and 1 are probed on their own
-    assert len(fused) == 3  # batches 0, 1, 2 carry the probes of batches 2, 3, 4; batches 3 and 4 carry none
+    got = list(policy.stream(images, 50, depth=depth))
+    assert len(got) == 5 and all(np.allclose(g, e, atol=1e-5) for g, e in zip(got, expected))
+    assert calls == [4] * depth  # the first depth batches are probed on their own
+    assert len(fused) == 5 - depth  # batch t carries the probe of batch t + depth
+    with pytest.raises(ValueError, match="depth"):
+        list(policy.stream(images, 50, depth=0))
 
 
 def _brute_force_widths(net: GatedNet, bl: float, Bg: float, align: int, min_keep: float) -> set:

@@ -6,12 +6,17 @@ guardrail allows. :func:`finetune_for_gating` fine-tunes the twin's weights on t
 distillation as in slimmable networks / Once-for-All: every step trains the full-width network on the labels
 (cross-entropy) and, on the same batch, one randomly thinned network to match the full network's softmax (KL
 divergence, the teacher's probabilities held fixed). The thinned network is `gated._forward` with every gate's
-dropped channels zeroed where they are read - what the cut programs of `GatedNet` compute - and each gate
-independently drops a random allowed count (the policy's removal options: kept counts on the ``align`` grid, at
-most ``bl`` of the gate removed, at least ``min_keep`` of it kept) of uniformly random channels (the policy picks
-channels by score, not by position), drawn inside the jitted step from a jax key. Only the ``nnx.Param`` leaves
-train: BatchNorm stays in inference mode with its running statistics unchanged, so the fine-tuned twin has the
-original's gates, programs and statistics.
+dropped channels zeroed where they are read - what the cut programs of `GatedNet` compute.
+
+*How many* channels each gate drops: a random allowed count per gate (the policy's removal options: kept counts
+on the ``align`` grid, at most ``bl`` of the gate removed, at least ``min_keep`` of it kept), or, given
+``widths`` (e.g. the width tuples measured faster than full width), one of those tuples per step. *Which*
+channels: uniformly random ones (``selection="random"``), or those the policy itself would drop
+(``selection="evidence"``): the lowest mean |activation| x reader-weight norm on a probe of the batch's first
+``probe_images`` images - the rule `ChannelGatePolicy` uses without a calibrated reference, so the network learns
+to do without exactly the channels it will be denied. The random draws happen inside the jitted step from a jax
+key. Only the ``nnx.Param`` leaves train: BatchNorm stays in inference mode with its running statistics
+unchanged, so the fine-tuned twin has the original's gates, programs and statistics.
 """
 
 from __future__ import annotations
@@ -85,8 +90,9 @@ def finetune_for_gating(net: GatedNet, images: np.ndarray, labels: np.ndarray, *
 
     ``images`` ``[N, H, W, C]`` float32 and ``labels`` ``[N]`` int32 are the TRAIN split. Each step on a batch:
     ``cross_entropy(full, y) + distill * KL(stop_gradient(softmax(full)) || softmax(sub))``, ``full`` the
-    full-width logits and ``sub`` those of the network with, per gate, a random allowed number of uniformly random
-    channels zeroed (see :func:`removal_options`; a gate with no allowed removal keeps all). Adam, batches in a
+    full-width logits and ``sub`` those of the network with, per gate, a number of channels zeroed (a random allowed
+    one, see :func:`removal_options` - a gate with no allowed removal keeps all - or that of a tuple drawn from
+    ``widths``), chosen by ``selection`` (see the module docstring). Adam, batches in a
     seeded random order per epoch, the last incomplete batch dropped; only ``nnx.Param`` leaves change (BatchNorm
     statistics stay). ``net``, its twin and its state are left unchanged.
 

@@ -30,8 +30,8 @@ BudgetController takes the most channels); the scores still choose *which* chann
 A policy that reaches no fast tuple never gates (no probe).
 
 **Pipelining.** :meth:`ChannelGatePolicy.stream` decides every batch exactly as :meth:`predict` does, but the
-probe of batch ``t + 2`` runs inside batch ``t``'s gated program (one dispatch per batch instead of two), so
-when the host reads batch ``t``'s probe and decides, the program of batch ``t - 1`` is still queued: the
+probe of batch ``t + depth`` runs inside batch ``t``'s gated program (one dispatch per batch instead of two), so
+when the host reads batch ``t``'s probe and decides, the programs of the batches before it are still queued: the
 decision leaves the critical path (jax dispatches asynchronously) instead of stalling every batch.
 """
 
@@ -49,6 +49,7 @@ from jaxnas.adaptive.gated import GatedNet
 
 FINGERPRINT_DIM = 64
 TOP_K = 16
+PIPELINE_DEPTH = 4  # ChannelGatePolicy.stream: batch t's program carries the probe of batch t + PIPELINE_DEPTH
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -257,10 +258,12 @@ class ChannelGatePolicy:
                                                                               probe(state, nxt)))
         return self._pipelined[widths]
 
-    def stream(self, images, batch_size: int):
+    def stream(self, images, batch_size: int, depth: int = PIPELINE_DEPTH):
         """Logits ``[b, classes]`` of each batch of ``images`` (``batch_size`` at a time), decided as
-        :meth:`predict` decides them, with the probe of batch ``t + 2`` inside batch ``t``'s program (see the module
-        docstring's *Pipelining*). A generator: a timer around its consumption includes every decision."""
+        :meth:`predict` decides them, with the probe of batch ``t + depth`` inside batch ``t``'s program (see the
+        module docstring's *Pipelining*). A generator: a timer around its consumption includes every decision."""
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1 (how many batches ahead the probes run), got {depth}")
         starts = range(0, len(images), batch_size)
         if self.never_gates or self.static is not None:
             for start in starts:
@@ -272,13 +275,14 @@ class ChannelGatePolicy:
         def probe_images(i: int) -> jax.Array:
             return jnp.asarray(batches[i][: self.probe_images], jnp.float32)
 
-        # raw (device) probes by batch: the first two on their own, every later one inside the program two batches
-        # earlier - so while the host reads batch t's probe and decides, batch t - 1's program is still queued.
-        raw = {i: self._probe(self.net.state, probe_images(i)) for i in range(min(2, len(batches)))}
+        # raw (device) probes by batch: the first ``depth`` on their own, every later one inside the program
+        # ``depth`` batches earlier - so while the host reads batch t's probe and decides, the programs of batches
+        # t - depth + 1 .. t - 1 are still queued (and XLA:CPU may run them side by side).
+        raw = {i: self._probe(self.net.state, probe_images(i)) for i in range(min(depth, len(batches)))}
         for t, x in enumerate(batches):
             probe = self._probe_result(raw.pop(t))
             n, n_probe = len(x), min(self.probe_images, len(x))
-            ahead = t + 2 if t + 2 < len(batches) else None
+            ahead = t + depth if t + depth < len(batches) else None
             if n_probe == n:
                 self._log(Decision(self.net.full, n, n_probe, False))
                 if ahead is not None:
