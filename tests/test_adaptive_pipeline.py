@@ -4,14 +4,15 @@
 import itertools
 import math
 
+import jax
 import numpy as np
 import pytest
-from test_adaptive import _twin
+from test_adaptive import _conv_kernels, _twin
 
 import interop
 from jaxnas.adaptive import experiment
-from jaxnas.adaptive.gated import GatedNet
-from jaxnas.adaptive.policy import ChannelGatePolicy, predict_batches, stream_classes
+from jaxnas.adaptive.gated import GatedNet, gate_depth
+from jaxnas.adaptive.policy import ChannelGatePolicy, active_fraction, predict_batches, stream_classes
 from jaxnas.data import load_dataset
 
 
@@ -62,15 +63,41 @@ def test_stream_probes_inside_the_program_depth_batches_before(net, digits, dept
     images = digits.test.images[:250]
     expected = list(policy.stream(images, 50, depth=1))  # compiles the pipelined programs (probe program inside)
     calls, real = [], policy._probe
-    policy._probe = lambda state, x: calls.append(len(x)) or real(state, x)
+    policy._probe = lambda state, x, depth=None: calls.append(len(x)) or real(state, x, depth)
     pipelined, fused = policy._pipelined_program, []
-    policy._pipelined_program = lambda widths: fused.append(widths) or pipelined(widths)
+    policy._pipelined_program = lambda widths, depth=None: fused.append(widths) or pipelined(widths, depth)
     got = list(policy.stream(images, 50, depth=depth))
     assert len(got) == 5 and all(np.allclose(g, e, atol=1e-5) for g, e in zip(got, expected))
     assert calls == [4] * depth  # the first depth batches are probed on their own
     assert len(fused) == 5 - depth  # batch t carries the probe of batch t + depth
     with pytest.raises(ValueError, match="depth"):
         list(policy.stream(images, 50, depth=0))
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2])  # the stem, stage 1's stream, stage 2's stream
+def test_a_shallow_probe_reads_only_up_to_the_deepest_cut_gate_and_every_image_runs_gated(net, digits, cut):
+    images = digits.test.images[:150]
+    widths = tuple(f // 2 if i == cut else f for i, f in enumerate(net.full))
+    policy = ChannelGatePolicy(net, bl=0.5, Bg=0.5, align=2, probe_images=4, fast_widths={widths: 1.0})
+    assert policy.shallow and policy.hardware_widths() == widths
+    depth = policy.probe_depth()
+    assert depth == gate_depth(net.gates[cut]) and (cut > 0 or depth == -1)
+    raw = policy._probe(net.state, images[:4], depth)
+    assert raw[0] is None  # no logits: the probe stopped early
+    kernels = _conv_kernels(jax.make_jaxpr(policy._probe_program(depth))(net.state, images[:4]).jaxpr)
+    assert len(kernels) == depth + 2  # the stem and the blocks up to the gate (one convolution each in a cnn)
+    expected, decisions = _decided(policy, lambda: [policy.predict(images[i : i + 50]) for i in range(0, 150, 50)])
+    got, streamed = _decided(policy, lambda: policy.stream(images, 50, depth=1))
+    assert streamed == decisions and all(d.widths == widths and d.n_probe == 0 for d in decisions)
+    for g, e, start in zip(got, expected, range(0, 150, 50)):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+        keep = policy.select(policy.probe(images[start : start + 4]))
+        np.testing.assert_allclose(e, np.asarray(net(images[start : start + 50], keep)), rtol=1e-6, atol=1e-6)
+    layers = net.layer_macs(net.full, (8, 8, 1))
+    assert decisions[0].probe_macs == 4 * sum(layers[: depth + 2])
+    fraction = active_fraction(net, decisions, (8, 8, 1))
+    assert fraction == pytest.approx((150 * net.macs(widths, (8, 8, 1)) + 3 * decisions[0].probe_macs)
+                                     / (150 * net.macs(net.full, (8, 8, 1))))
 
 
 def _brute_force_widths(net: GatedNet, bl: float, Bg: float, align: int, min_keep: float) -> set:
@@ -110,22 +137,23 @@ def test_fast_widths_choose_the_fastest_reachable_program_and_the_scores_the_cha
     assert all(d.widths == net.full and d.n_probe == 0 for d in decisions)
     np.testing.assert_array_equal(np.concatenate(out), np.concatenate([np.asarray(net(images[i : i + 50]))
                                                                        for i in range(0, 150, 50)]))
-    # The controller's own widths measured fastest: the same decisions and the same kept channels.
+    # The controller's own widths measured fastest: the same widths and the same kept channels (the probe images
+    # now run gated too: a shallow probe gives no logits).
     reachable = free.reachable_widths()
     timings = {w: 2.0 for w in reachable[1:]} | {next(iter(chosen)): 1.0}
     same = ChannelGatePolicy(net, bl=0.5, Bg=0.3, align=2, probe_images=4, fast_widths=timings)
     got, decisions = _decided(same, lambda: same.stream(images, 50))
-    assert decisions == decided
+    assert [d.widths for d in decisions] == [d.widths for d in decided]
     for g, e in zip(got, expected):
-        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(g[4:], e[4:], rtol=1e-5, atol=1e-5)
     # Another reachable tuple measured fastest: every batch runs at it, an unreachable faster one is ignored.
     other = next(w for w in reachable[1:] if w not in chosen)
     beyond = tuple(1 for _ in net.full)
     hw = ChannelGatePolicy(net, bl=0.5, Bg=0.3, align=2, probe_images=4,
                            fast_widths={w: 2.0 for w in reachable[1:]} | {other: 1.0, beyond: 0.1})
-    assert hw.hardware_widths() == other and not hw.never_gates
+    assert hw.hardware_widths() == other and not hw.never_gates and hw.shallow
     _, decisions = _decided(hw, lambda: hw.stream(images, 50))
-    assert all(d.widths == other and d.n_probe == 4 for d in decisions)
+    assert all(d.widths == other and d.n_probe == 0 and d.probe_macs > 0 for d in decisions)
     probe = hw.probe(images[:4])
     keep = hw.select(probe)
     scores = hw.selector.scores(probe.evidence)

@@ -87,8 +87,8 @@ def collect_evidence(
         x, y = images[start : start + batch_size], labels[start : start + batch_size]
         if len(x) <= policy.probe_images:
             continue
-        probe = policy.probe(x[: policy.probe_images])
-        whole = policy.probe(x)
+        probe = policy.probe(x[: policy.probe_images], full=True)
+        whole = policy.probe(x, full=True)
         found.append(BatchEvidence(x, y, probe.fingerprint, probe.activity, whole.activity,
                                    channel_sensitivity(policy.net, x, y)))
     if not found:

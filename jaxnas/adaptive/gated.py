@@ -166,12 +166,18 @@ class _Ops:
         return h + a if self.block.skip else a
 
 
+def gate_depth(gate: Gate) -> int:
+    """The last block (-1: the stem) a forward must run for ``gate``'s activity to be recorded in full."""
+    return max(gate.outputs) if gate.outputs else max(block for block, _ in gate.consumers)
+
+
 def _forward(twin: TwinConvNet, gates: list[Gate], x, keep: Mapping[str, jax.Array],
-             zero: Mapping[str, jax.Array], record: dict | None = None):
+             zero: Mapping[str, jax.Array], record: dict | None = None, until: int | None = None):
     """Logits ``[B, classes]`` of ``twin`` with gates cut to ``keep`` (gate -> kept indices) and / or zeroed by
     ``zero`` (gate -> ``[C]`` 0/1 mask). ``record`` (a dict, filled in place): gate -> ``[C]`` mean |activation|
     of the gate's tensor over the batch and positions (a stream: averaged over the blocks that write it), and
-    ``"stem_activations"`` -> the stem's output ``[B, H, W, C]``."""
+    ``"stem_activations"`` -> the stem's output ``[B, H, W, C]``. ``until``: stop after that block (-1: the stem)
+    and return None - a probe of the gates up to there (`gate_depth`)."""
     outs: dict[int, dict] = {}
     ins: dict[int, dict] = {}
     zeros: dict[int, dict] = {}
@@ -212,11 +218,15 @@ def _forward(twin: TwinConvNet, gates: list[Gate], x, keep: Mapping[str, jax.Arr
     if record is not None:
         record["stem_activations"] = h
     for i, block in enumerate(twin.blocks):
+        if until is not None and i > until:
+            break
         ops = _Ops(block, outs.get(i, {}), ins.get(i, {}), zeros.get(i, {}), {} if record is None else seen, {
             conv: g.name for g in gates if not g.outputs for b, conv in g.consumers if b == i})
         h = output(i, BLOCK_FAMILIES[block.family].forward(ops, h, block.first))
     if record is not None:
         record.update({name: sum(values) / len(values) for name, values in seen.items()})
+    if until is not None:
+        return None
     pooled = h.mean((1, 2))
     if head_keep is None:
         return twin.head(pooled)
@@ -306,13 +316,18 @@ class GatedNet:
 
     @functools.cached_property
     def recorder(self):
-        """The jitted ``(state, x) -> (logits, record)`` at full width; ``record``: gate -> ``[C]`` mean |activation|
+        """The ``(state, x) -> (logits, record)`` at full width; ``record``: gate -> ``[C]`` mean |activation|
         and ``"stem_activations"`` -> ``[B, H, W, C]`` (see `_forward`)."""
+        return self.recorder_until(None)
+
+    def recorder_until(self, until: int | None):
+        """:attr:`recorder` stopped after block ``until`` (-1: the stem; None: the whole network): ``(None,
+        record)`` of the gates up to there."""
         graph, gates = self._graph, self.gates
 
         def run(state, x):
             record: dict = {}
-            logits = _forward(nnx.merge(graph, state), gates, x, {}, {}, record)
+            logits = _forward(nnx.merge(graph, state), gates, x, {}, {}, record, until)
             return logits, record
 
         return run
@@ -391,4 +406,4 @@ class GatedNet:
         return self._masked(self._state, jnp.asarray(x, jnp.float32), zero)
 
 
-__all__ = ["Gate", "GatedNet", "STEM", "find_gates"]
+__all__ = ["Gate", "GatedNet", "STEM", "find_gates", "gate_depth"]

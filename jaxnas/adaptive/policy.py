@@ -45,11 +45,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from interop import BudgetController, ExperienceMemory, Fingerprinter, TransversalSelector
-from jaxnas.adaptive.gated import GatedNet
+from jaxnas.adaptive.gated import GatedNet, gate_depth
 
 FINGERPRINT_DIM = 64
 TOP_K = 16
-PIPELINE_DEPTH = 4  # ChannelGatePolicy.stream: batch t's program carries the probe of batch t + PIPELINE_DEPTH
+PIPELINE_DEPTH = 2  # ChannelGatePolicy.stream: batch t's program carries the probe of batch t + PIPELINE_DEPTH
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -76,12 +76,14 @@ class Reference:
 @dataclasses.dataclass(frozen=True)
 class Decision:
     """One batch's choice: ``widths`` (the kept width of each gate, in ``GatedNet.names`` order), the batch's
-    ``n_images`` of which the first ``n_probe`` ran at full width, and whether the memory was consulted."""
+    ``n_images`` of which the first ``n_probe`` ran at full width, whether the memory was consulted, and
+    ``probe_macs``: MACs a shallow probe spent (its images also run gated)."""
 
     widths: tuple[int, ...]
     n_images: int
     n_probe: int
     used_memory: bool
+    probe_macs: int = 0
 
 
 @dataclasses.dataclass
@@ -130,35 +132,59 @@ class ChannelGatePolicy:
         self._static_cache: dict = {}
         self._pipelined: dict = {}
         self._hardware_cache: dict = {}
+        self._probes: dict = {}
+        self._macs_cache: dict = {}
 
     def budget(self, Bg: float | None = None) -> BudgetController:
         return BudgetController(self.bl, self.Bg if Bg is None else Bg, align=self.align, min_keep=self.min_keep)
 
-    @functools.cached_property
-    def _probe(self):
-        recorder, names, fingerprinter = self.net.recorder, self.net.names, self.fingerprinter
+    def _probe_program(self, depth: int | None):
+        """The jitted ``(state, x) -> (logits or None, activity, fingerprint)`` of a probe through block ``depth``
+        (None: the whole network); gates past ``depth`` report an activity of ones (they are not cut)."""
+        if depth not in self._probes:
+            recorder, fingerprinter = self.net.recorder_until(depth), self.fingerprinter
+            widths = dict(zip(self.net.names, self.net.full))
 
-        def run(state, x):
-            logits, record = recorder(state, x)
-            activity = {n: record[n] for n in names}
-            return logits, activity, fingerprinter(record["stem_activations"], pool_axes=(0, 1, 2))
+            def run(state, x):
+                logits, record = recorder(state, x)
+                activity = {n: record[n] if n in record else jnp.ones(w, jnp.float32) for n, w in widths.items()}
+                return logits, activity, fingerprinter(record["stem_activations"], pool_axes=(0, 1, 2))
 
-        return jax.jit(run)
+            self._probes[depth] = jax.jit(run)
+        return self._probes[depth]
+
+    @property
+    def shallow(self) -> bool:
+        """Whether the probe stops after the last gate a decision can cut (with ``fast_widths``: the gates the
+        fastest reachable widths cut) and every image of the batch runs gated (no image at full width)."""
+        return self.fast_widths is not None and not self.never_gates
+
+    def probe_depth(self) -> int | None:
+        """The block a probe runs through: the deepest gate the hardware widths cut (None: the whole network)."""
+        if not self.shallow:
+            return None
+        cut = [g for g, k in zip(self.net.gates, self.hardware_widths()) if k < g.width]
+        return max(gate_depth(g) for g in cut)
+
+    def _probe(self, state, x, depth: int | None = None):
+        return self._probe_program(depth)(state, x)
 
     def _probe_result(self, raw) -> Probe:
         logits, activity, fp = raw
         activity, fp = jax.device_get((activity, fp))
         return Probe(logits, self.current_evidence(activity), fp, activity)
 
-    def probe(self, x) -> Probe:
-        """The full-width probe of images ``x`` ``[P, H, W, C]``: logits, channel evidence, stem fingerprint.
+    def probe(self, x, full: bool = False) -> Probe:
+        """The full-width probe of images ``x`` ``[P, H, W, C]``: logits (None for a shallow probe), channel
+        evidence, stem fingerprint; through :meth:`probe_depth` unless ``full``.
 
         The activations stay in the jitted program; only the ``[C]`` evidence vectors and the ``[64]``
         fingerprint come to the host (one transfer of a few hundred floats), where the decision runs in numpy:
         the memory, selector and budget are a few dozen tiny array operations, which eager jax would dispatch
         one by one at tens of microseconds each - milliseconds per batch, billed to every decision.
         """
-        return self._probe_result(self._probe(self.net.state, jnp.asarray(x, jnp.float32)))
+        depth = None if full else self.probe_depth()
+        return self._probe_result(self._probe(self.net.state, jnp.asarray(x, jnp.float32), depth))
 
     def current_evidence(self, activity: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """gate -> ``[C]`` current evidence from a batch's mean |activation| per channel (see the class docstring)."""
@@ -243,6 +269,11 @@ class ChannelGatePolicy:
             return self.net(x, keep)
         n_probe = min(self.probe_images, n)
         probe = self.probe(x[:n_probe])
+        if self.shallow:
+            keep = self._decide(probe)
+            self._log(Decision(self.net.widths(keep), n, 0, self.memory is not None and len(self.memory) > 0,
+                               self._shallow_macs(x.shape[1:]) * n_probe))
+            return self.net(x, keep)
         if n_probe == n:
             self._log(Decision(self.net.full, n, n_probe, False))
             return probe.logits
@@ -250,13 +281,20 @@ class ChannelGatePolicy:
         self._log(Decision(self.net.widths(keep), n, n_probe, self.memory is not None and len(self.memory) > 0))
         return jnp.concatenate([probe.logits, self.net(x[n_probe:], keep)])
 
-    def _pipelined_program(self, widths: tuple[int, ...]):
+    def _pipelined_program(self, widths: tuple[int, ...], depth: int | None = None):
         """The jitted ``(state, rest, keep, next probe images) -> (rest logits, next batch's raw probe)``."""
-        if widths not in self._pipelined:
-            program, probe = self.net.program(widths), self._probe
-            self._pipelined[widths] = jax.jit(lambda state, rest, keep, nxt: (program(state, rest, keep),
-                                                                              probe(state, nxt)))
-        return self._pipelined[widths]
+        if (widths, depth) not in self._pipelined:
+            program, probe = self.net.program(widths), self._probe_program(depth)
+            self._pipelined[(widths, depth)] = jax.jit(lambda state, rest, keep, nxt: (program(state, rest, keep),
+                                                                                       probe(state, nxt)))
+        return self._pipelined[(widths, depth)]
+
+    def _shallow_macs(self, image_shape) -> int:
+        """MACs of one image through the shallow probe (the stem and the blocks up to :meth:`probe_depth`)."""
+        key = (self.probe_depth(), tuple(int(v) for v in image_shape))
+        if key not in self._macs_cache:  # layer_macs rebuilds the twin: once per depth and shape, not per batch
+            self._macs_cache[key] = int(sum(self.net.layer_macs(self.net.full, key[1])[: key[0] + 2]))
+        return self._macs_cache[key]
 
     def stream(self, images, batch_size: int, depth: int = PIPELINE_DEPTH):
         """Logits ``[b, classes]`` of each batch of ``images`` (``batch_size`` at a time), decided as
@@ -272,21 +310,38 @@ class ChannelGatePolicy:
         batches = [images[start : start + batch_size] for start in starts]
         used_memory = self.memory is not None and len(self.memory) > 0
 
+        shallow, until = self.shallow, self.probe_depth()
+        probe_macs = self._shallow_macs(images.shape[1:]) if shallow else 0
+
         def probe_images(i: int) -> jax.Array:
             return jnp.asarray(batches[i][: self.probe_images], jnp.float32)
 
         # raw (device) probes by batch: the first ``depth`` on their own, every later one inside the program
         # ``depth`` batches earlier - so while the host reads batch t's probe and decides, the programs of batches
         # t - depth + 1 .. t - 1 are still queued (and XLA:CPU may run them side by side).
-        raw = {i: self._probe(self.net.state, probe_images(i)) for i in range(min(depth, len(batches)))}
+        raw = {i: self._probe(self.net.state, probe_images(i), until) for i in range(min(depth, len(batches)))}
         for t, x in enumerate(batches):
             probe = self._probe_result(raw.pop(t))
             n, n_probe = len(x), min(self.probe_images, len(x))
             ahead = t + depth if t + depth < len(batches) else None
+            if shallow:  # every image runs gated; the probe only read the early layers of the first images
+                keep = self._decide(probe)
+                widths = self.net.widths(keep)
+                self._log(Decision(widths, n, 0, used_memory, probe_macs * n_probe))
+                cut = {name: jnp.asarray(keep[name], jnp.int32)
+                       for name, w, f in zip(self.net.names, widths, self.net.full) if w < f}
+                whole = jnp.asarray(x, jnp.float32)
+                if ahead is None:
+                    yield self.net.program(widths)(self.net.state, whole, cut)
+                else:
+                    logits, raw[ahead] = self._pipelined_program(widths, until)(self.net.state, whole, cut,
+                                                                                probe_images(ahead))
+                    yield logits
+                continue
             if n_probe == n:
                 self._log(Decision(self.net.full, n, n_probe, False))
                 if ahead is not None:
-                    raw[ahead] = self._probe(self.net.state, probe_images(ahead))
+                    raw[ahead] = self._probe(self.net.state, probe_images(ahead), until)
                 yield probe.logits
                 continue
             keep = self._decide(probe)
@@ -330,7 +385,8 @@ def active_fraction(net: GatedNet, decisions: list[Decision], image_shape) -> fl
     images = sum(d.n_images for d in decisions)
     if not images:
         return 1.0
-    spent = sum(d.n_probe * full + (d.n_images - d.n_probe) * net.macs(d.widths, image_shape) for d in decisions)
+    spent = sum(d.n_probe * full + (d.n_images - d.n_probe) * net.macs(d.widths, image_shape) + d.probe_macs
+                for d in decisions)
     return spent / (images * full)
 
 
