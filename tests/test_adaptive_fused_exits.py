@@ -85,7 +85,7 @@ def test_fused_is_one_program_traced_once_per_batch_shape(net, digits):
     net.predict_fused(x[:7])
     assert net.fused_traces == before + 3
     # The routing is on device: conditionals (one per exit that decides), no callback to the host.
-    jaxpr = jax.make_jaxpr(net.fused_program())(net._state, net.heads, x[:7])
+    jaxpr = jax.make_jaxpr(net.fused_program())(net._leaves, net.heads, x[:7])
     assert [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns] == ["jit"]
     primitives = _primitives(jaxpr.jaxpr)
     assert primitives.count("cond") == 1

@@ -78,3 +78,10 @@ def test_thresholds_hold_the_confidence_bound_and_a_larger_z_is_more_careful():
         assert drop_bound(full_correct, correct, z)[1] <= 1.0 + 1e-9
         saved.append(float(np.mean(where == 0)))
     assert saved[0] >= saved[1] >= saved[2] and saved[0] > saved[2] and saved[2] > 0
+
+
+@pytest.mark.parametrize("field, value", [("finetune_epochs", -1), ("finetune_lr", 0.0), ("latency_rounds", -1),
+                                          ("min_speedup", 1.0), ("guardrail_z", -0.5), ("exit_grid", 0)])
+def test_settings_refuse_bad_values_naming_them(field, value):
+    with pytest.raises(ValueError, match=field):
+        Settings(**{field: value})

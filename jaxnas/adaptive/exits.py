@@ -48,6 +48,7 @@ class EarlyExitNet:
 
     def __post_init__(self):
         self._graph, self._state = nnx.split(self.twin)
+        self._leaves, self._treedef = jax.tree.flatten(self._state)  # the fused program's state: see GatedNet
         self._bounds = [0, *(k + 1 for k in self.exits), len(self.twin.blocks)]
         self._fused: dict[tuple, object] = {}
         self.fused_traces = 0  # times a fused program was traced: one per threshold setting and batch shape
@@ -135,10 +136,10 @@ class EarlyExitNet:
 
     def fused_forward(self, x) -> tuple[jax.Array, jax.Array]:
         """:meth:`predict_fused` without the copy to the host (device arrays, dispatched asynchronously)."""
-        return self.fused_program()(self._state, self.heads, jnp.asarray(x, jnp.float32))
+        return self.fused_program()(self._leaves, self.heads, jnp.asarray(x, jnp.float32))
 
     def fused_program(self):
-        """The jitted ``(state, heads, x [B, H, W, C]) -> (logits [B, classes], exit index [B] int32)`` of the
+        """The jitted ``(state leaves, heads, x [B, H, W, C]) -> (logits [B, classes], exit index [B] int32)`` of the
         current thresholds (cached per thresholds and buckets; jax re-traces it per batch shape)."""
         thresholds = tuple(float(t) for t in self.thresholds)
         if len(thresholds) != len(self.exits):
@@ -166,7 +167,7 @@ class EarlyExitNet:
         the first runs on the smallest bucket holding them (``lax.switch``, padded back to ``B`` rows); the logits
         and exit of the images leaving are scattered back to batch order."""
         self.fused_traces += 1
-        twin = nnx.merge(self._graph, state)
+        twin = nnx.merge(self._graph, jax.tree.unflatten(self._treedef, state))
         n_rows, last = x.shape[0], len(self.exits)
         sizes = fused_buckets(n_rows, buckets)
         rows = jnp.arange(n_rows)

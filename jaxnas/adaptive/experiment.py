@@ -67,7 +67,8 @@ class Settings:
     align: int = _field(8, "Kept channel counts are multiples of this (or the whole gate); 8: the vector width "
                            "XLA:CPU convolutions run fast at.")
     min_keep: float = _field(0.5, "Fewest channels a gate keeps, as a fraction.")
-    probe_images: int = _field(8, "Images of each batch probed at full width.")
+    probe_images: int = _field(8, "Images of each batch probed at full width (through the deepest cut gate only, "
+                                  "with measured widths).")
     batch_size: int = _field(256, "Images per batch (one decision per batch).")
     calibration_batch: int = _field(64, "Images per calibration batch (one experience each).")
     wcur: float = _field(0.8, "Weight of the batch's own evidence.")
@@ -95,6 +96,8 @@ class Settings:
             raise ValueError(f"repeats={self.repeats}: timing needs at least {MIN_REPEATS} interleaved repeats, or 0")
         if self.probe_images >= self.batch_size:
             raise ValueError(f"probe_images={self.probe_images} must be below batch_size={self.batch_size}")
+        if self.exit_grid < 1:
+            raise ValueError(f"exit_grid is a number of cells per side and must be >= 1, got {self.exit_grid}")
         if self.finetune_epochs < 0 or not self.finetune_lr > 0:
             raise ValueError(f"finetune_epochs must be >= 0 and finetune_lr > 0, got {self.finetune_epochs} and "
                              f"{self.finetune_lr}")

@@ -245,12 +245,19 @@ class GatedNet:
         self.names = tuple(g.name for g in self.gates)
         self.full = tuple(g.width for g in self.gates)
         self._graph, self._state = nnx.split(twin)
+        # Programs take the state as a flat list of arrays: jax flattens a list in its C++ dispatch path, an
+        # nnx.State in Python, which costs a large share of a small network's batch on a 2-core machine.
+        self._leaves, self._treedef = jax.tree.flatten(self._state)
         self._programs: dict[tuple[int, ...], object] = {}
 
     @property
-    def state(self):
-        """The twin's weights and statistics (an nnx.State), the first argument of every program."""
-        return self._state
+    def state(self) -> list:
+        """The twin's weights and statistics as a flat list of arrays, the first argument of every program."""
+        return self._leaves
+
+    def _twin(self, leaves):
+        """The twin (inside a program) from :attr:`state`'s flat leaves."""
+        return nnx.merge(self._graph, jax.tree.unflatten(self._treedef, leaves))
 
     def widths(self, keep: Mapping[str, object]) -> tuple[int, ...]:
         """The width tuple of kept indices ``keep`` (gate -> indices; a missing gate keeps all)."""
@@ -268,10 +275,10 @@ class GatedNet:
                              f"(full widths {list(self.full)}), got {list(widths)}")
         if widths not in self._programs:
             cut = {n for n, w, f in zip(self.names, widths, self.full) if w < f}
-            graph, gates = self._graph, self.gates
+            twin_of, gates = self._twin, self.gates
 
             def run(state, x, keep):
-                return _forward(nnx.merge(graph, state), gates, x, {n: keep[n] for n in cut}, {})
+                return _forward(twin_of(state), gates, x, {n: keep[n] for n in cut}, {})
 
             self._programs[widths] = jax.jit(run)
         return self._programs[widths]
@@ -284,7 +291,7 @@ class GatedNet:
             raise ValueError(f"unknown gates {sorted(unknown)}; this network's gates are {list(self.names)}")
         widths = self.widths(keep)
         args = {n: jnp.asarray(keep[n], jnp.int32) for n, w, f in zip(self.names, widths, self.full) if w < f}
-        return self.program(widths)(self._state, jnp.asarray(x, jnp.float32), args)
+        return self.program(widths)(self._leaves, jnp.asarray(x, jnp.float32), args)
 
     def latencies(self, widths: list[tuple[int, ...]], x, *, rounds: int = 15,
                   calls: int = 8) -> dict[tuple[int, ...], float]:
@@ -303,8 +310,8 @@ class GatedNet:
         for w in dict.fromkeys(tuple(int(v) for v in t) for t in widths):
             keep = {n: jnp.arange(k, dtype=jnp.int32) for n, k, f in zip(self.names, w, self.full) if k < f}
             program = self.program(w)
-            jax.block_until_ready(program(self._state, x, keep))
-            programs[w] = functools.partial(program, self._state, x, keep)
+            jax.block_until_ready(program(self._leaves, x, keep))
+            programs[w] = functools.partial(program, self._leaves, x, keep)
         times: dict[tuple[int, ...], list[float]] = {w: [] for w in programs}
         for _ in range(max(1, rounds)):
             for w, call in programs.items():
@@ -323,11 +330,11 @@ class GatedNet:
     def recorder_until(self, until: int | None):
         """:attr:`recorder` stopped after block ``until`` (-1: the stem; None: the whole network): ``(None,
         record)`` of the gates up to there."""
-        graph, gates = self._graph, self.gates
+        twin_of, gates = self._twin, self.gates
 
         def run(state, x):
             record: dict = {}
-            logits = _forward(nnx.merge(graph, state), gates, x, {}, {}, record, until)
+            logits = _forward(twin_of(state), gates, x, {}, {}, record, until)
             return logits, record
 
         return run
@@ -392,8 +399,8 @@ class GatedNet:
 
     @functools.cached_property
     def _masked(self):
-        graph, gates = self._graph, self.gates
-        return jax.jit(lambda state, x, zero: _forward(nnx.merge(graph, state), gates, x, {}, zero))
+        twin_of, gates = self._twin, self.gates
+        return jax.jit(lambda state, x, zero: _forward(twin_of(state), gates, x, {}, zero))
 
     def masked(self, x, keep: Mapping[str, object]) -> jax.Array:
         """The reference: the full twin with every gate's dropped channels zeroed where they are read."""
@@ -403,7 +410,7 @@ class GatedNet:
                 mask = np.zeros(width, np.float32)
                 mask[np.asarray(keep[name], int)] = 1.0
                 zero[name] = jnp.asarray(mask)
-        return self._masked(self._state, jnp.asarray(x, jnp.float32), zero)
+        return self._masked(self._leaves, jnp.asarray(x, jnp.float32), zero)
 
 
 __all__ = ["Gate", "GatedNet", "STEM", "find_gates", "gate_depth"]

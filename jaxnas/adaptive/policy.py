@@ -27,7 +27,10 @@ maps the width tuples measured faster than the full network to their millisecond
 over :meth:`ChannelGatePolicy.reachable_widths`, at calibration). Then the budgets choose *how much* is removed
 by time instead of by channel count: of the width tuples the budgets reach, the fastest measured one (where
 BudgetController takes the most channels); the scores still choose *which* channels of each gate go (the lowest).
-A policy that reaches no fast tuple never gates (no probe).
+A policy that reaches no fast tuple never gates (no probe). With the widths fixed, the probe needs evidence only
+for the gates those widths cut: it is *shallow* - it stops after the deepest of them (`gate_depth`; the stem alone
+when only the stem is cut), gives no logits, and every image of the batch, the probed ones included, runs in the
+gated program (the probe's few early-layer MACs are counted in the active fraction).
 
 **Pipelining.** :meth:`ChannelGatePolicy.stream` decides every batch exactly as :meth:`predict` does, but the
 probe of batch ``t + depth`` runs inside batch ``t``'s gated program (one dispatch per batch instead of two), so
