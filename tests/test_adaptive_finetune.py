@@ -5,23 +5,16 @@ policy's own evidence rule at given widths, the policy at those widths keeps far
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_adaptive import ARCHS, _twin
 
 from jaxnas.adaptive.finetune import finetune_for_gating, reader_norms, removal_options
 from jaxnas.adaptive.gated import GatedNet
 from jaxnas.adaptive.policy import ChannelGatePolicy, predict_batches
-from jaxnas.config import SpaceConfig
 from jaxnas.data import load_dataset
-from jaxnas.search.models import build_space, model_for
 
-ARCHS = {  # as in test_adaptive.py: gates of 8 and 16 channels
-    "cnn": "cnn|s1:d2,w8,k3,relu,bn,skip|s2:d2,w16,k3,relu,bn|drop0.0",
-    "resnet": "resnet|s1:d2,w8,k3,relu,bn|s2:d1,w16,k3,relu,bn|drop0.0",
-    "mobilenet": "mobilenet|s1:d2,w8,k3,e2,relu,bn|s2:d1,w16,k3,e2,relu,bn|drop0.0",
-}
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +23,9 @@ def digits():
 
 
 def _net(family: str, images: np.ndarray) -> GatedNet:
-    """A gated twin of ``family`` from its search space (random weights, BatchNorm statistics of 64 images)."""
-    cfg = SpaceConfig(families=[family], channels=[8, 16], max_stages=2, max_depth=2, kernels=[3], expansions=[2],
-                      activations=["relu"], dropouts=[0.0], batchnorm=[True], skip=[False, True])
-    space = build_space(cfg)
-    enc = space.from_string(ARCHS[family])
-    model = model_for(space, cfg, images.shape[1:], 10)
-    params = model.init(jax.random.key(1))
-    stats = model.statistics(params, enc[None], jnp.asarray(images[None, :64]), shared=True)
-    _, twin = model.extract(params, enc, jax.tree.map(lambda a: a[0], stats))
-    twin.eval()
-    return GatedNet(twin)
+    """A gated twin of ``family`` (test_adaptive's: random weights, BatchNorm statistics of 64 images; gates of 8
+    and 16 channels)."""
+    return GatedNet(_twin(family, images))
 
 
 def _leaves(state) -> list[np.ndarray]:
