@@ -57,11 +57,12 @@ PIPELINE_DEPTH = 2  # ChannelGatePolicy.stream: batch t's program carries the pr
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Probe:
-    """What the full-width probe of one batch leaves: ``logits`` ``[P, classes]`` (jax); host numpy arrays for the
-    decision: ``activity`` gate -> ``[C]`` mean |activation|, ``evidence`` gate -> ``[C]`` current evidence (see
-    `ChannelGatePolicy`), ``fingerprint`` ``[64]`` (a unit vector)."""
+    """What the full-width probe of one batch leaves: ``logits`` ``[P, classes]`` (jax; None from a shallow probe,
+    which stops before the head); host numpy arrays for the decision: ``activity`` gate -> ``[C]`` mean
+    |activation|, ``evidence`` gate -> ``[C]`` current evidence (see `ChannelGatePolicy`), ``fingerprint``
+    ``[64]`` (a unit vector)."""
 
-    logits: jax.Array
+    logits: jax.Array | None
     evidence: dict[str, np.ndarray]
     fingerprint: np.ndarray
     activity: dict[str, np.ndarray]
