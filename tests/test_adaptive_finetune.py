@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 from test_adaptive import ARCHS, _twin
 
-from jaxnas.adaptive.finetune import finetune_for_gating, reader_norms, removal_options
+from jaxnas.adaptive.finetune import finetune_for_gating, removal_options
+from jaxnas.adaptive.gated import reader_norms
 from jaxnas.adaptive.gated import GatedNet
 from jaxnas.adaptive.policy import ChannelGatePolicy, predict_batches
 from jaxnas.data import load_dataset
@@ -141,13 +142,24 @@ def test_too_few_images_or_mismatched_labels_raise(tuned_cnn, digits):
         finetune_for_gating(object(), digits.train.images, digits.train.labels)
 
 
-def test_reader_norms_in_jax_equal_the_gated_nets(digits):
+def test_reader_norms_sum_the_norms_of_the_weights_reading_each_channel(digits):
     for family in sorted(ARCHS):
         net = _net(family, digits.train.images)
         twin = nnx.merge(net._graph, net._state)
-        expected = net.reader_norms()
-        for name, value in reader_norms(twin, net.gates).items():
-            np.testing.assert_allclose(np.asarray(value), np.asarray(expected[name]), rtol=1e-5)
+        blocks = list(twin.blocks)
+        got = net.reader_norms()
+        for gate in net.gates:  # the definition, in float64 numpy
+            expected = np.zeros(gate.width)
+            for block, conv in gate.consumers:
+                kernel = np.asarray(getattr(blocks[block], conv).kernel[...], np.float64)
+                expected += np.sqrt((kernel**2).sum(axis=(0, 1, 3)))
+            if gate.head:
+                expected += np.sqrt((np.asarray(twin.head.kernel[...], np.float64) ** 2).sum(axis=1))
+            if not gate.consumers and not gate.head:
+                expected += 1.0
+            np.testing.assert_allclose(np.asarray(got[gate.name]), expected, rtol=1e-5)
+            np.testing.assert_array_equal(np.asarray(reader_norms(twin, net.gates)[gate.name]),
+                                          np.asarray(got[gate.name]))
 
 
 def _policy_accuracy(net: GatedNet, widths: tuple, x, y) -> float:

@@ -342,14 +342,13 @@ def run_adaptive(model, dataset, settings: Settings, *, progress=print) -> dict:
     progress(f"gates {dict(zip(net.names, net.full))}; calibrating {len(settings.bl_grid) * len(settings.Bg_grid)} "
              f"budget pairs on {len(validation[0])} validation images")
     latency = measure_widths(net, validation[0], settings)
-    fast = fast_widths(latency, net.full, settings.min_speedup) or {}
+    fast = fast_widths(latency, net.full, settings.min_speedup)
     if latency:
         progress(f"kept-width programs measured faster than full width ({latency[net.full]:.2f} ms): "
                  f"{len(fast)} of {len(latency) - 1}")
     validation_predictions = predict_batches(net, validation[0], settings.batch_size)
     validation_full = accuracy(validation_predictions, validation[1])
-    gating, finetune = finetune_gates(net, dataset, settings, validation_predictions,
-                                      fast_widths(latency, net.full, settings.min_speedup))
+    gating, finetune = finetune_gates(net, dataset, settings, validation_predictions, fast)
     if finetune is not None:
         progress(f"gate-aware fine-tuning: {finetune}")
     points = calibrate_grid(gating, validation, settings, latency, trained_rule=gating is not net)
@@ -376,7 +375,8 @@ def run_adaptive(model, dataset, settings: Settings, *, progress=print) -> dict:
     return dict(
         arch=model.arch, gates=dict(zip(net.names, net.full)), macs_full=net.macs(net.full, image_shape),
         settings=dataclasses.asdict(settings), validation_accuracy_full=validation_full,
-        latency_ms=[dict(widths=list(w), ms=ms, fast=w in fast) for w, ms in latency.items()], finetune=finetune,
+        latency_ms=[dict(widths=list(w), ms=ms, fast=w in (fast or {})) for w, ms in latency.items()],
+        finetune=finetune,
         test_images=len(test[0]), base=dict(accuracy=base), grid=rows, best=best_point(rows),
         best_by_arm={name: best_point(rows, name) for name in ARMS}, early_exit=early_exit,
     )

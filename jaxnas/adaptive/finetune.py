@@ -32,26 +32,10 @@ import optax
 from flax import nnx
 
 from interop import BudgetController
-from jaxnas.adaptive.gated import GatedNet, _forward
+from jaxnas.adaptive.gated import GatedNet, _forward, reader_norms
 
 
 SELECTIONS = ("random", "evidence")
-
-
-def reader_norms(twin, gates) -> dict[str, jax.Array]:
-    """gate -> ``[C]`` (jax, traceable): `GatedNet.reader_norms` of the twin's current weights."""
-    blocks = list(twin.blocks)
-    out = {}
-    for gate in gates:
-        total = jnp.zeros(gate.width, jnp.float32)
-        for block, conv in gate.consumers:
-            total = total + jnp.sqrt((getattr(blocks[block], conv).kernel[...] ** 2).sum(axis=(0, 1, 3)))
-        if gate.head:
-            total = total + jnp.sqrt((twin.head.kernel[...] ** 2).sum(axis=1))
-        if not gate.consumers and not gate.head:
-            total = total + 1.0
-        out[gate.name] = total
-    return out
 
 
 def removal_options(width: int, *, bl: float, align: int, min_keep: float) -> list[int]:
@@ -217,4 +201,4 @@ def finetune_for_gating(net: GatedNet, images: np.ndarray, labels: np.ndarray, *
     return tuned, summary
 
 
-__all__ = ["SELECTIONS", "finetune_for_gating", "reader_norms", "removal_options"]
+__all__ = ["SELECTIONS", "finetune_for_gating", "removal_options"]

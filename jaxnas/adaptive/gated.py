@@ -99,6 +99,24 @@ def find_gates(twin: TwinConvNet) -> list[Gate]:
     return gates
 
 
+def reader_norms(twin: TwinConvNet, gates: list[Gate]) -> dict[str, jax.Array]:
+    """gate -> ``[C]`` float32 (traceable, so training can recompute it): for each channel the summed L2 norm of
+    the weights that read it - every consumer convolution's input slice and the head's row; a gate read only by
+    depthwise producers weighs its channels alike."""
+    blocks = list(twin.blocks)
+    out = {}
+    for gate in gates:
+        total = jnp.zeros(gate.width, jnp.float32)
+        for block, conv in gate.consumers:
+            total = total + jnp.sqrt((getattr(blocks[block], conv).kernel[...] ** 2).sum(axis=(0, 1, 3)))
+        if gate.head:
+            total = total + jnp.sqrt((twin.head.kernel[...] ** 2).sum(axis=1))
+        if not gate.consumers and not gate.head:
+            total = total + 1.0
+        out[gate.name] = total
+    return out
+
+
 def _conv(module: nnx.Conv, h, kernel, bias, groups: int):
     """``module``'s convolution (strides, padding) with the given (cut) kernel and bias, as nnx.Conv computes it."""
     y = jax.lax.conv_general_dilated(
@@ -289,9 +307,7 @@ class GatedNet:
         unknown = set(keep) - set(self.names)
         if unknown:
             raise ValueError(f"unknown gates {sorted(unknown)}; this network's gates are {list(self.names)}")
-        widths = self.widths(keep)
-        args = {n: jnp.asarray(keep[n], jnp.int32) for n, w, f in zip(self.names, widths, self.full) if w < f}
-        return self.program(widths)(self._leaves, jnp.asarray(x, jnp.float32), args)
+        return self.program(self.widths(keep))(self._leaves, jnp.asarray(x, jnp.float32), self.cut_args(keep))
 
     def latencies(self, widths: list[tuple[int, ...]], x, *, rounds: int = 15,
                   calls: int = 8) -> dict[tuple[int, ...], float]:
@@ -342,20 +358,12 @@ class GatedNet:
     def reader_norms(self) -> dict[str, jax.Array]:
         """gate -> ``[C]``: for each channel, the summed L2 norm of the weights that read it (every consumer
         convolution's input slice, the head's row): ``mean|activation| * this`` estimates what dropping it moves."""
-        twin = nnx.merge(self._graph, self._state)
-        blocks = list(twin.blocks)
-        norms = {}
-        for gate in self.gates:
-            total = np.zeros(gate.width, np.float64)
-            for block, conv in gate.consumers:
-                kernel = np.asarray(getattr(blocks[block], conv).kernel[...], np.float64)
-                total += np.sqrt((kernel**2).sum(axis=(0, 1, 3)))
-            if gate.head:
-                total += np.sqrt((np.asarray(twin.head.kernel[...], np.float64) ** 2).sum(axis=1))
-            if not gate.consumers and not gate.head:  # read only by depthwise producers: weigh channels alike
-                total += 1.0
-            norms[gate.name] = jnp.asarray(total, jnp.float32)
-        return norms
+        return reader_norms(nnx.merge(self._graph, self._state), self.gates)
+
+    def cut_args(self, keep: Mapping[str, object]) -> dict[str, jax.Array]:
+        """The ``keep`` argument of a program: int32 kept indices of the gates ``keep`` cuts below full width."""
+        return {n: jnp.asarray(keep[n], jnp.int32) for n, w, f in zip(self.names, self.widths(keep), self.full)
+                if w < f}
 
     def macs(self, widths: tuple[int, ...], image_shape: tuple[int, int, int]) -> int:
         """Multiply-accumulates of one image ``[H, W, C]`` at ``widths`` (convolutions and the head)."""
@@ -413,4 +421,4 @@ class GatedNet:
         return self._masked(self._leaves, jnp.asarray(x, jnp.float32), zero)
 
 
-__all__ = ["Gate", "GatedNet", "STEM", "find_gates", "gate_depth"]
+__all__ = ["Gate", "GatedNet", "STEM", "find_gates", "gate_depth", "reader_norms"]

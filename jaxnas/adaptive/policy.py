@@ -332,8 +332,7 @@ class ChannelGatePolicy:
                 keep = self._decide(probe)
                 widths = self.net.widths(keep)
                 self._log(Decision(widths, n, 0, used_memory, probe_macs * n_probe))
-                cut = {name: jnp.asarray(keep[name], jnp.int32)
-                       for name, w, f in zip(self.net.names, widths, self.net.full) if w < f}
+                cut = self.net.cut_args(keep)
                 whole = jnp.asarray(x, jnp.float32)
                 if ahead is None:
                     yield self.net.program(widths)(self.net.state, whole, cut)
@@ -351,8 +350,7 @@ class ChannelGatePolicy:
             keep = self._decide(probe)
             widths = self.net.widths(keep)
             self._log(Decision(widths, n, n_probe, used_memory))
-            cut = {name: jnp.asarray(keep[name], jnp.int32)
-                   for name, w, f in zip(self.net.names, widths, self.net.full) if w < f}
+            cut = self.net.cut_args(keep)
             rest = jnp.asarray(x[n_probe:], jnp.float32)
             if ahead is None:
                 logits = self.net.program(widths)(self.net.state, rest, cut)
