@@ -5,7 +5,9 @@
 
 1. the winner of ``make run`` (``runs/quick/model``: a cnn found on mnist5k);
 2. the largest network of the quick space (every stage d2, w32, bn, skip), trained stand-alone with the quick
-   config's final recipe on mnist5k and exported once into ``~/.cache/jaxnas/adaptive/largest`` (reused after).
+   config's final recipe on mnist5k and exported once into ``~/.cache/jaxnas/adaptive/largest`` (reused after);
+3. with ``--networks ...,wide``: the same network at 64 channels per stage (``~/.cache/jaxnas/adaptive/wide64``),
+   on the issue's grid only - the budgets there cut 6-11 of 64 channels, which the 16- / 32-channel gates cannot.
 
 For each: the kept-width programs timed, gate-aware fine-tuning (train split) for the fast ones, calibration and
 the 0.5-point guardrail on validation (on the drop's one-sided 95% bound), then the test report of
@@ -55,6 +57,8 @@ QUICK_SETTINGS = {"bl_grid": (0.5,), "Bg_grid": (0.5,), "align": 4, "batch_size"
                   "latency_rounds": 3}
 BL_GRID = (0.10, 0.12, 0.18, 0.25, 0.5)
 BG_GRID = (0.05, 0.06, 0.08, 0.125, 0.25)
+ISSUE_BL, ISSUE_BG = (0.10, 0.12, 0.18), (0.05, 0.06, 0.08)  # the budget grid issue 19 names
+WIDE = ("space.channels=[64]",)  # --networks wide: the quick space's largest network at 64 channels per stage
 
 
 def largest_model(config: str, folder: Path, overrides: tuple[str, ...] = ()):
@@ -80,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--winner", default="runs/quick/model")
     parser.add_argument("--config", default="configs/quick.yaml")
     parser.add_argument("--largest", default=str(Path.home() / ".cache" / "jaxnas" / "adaptive" / "largest"))
+    parser.add_argument("--wide", default=str(Path.home() / ".cache" / "jaxnas" / "adaptive" / "wide64"))
+    parser.add_argument("--networks", default="winner,largest",
+                        help="comma-separated: winner, largest, wide (the largest network at 64 channels per stage, "
+                             "on the issue's grid bl {0.10, 0.12, 0.18} x Bg {0.05, 0.06, 0.08} only)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: a one-network search and a tiny space's largest network on digits (in a "
@@ -94,17 +102,27 @@ def main(argv: list[str] | None = None) -> int:
             models = {"winner": load_model(run),
                       "largest": largest_model(args.config, Path(folder) / "largest", tuple(QUICK_SPACE))}
             return _report(models, load_dataset("digits"), Settings(**QUICK_SETTINGS), args.json)
-    models = {"winner": load_model(args.winner), "largest": largest_model(args.config, Path(args.largest))}
+    networks = [n.strip() for n in args.networks.split(",") if n.strip()]
+    unknown = sorted(set(networks) - {"winner", "largest", "wide"})
+    if unknown or not networks:
+        parser.error(f"--networks: expected a comma-separated subset of winner, largest, wide, got {args.networks!r}")
+    load = {"winner": lambda: load_model(args.winner),
+            "largest": lambda: largest_model(args.config, Path(args.largest)),
+            "wide": lambda: largest_model(args.config, Path(args.wide), WIDE)}
+    models = {name: load[name]() for name in networks}
     settings = Settings(repeats=args.repeats, bl_grid=BL_GRID, Bg_grid=BG_GRID)
-    return _report(models, load_dataset("mnist5k"), settings, args.json)
+    per_network = {"wide": dataclasses.replace(settings, bl_grid=ISSUE_BL, Bg_grid=ISSUE_BG)}
+    return _report(models, load_dataset("mnist5k"), settings, args.json, per_network)
 
 
-def _report(models: dict, dataset, settings: Settings, json_path: str | None) -> int:
+def _report(models: dict, dataset, settings: Settings, json_path: str | None,
+            per_network: dict[str, Settings] | None = None) -> int:
     reports = {}
     for name, model in models.items():
         print(f"\n== {name}: {model.arch}", flush=True)
         start = time.perf_counter()
-        reports[name] = run_adaptive(model, dataset, settings, progress=lambda line: print(line, flush=True))
+        own = (per_network or {}).get(name, settings)
+        reports[name] = run_adaptive(model, dataset, own, progress=lambda line: print(line, flush=True))
         print(f"{name}: base test accuracy {reports[name]['base']['accuracy']:.1f} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
         for arm, best in reports[name]["best_by_arm"].items():

@@ -23,7 +23,7 @@ MACRO_FAMILIES = ("mlp", *BLOCK_FAMILIES)  # jaxnas.spaces.macro.FAMILIES, witho
 SPACES = ("macro", "nb201", "transformer", "lm")
 LM_OBJECTIVES = ("val_ppl:min", "params:min")
 """The objectives of a space.name=lm run that leaves objectives.objectives at its (image) default."""
-IMAGE_ONLY_METRICS = ("val_accuracy", "macs", "latency_ms")
+IMAGE_ONLY_METRICS = ("val_accuracy", "macs", "latency_ms", "avg_macs")
 LM_ONLY_METRICS = ("val_ppl", "macs_per_token", "kv_bytes_per_token", "latency_ms_per_token")
 
 
@@ -241,6 +241,12 @@ class ObjectivesConfig:
     )
     latency_repeats: int = _field(20, "Timed calls (median) per latency measurement on the standalone twin.", min=3)
     latency_batch: int = _field(1, "Batch size of the latency measurement.", min=1)
+    exit_epochs: int = _field(10, "avg_macs: epochs of each candidate's exit-head training (backbone frozen).",
+                              min=1)
+    exit_train_images: int = _field(2048, "avg_macs: training images the exit heads of each candidate see.", min=1)
+    exit_grid: int = _field(4, "avg_macs: exit heads read features averaged over a grid x grid partition.", min=1)
+    exit_max_drop: float = _field(0.5, "avg_macs: guardrail, max validation accuracy drop (points) of the exits.")
+    exit_guardrail_z: float = _field(1.645, "avg_macs: the guardrail holds the drop plus this many standard errors.")
     quant: Literal["fp32", "bf16", "int8", "int4"] = _field(
         "fp32", "space.name=lm: weight precision of size_bytes (jaxnas.quant: matrices stored at it, the rest "
         "float32) and of the winner's measured quantised test perplexity (its dequantised weights evaluated)."
@@ -400,11 +406,26 @@ class RunConfig:
             )
         self._check_differentiable()
         self._check_text()
+        self._check_exits()
         if self.population.backend == "sized" and self.space.name not in ("macro", "lm"):
             raise ValueError(
                 f"population.backend=sized computes macro-space and language-model candidates at their own sizes, "
                 f"got space.name={self.space.name!r}; use population.backend=auto or masked"
             )
+
+    def _check_exits(self):
+        """avg_macs attaches early exits to conv twins after training: macro space, modes train / oneshot."""
+        named = [o.split(":")[0].strip() for o in self.objectives.objectives]
+        named += [c.split("<")[0].split(">")[0].strip() for c in self.objectives.constraints]
+        if "avg_macs" not in named:
+            return
+        if self.space.name != "macro" or self.mode not in ("train", "oneshot"):
+            raise ValueError(f"avg_macs (MACs per image with early exits) is measured for the macro space in mode train "
+                             f"or oneshot, got space.name={self.space.name}, mode={self.mode}; use space.name=macro "
+                             "with mode=train or oneshot, or the objective macs")
+        if not self.objectives.exit_max_drop >= 0 or not self.objectives.exit_guardrail_z >= 0:
+            raise ValueError(f"objectives.exit_max_drop (points) and objectives.exit_guardrail_z (standard errors) "
+                             f"must be >= 0, got {self.objectives.exit_max_drop} and {self.objectives.exit_guardrail_z}")
 
     def _check_text(self):
         """Text data goes with the lm space and the lm space with text data; an lm run measures its own metrics

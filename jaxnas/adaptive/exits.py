@@ -216,15 +216,20 @@ class EarlyExitNet:
             origin, alive = origin[order], stay.sum()
         return logits_out, where
 
-    def segment_macs(self, net: GatedNet, image_shape) -> list[int]:
-        """MACs of one image leaving at exit ``k`` (the last: the twin's head), heads on the way included (every
-        exit's head counts: the thresholds are not known yet when the calibration needs these)."""
+    def segment_macs(self, net: GatedNet, image_shape, *, deployed: bool = False) -> list[int]:
+        """MACs of one image leaving at exit ``k`` (the last: the twin's head), heads on the way included.
+
+        By default every exit's head counts (the thresholds are not known yet when the calibration needs these);
+        ``deployed=True`` counts only the heads the current thresholds use (finite), as :meth:`fused_forward`
+        computes: with every threshold ``inf`` the last entry is the twin's own MACs."""
         layers = net.layer_macs(net.full, image_shape)
         classes = self.twin.head.out_features
+        used = [j for j in range(len(self.exits))
+                if not deployed or (j < len(self.thresholds) and self.thresholds[j] != np.inf)]
         out = []
         for k in range(len(self._bounds) - 1):
             backbone = layers[0] + sum(layers[1 : self._bounds[k + 1] + 1])
-            heads = sum(int(self.heads[j]["w"].shape[0]) * classes for j in range(min(k + 1, len(self.exits))))
+            heads = sum(int(self.heads[j]["w"].shape[0]) * classes for j in used if j <= k)
             out.append(backbone + heads + (layers[-1] if k == len(self.exits) else 0))
         return out
 
@@ -366,5 +371,57 @@ def calibrate_thresholds(all_logits: list[np.ndarray], labels: np.ndarray, segme
     return best
 
 
-__all__ = ["EarlyExitNet", "average_macs", "calibrate_thresholds", "exit_pool", "exit_points", "fused_buckets",
-           "policy_accuracy", "train_heads"]
+@dataclasses.dataclass
+class ExitCalibration:
+    """An early-exit network with validation-calibrated thresholds, the MACs of leaving at each exit (heads the
+    thresholds use only) and what validation said of the whole policy (`fit_exits`)."""
+
+    net: EarlyExitNet
+    segment_macs: list[int]
+    validation: dict
+
+
+def logits_by_exit(net: EarlyExitNet, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Every exit's logits of ``images`` (the last: the twin's head), ``batch_size`` images at a time."""
+    parts = [net.all_logits(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    return [np.concatenate(p) for p in zip(*parts)]
+
+
+def fit_exits(twin: TwinConvNet, train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray], *,
+              epochs: int, grid: int, max_drop: float, z: float, batch_size: int = 256, seed: int = 0,
+              net: GatedNet | None = None) -> ExitCalibration:
+    """Exit heads after every block but the last trained on ``train`` (backbone frozen, `train_heads`), thresholds
+    chosen on ``validation`` (`calibrate_thresholds`, the drop's bound ``z``) and the whole policy checked there.
+
+    ``validation["avg_macs"]`` is what the calibrated network computes per validation image on average (the heads
+    whose threshold is ``inf`` are not run; where the exits would save no MACs every threshold becomes ``inf``, so
+    a network no exit helps costs exactly the twin's MACs). ``net``: a
+    `GatedNet` of ``twin`` if one exists (it counts the layers' MACs)."""
+    from jaxnas.adaptive.calibrate import accuracy, drop_bound
+
+    gated = GatedNet(twin) if net is None else net
+    image_shape = tuple(int(v) for v in validation[0].shape[1:])
+    exit_net = EarlyExitNet(twin, exit_points(twin), [], [], grid=grid)
+    exit_net.heads = train_heads(exit_net, *train, epochs=epochs, batch_size=batch_size, seed=seed)
+    logits = logits_by_exit(exit_net, validation[0], batch_size)
+    exit_net.thresholds = calibrate_thresholds(logits, validation[1], exit_net.segment_macs(gated, image_shape),
+                                               max_drop=max_drop, z=z)
+    segment_macs = exit_net.segment_macs(gated, image_shape, deployed=True)
+    labels = validation[1]
+    acc, where = policy_accuracy(logits, labels, exit_net.thresholds)
+    if average_macs(where, segment_macs) >= gated.macs(gated.full, image_shape):  # the heads cost what exits save
+        exit_net.thresholds = [np.inf] * len(exit_net.exits)
+        segment_macs = exit_net.segment_macs(gated, image_shape, deployed=True)
+        acc, where = policy_accuracy(logits, labels, exit_net.thresholds)
+    predictions = np.stack([lg.argmax(-1) for lg in logits])[where, np.arange(len(where))]
+    drop, bound = drop_bound(logits[-1].argmax(-1) == labels, predictions == labels, z)
+    return ExitCalibration(exit_net, segment_macs, dict(
+        accuracy_full=accuracy(logits[-1].argmax(-1), labels), accuracy=acc, accuracy_drop=drop, drop_bound=bound,
+        holds=bound <= max_drop + 1e-9, head_accuracy=[accuracy(lg.argmax(-1), labels) for lg in logits[:-1]],
+        avg_macs=average_macs(where, segment_macs),
+        exit_rates=(np.bincount(where, minlength=len(exit_net.exits) + 1) / max(len(where), 1)).tolist(),
+    ))
+
+
+__all__ = ["EarlyExitNet", "ExitCalibration", "average_macs", "calibrate_thresholds", "exit_pool", "exit_points",
+           "fit_exits", "fused_buckets", "logits_by_exit", "policy_accuracy", "train_heads"]

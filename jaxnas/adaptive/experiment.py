@@ -35,14 +35,7 @@ from jaxnas.adaptive.calibrate import (
     outcomes,
     reference_of,
 )
-from jaxnas.adaptive.exits import (
-    EarlyExitNet,
-    average_macs,
-    calibrate_thresholds,
-    exit_points,
-    policy_accuracy,
-    train_heads,
-)
+from jaxnas.adaptive.exits import ExitCalibration, average_macs, fit_exits
 from jaxnas.adaptive.finetune import finetune_for_gating
 from jaxnas.adaptive.gated import GatedNet
 from jaxnas.adaptive.policy import ChannelGatePolicy, active_fraction, predict_batches, stream_classes
@@ -177,40 +170,11 @@ def calibrate_grid(net: GatedNet, validation, settings: Settings,
     return points
 
 
-@dataclass
-class ExitCalibration:
-    """The early-exit network with validation-calibrated thresholds and what validation said of it."""
-
-    net: EarlyExitNet
-    segment_macs: list[int]
-    validation: dict
-
-
-def _logits_by_exit(net: EarlyExitNet, images: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    parts = [net.all_logits(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    return [np.concatenate(p) for p in zip(*parts)]
-
-
-def calibrate_exits(model, gated: GatedNet, train, validation, settings: Settings, image_shape) -> ExitCalibration:
+def calibrate_exits(model, gated: GatedNet, train, validation, settings: Settings) -> ExitCalibration:
     """Exit heads trained on ``train`` (backbone frozen), thresholds chosen and the guardrail checked on
-    ``validation`` for the whole policy."""
-    net = EarlyExitNet(model.twin, exit_points(model.twin), [], [], grid=settings.exit_grid)
-    net.heads = train_heads(net, *train, epochs=settings.exit_epochs)
-    segment_macs = net.segment_macs(gated, image_shape)
-    logits = _logits_by_exit(net, validation[0], settings.batch_size)
-    net.thresholds = calibrate_thresholds(logits, validation[1], segment_macs, max_drop=settings.max_drop,
-                                          z=settings.guardrail_z)
-    base = accuracy(logits[-1].argmax(-1), validation[1])
-    acc, where = policy_accuracy(logits, validation[1], net.thresholds)
-    predictions = np.stack([lg.argmax(-1) for lg in logits])[where, np.arange(len(where))]
-    drop, bound = drop_bound(logits[-1].argmax(-1) == validation[1], predictions == validation[1],
-                             settings.guardrail_z)
-    return ExitCalibration(net, segment_macs, dict(
-        accuracy_full=base, accuracy=acc, accuracy_drop=drop, drop_bound=bound,
-        holds=bound <= settings.max_drop + 1e-9,
-        head_accuracy=[accuracy(lg.argmax(-1), validation[1]) for lg in logits[:-1]],
-        avg_macs=average_macs(where, segment_macs),
-    ))
+    ``validation`` for the whole policy (`jaxnas.adaptive.exits.fit_exits` with this run's settings)."""
+    return fit_exits(model.twin, train, validation, epochs=settings.exit_epochs, grid=settings.exit_grid,
+                     max_drop=settings.max_drop, z=settings.guardrail_z, batch_size=settings.batch_size, net=gated)
 
 
 def report_exits(calibrated: ExitCalibration, test, settings: Settings, base_accuracy: float, gated: GatedNet) -> dict:
@@ -354,8 +318,7 @@ def run_adaptive(model, dataset, settings: Settings, *, progress=print) -> dict:
     points = calibrate_grid(gating, validation, settings, latency, trained_rule=gating is not net)
     exits = None
     if settings.exit_epochs:
-        exits = calibrate_exits(model, net, (dataset.train.images, dataset.train.labels), validation, settings,
-                                image_shape)
+        exits = calibrate_exits(model, net, (dataset.train.images, dataset.train.labels), validation, settings)
         progress(f"early exits after blocks {exits.net.exits}: validation {exits.validation}")
     # The guardrail has been enforced on every arm of every grid point and on the early exits: only now is the
     # test split read.

@@ -35,6 +35,7 @@ from jaxnas.config import RunConfig
 from jaxnas.data.core import Dataset
 from jaxnas.distributed import to_host, tree_to_host
 from jaxnas.search import halving
+from jaxnas.search import objectives as obj
 from jaxnas.search.models import SearchModel, is_lm
 from jaxnas.status import Status
 from jaxnas.tables import QueryCounter, Table
@@ -132,6 +133,7 @@ class _Trained:
         self.data = _device_data(dataset, cfg.supernet.bn_batches, cfg.supernet.batch_size, cfg.seed)
         self.optimizer = optax.adam(cfg.train.learning_rate)
         self.sized = _sized_scoring(cfg.population.backend, model)  # each candidate at its own sizes where it applies
+        self.exits = obj.needs_exits(cfg)  # avg_macs: early exits fitted to every scored candidate
 
     def score(self, params, encs, x, y, *, shared: bool) -> dict[str, np.ndarray]:
         """{"accuracy", "loss"} [P] of candidates with their own recalibrated BatchNorm statistics.
@@ -224,6 +226,33 @@ class _Trained:
                 rows[-1]["val_ppl"] = perplexity(loss)
         return rows
 
+    def add_avg_macs(self, rows: list[dict], params, encs: np.ndarray, *, shared: bool) -> list[dict]:
+        """``rows`` with ``avg_macs`` (`objectives.exit_avg_macs`) for candidates ``encs`` when the run names it:
+        each scored candidate's twin (its weights - ``params`` per candidate, or the ``shared`` supernet's - and
+        recalibrated statistics) gets exits trained on objectives.exit_train_images training images (a seeded
+        draw) and calibrated on validation; failed candidates get nan."""
+        if not self.exits:
+            return rows
+        train_xy, validation = self.exit_data()
+        for i, row in enumerate(rows):
+            if not np.isfinite(row.get("val_loss", np.nan)):
+                row["avg_macs"] = float("nan")
+                continue
+            p = params if shared else tree_to_host(jax.tree.map(lambda a: a[i], params))
+            enc = np.asarray(encs[i])
+            stats = self.model.statistics(p, jnp.asarray(enc[None], jnp.int32), self.data.bn_batches, shared=True)
+            stats = None if stats is None else jax.tree.map(lambda a: a[0], stats)
+            _, twin = self.model.extract(p, enc, stats)
+            row["avg_macs"] = obj.exit_avg_macs(self.model, twin, enc, train_xy, validation, self.cfg)
+        return rows
+
+    def exit_data(self) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        """(train, validation) images and labels of exit fitting: objectives.exit_train_images of the train split
+        (a draw seeded by the run's seed) and the whole validation split."""
+        train = self.dataset.train
+        draw = np.random.default_rng(self.cfg.seed).permutation(len(train.labels))[: self.cfg.objectives.exit_train_images]
+        return (train.images[draw], train.labels[draw]), (self.dataset.validation.images, self.dataset.validation.labels)
+
     def signal(self, row: dict) -> float:
         """What ranks trained candidates (maximised): validation accuracy, or -validation loss for a language
         model."""
@@ -294,7 +323,7 @@ class TrainEvaluator(_Trained):
         per_size = _sized_training(self.cfg.population.backend, self.model, _mesh_for(len(encs)))
         batch = np.asarray(encs, np.int32) if per_size else _padded(encs, self.population)
         result, scores = self.train_candidates(batch, epochs, self.cfg.train.patience, seed, self.start)
-        return self._rows(result.status, scores, len(encs))
+        return self.add_avg_macs(self._rows(result.status, scores, len(encs)), result.params, encs, shared=False)
 
 
 class OneShotEvaluator(_Trained):
@@ -307,10 +336,10 @@ class OneShotEvaluator(_Trained):
     def evaluate(self, encs: np.ndarray, generation: int) -> list[dict]:
         if self.sized:  # every candidate at its own sizes; no padding to P needed (nothing is recompiled)
             scores = self._score_sized(self.params, encs, self.data.val_x, self.data.val_y, shared=True)
-            return self._rows(None, scores, len(encs))
-        padded = _padded(encs, self.population)
-        scores = self.score(self.params, padded, self.data.val_x, self.data.val_y, shared=True)
-        return self._rows(None, scores, len(encs))
+        else:
+            scores = self.score(self.params, _padded(encs, self.population), self.data.val_x, self.data.val_y,
+                                shared=True)
+        return self.add_avg_macs(self._rows(None, scores, len(encs)), self.params, encs, shared=True)
 
 
 def perplexity(loss: float) -> float:

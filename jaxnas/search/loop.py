@@ -93,7 +93,8 @@ class SearchRun:
         self.space = build_space(cfg.space)
         self.lm = cfg.space.name == "lm"
         self.trained_names, self.cheap_names, self.measured_names = obj.metric_names(cfg.space.name)
-        allowed = obj.TABLE if cfg.mode == "table" else (*self.trained_names, *self.cheap_names, *self.measured_names)
+        allowed = obj.TABLE if cfg.mode == "table" else (*self.trained_names, *self.cheap_names, *self.measured_names,
+                                                         *(() if self.lm else (obj.EXITS,)))
         self.objectives = obj.parse_objectives(cfg.objectives.objectives, allowed)
         self.constraints = tuple(obj.parse_constraint(c, allowed) for c in cfg.objectives.constraints)
         self.latency_name = self.measured_names[0]  # latency_ms, or latency_ms_per_token for a language model
@@ -338,6 +339,8 @@ class SearchRun:
             metrics.append("epochs")  # the fidelity a candidate was scored at (fast mode, successive halving)
         if self.needs_latency:
             metrics.append(self.latency_name)
+        if obj.needs_exits(self.cfg):
+            metrics.append(obj.EXITS)
         if self.cfg.search.prefilter != "none":
             metrics.append(self.cfg.search.prefilter)  # the zero-cost proxy's value (pre-filter)
         return ["generation", "index", "arch", "status", "fitness", *metrics, "cached_from"]
@@ -559,6 +562,10 @@ class SearchRun:
                                               ("kendall_tau", "spearman", "n", "params_kendall_tau",
                                                "synflow_kendall_tau", "warning")
                                               if k in f["ranking"]}
+                    if "early_exits" in f:
+                        summary["early_exits"] = {k: f["early_exits"][k] for k in
+                                                  ("avg_macs", "macs_saved_fraction", "test_accuracy_drop")
+                                                  if k in f["early_exits"]}
             _write(self.out / "best.json", json.dumps(json_safe(record), indent=2) + "\n")
         summary["seconds"] = round(time.perf_counter() - started, 2)  # this process: set-up, search, final
         if jax.process_count() > 1:
@@ -622,11 +629,20 @@ class SearchRun:
             "ranking": self._ranking(control, per_arch),
             "seconds": round(time.perf_counter() - start, 2),
         }
+        if obj.needs_exits(self.cfg):  # the winner's early exits, guarded on validation, then read on test
+            _, twin = self.model.extract(result["params"], encs[w], result["bn_stats"])
+            final["early_exits"] = obj.exit_report(self.model, twin, encs[w], *self.evaluator.exit_data(),
+                                                   (test_x, test_y), self.cfg)
         export_model(self.out / "model", self.model, self.cfg.space, encs[w], result["params"], result["bn_stats"],
                      {"test_accuracy": final["test_accuracy"], "val_accuracy": final["val_accuracy"]})
         self.log(f"final: retrained {len(archs)} architectures x {fc.seeds} seeds for up to {fc.epochs} epochs in "
                  f"{final['seconds']:.1f} s; best {final['arch']}: test accuracy {_mean_std(winner['test_accuracy'])} "
                  f"(validation {_mean_std(winner['val_accuracy'])})")
+        if "early_exits" in final:
+            e = final["early_exits"]
+            self.log(f"early exits of the winner: {e['avg_macs']:,.0f} MACs per test image on average "
+                     f"({e['macs_saved_fraction']:.1%} fewer than its {final['macs']:,}), test accuracy drop "
+                     f"{e.get('test_accuracy_drop', 0.0):.2f} points")
         for name, b in final["baselines"].items():
             scored = f" (search score {b['search_fitness']:.4f})" if "search_fitness" in b else ""
             self.log(f"baseline {name}: {b['arch']}{scored}: test accuracy {_mean_std(b['test_accuracy'])}")

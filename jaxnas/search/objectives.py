@@ -5,6 +5,10 @@ Metric names (what ``objectives.objectives`` and ``objectives.constraints`` may 
     val_accuracy, val_loss      from training / evaluation (modes train, oneshot)
     params, macs, size_bytes    analytic, computed before anything is trained (cheap)
     latency_ms                  measured on the standalone twin (jit, warm-up, median of repeated calls)
+    avg_macs                    MACs per image with early exits (space.name=macro): exit heads trained on the
+                                candidate's trained (or inherited) weights, thresholds calibrated on validation under
+                                objectives.exit_max_drop (`jaxnas.adaptive.exits.fit_exits`); a network no exit helps,
+                                and an mlp, costs its macs
     signal, report              table mode: the configured columns
 
 Language-model runs (space.name=lm) measure their own (`metric_names`):
@@ -35,6 +39,7 @@ from jaxnas.search.pareto import Objective, parse_objective
 IMAGE_CHEAP = ("params", "macs", "size_bytes")
 IMAGE_MEASURED = ("latency_ms",)
 IMAGE_TRAINED = ("val_accuracy", "val_loss")
+EXITS = "avg_macs"  # measured after training, only when an objective or constraint names it (`needs_exits`)
 LM_CHEAP = ("params", "macs_per_token", "kv_bytes_per_token", "size_bytes")
 LM_MEASURED = ("latency_ms_per_token",)
 LM_TRAINED = ("val_ppl", "val_loss")
@@ -43,7 +48,7 @@ TABLE = ("signal", "report")
 # space.name=lm and language-model metrics for the others); `metric_names` gives one space's.
 CHEAP = tuple(dict.fromkeys(IMAGE_CHEAP + LM_CHEAP))
 MEASURED = IMAGE_MEASURED + LM_MEASURED
-TRAINED = tuple(dict.fromkeys(IMAGE_TRAINED + LM_TRAINED))
+TRAINED = tuple(dict.fromkeys(IMAGE_TRAINED + LM_TRAINED + (EXITS,)))
 
 
 def metric_names(space_name: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
@@ -52,6 +57,58 @@ def metric_names(space_name: str) -> tuple[tuple[str, ...], tuple[str, ...], tup
     if space_name == "lm":
         return LM_TRAINED, LM_CHEAP, LM_MEASURED
     return IMAGE_TRAINED, IMAGE_CHEAP, IMAGE_MEASURED
+
+
+def needs_exits(cfg) -> bool:
+    """Whether a run's objectives or constraints name ``avg_macs`` (then every trained candidate gets exits)."""
+    named = [o.split(":")[0].strip() for o in cfg.objectives.objectives]
+    named += [re.split(r"[<>]", c)[0].strip() for c in cfg.objectives.constraints]
+    return EXITS in named
+
+
+def fit_candidate_exits(twin, train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray], cfg):
+    """`jaxnas.adaptive.exits.fit_exits` of a candidate's ``twin`` with the run's objectives.exit_* settings, or
+    None if it is not a conv network or has a single block (nowhere to exit: it costs its macs)."""
+    from jaxnas.adaptive.exits import fit_exits
+    from jaxnas.supernet.conv import TwinConvNet
+
+    if not isinstance(twin, TwinConvNet) or len(twin.blocks) < 2:
+        return None
+    o = cfg.objectives
+    return fit_exits(twin, train, validation, epochs=o.exit_epochs, grid=o.exit_grid, max_drop=o.exit_max_drop,
+                     z=o.exit_guardrail_z, seed=cfg.seed)
+
+
+def exit_avg_macs(model, twin, enc, train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
+                  cfg) -> float:
+    """``avg_macs`` of candidate ``enc`` with its ``twin`` (trained or inherited weights) on validation
+    (`fit_candidate_exits`); the twin's macs where no exit can be attached."""
+    fitted = fit_candidate_exits(twin, train, validation, cfg)
+    return float(model.macs(enc)) if fitted is None else float(fitted.validation["avg_macs"])
+
+
+def exit_report(model, twin, enc, train, validation, test, cfg) -> dict:
+    """The final winner's early exits: fitted and guarded on validation as during the search, then read on test
+    (policy accuracy, its drop against the twin's own head, exit rates and average MACs)."""
+    from jaxnas.adaptive.exits import average_macs, logits_by_exit, policy_accuracy
+
+    macs = float(model.macs(enc))
+    fitted = fit_candidate_exits(twin, train, validation, cfg)
+    if fitted is None:
+        return {"exits_after_blocks": [], "avg_macs_validation": macs, "avg_macs": macs, "macs_saved_fraction": 0.0}
+    logits = logits_by_exit(fitted.net, test[0], 256)
+    full = 100.0 * float(np.mean(logits[-1].argmax(-1) == test[1]))
+    acc, where = policy_accuracy(logits, test[1], fitted.net.thresholds)
+    avg = average_macs(where, fitted.segment_macs)
+    return {
+        "exits_after_blocks": fitted.net.exits, "thresholds": fitted.net.thresholds,
+        "validation": fitted.validation, "avg_macs_validation": fitted.validation["avg_macs"],
+        "test_accuracy_full": full, "test_accuracy": acc, "test_accuracy_drop": full - acc,
+        "exit_rates": (np.bincount(where, minlength=len(fitted.net.exits) + 1) / len(where)).tolist(),
+        "avg_macs": avg, "macs_saved_fraction": 1 - avg / macs,
+    }
+
+
 _CONSTRAINT = re.compile(r"^\s*([a-z_]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
 
 
