@@ -30,7 +30,9 @@ def _net(family: str, images: np.ndarray) -> GatedNet:
 
 
 def _leaves(state) -> list[np.ndarray]:
-    return [np.asarray(a) for a in jax.tree.leaves(state)]
+    """Every leaf as numpy (an RNG key as its key data)."""
+    return [np.asarray(jax.random.key_data(a) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else a)
+            for a in jax.tree.leaves(state)]
 
 
 def _stats(net: GatedNet) -> list[np.ndarray]:

@@ -79,9 +79,12 @@ def channel_sensitivity(net: GatedNet, images: np.ndarray, labels: np.ndarray) -
 
 
 def collect_evidence(
-    policy: ChannelGatePolicy, images: np.ndarray, labels: np.ndarray, *, batch_size: int
+    policy: ChannelGatePolicy, images: np.ndarray, labels: np.ndarray, *, batch_size: int, sensitivity: bool = True
 ) -> list[BatchEvidence]:
-    """Step 1 of the module docstring over ``images`` (validation), in batches of ``batch_size``."""
+    """Step 1 of the module docstring over ``images`` (validation), in batches of ``batch_size``.
+
+    ``sensitivity=False`` leaves each batch's importance empty (one masked forward per channel saved) for a caller
+    that replaces it (`evidence_rule`)."""
     found = []
     for start in range(0, len(images), batch_size):
         x, y = images[start : start + batch_size], labels[start : start + batch_size]
@@ -90,7 +93,7 @@ def collect_evidence(
         probe = policy.probe(x[: policy.probe_images], full=True)
         whole = policy.probe(x, full=True)
         found.append(BatchEvidence(x, y, probe.fingerprint, probe.activity, whole.activity,
-                                   channel_sensitivity(policy.net, x, y)))
+                                   channel_sensitivity(policy.net, x, y) if sensitivity else {}))
     if not found:
         raise ValueError(f"no calibration batch has more than probe_images={policy.probe_images} images; use more "
                          "validation images or fewer probe images")

@@ -28,6 +28,7 @@ from flax import nnx
 
 from jaxnas.adaptive.gated import GatedNet
 from jaxnas.supernet.conv import TwinConvNet
+from jaxnas.supernet.weights import concrete_rngs
 
 
 def exit_points(twin: TwinConvNet) -> list[int]:
@@ -47,8 +48,8 @@ class EarlyExitNet:
     grid: int = 1  # exit heads read the features averaged over a grid x grid partition of the positions
 
     def __post_init__(self):
-        self._graph, self._state = nnx.split(self.twin)
-        self._leaves, self._treedef = jax.tree.flatten(self._state)  # the fused program's state: see GatedNet
+        self._graph, self._state = nnx.split(concrete_rngs(self.twin))  # arrays only: see GatedNet
+        self._leaves, self._treedef = jax.tree.flatten(self._state)
         self._bounds = [0, *(k + 1 for k in self.exits), len(self.twin.blocks)]
         self._fused: dict[tuple, object] = {}
         self.fused_traces = 0  # times a fused program was traced: one per threshold setting and batch shape
@@ -56,10 +57,10 @@ class EarlyExitNet:
     @functools.cached_property
     def _segments(self):
         """Jitted ``(state, h, heads) -> (h, logits)`` per segment: blocks between exits, then that exit's head."""
-        graph, bounds, grid = self._graph, self._bounds, self.grid
+        graph, treedef, bounds, grid = self._graph, self._treedef, self._bounds, self.grid
 
         def segment(index, state, h, head):
-            twin = nnx.merge(graph, state)
+            twin = nnx.merge(graph, jax.tree.unflatten(treedef, state))
             if index == 0:
                 h = jax.nn.relu(twin.stem(h))
             for block in list(twin.blocks)[bounds[index] : bounds[index + 1]]:
@@ -72,10 +73,10 @@ class EarlyExitNet:
     @functools.cached_property
     def _trunks(self):
         """Jitted ``(state, h) -> (h, pooled)`` per segment before an exit: its blocks only (no head)."""
-        graph, bounds, grid = self._graph, self._bounds, self.grid
+        graph, treedef, bounds, grid = self._graph, self._treedef, self._bounds, self.grid
 
         def trunk(index, state, h):
-            twin = nnx.merge(graph, state)
+            twin = nnx.merge(graph, jax.tree.unflatten(treedef, state))
             if index == 0:
                 h = jax.nn.relu(twin.stem(h))
             for block in list(twin.blocks)[bounds[index] : bounds[index + 1]]:
@@ -88,7 +89,7 @@ class EarlyExitNet:
         """Pooled ``[B, grid * grid * C_k]`` features at every exit (full batch, no exiting; see `exit_pool`)."""
         out, h = [], jnp.asarray(x, jnp.float32)
         for trunk in self._trunks:
-            h, pooled = trunk(self._state, h)
+            h, pooled = trunk(self._leaves, h)
             out.append(pooled)
         return out
 
@@ -96,7 +97,7 @@ class EarlyExitNet:
         """Logits of every exit and the final head for every image (no exiting): ``[n_exits + 1] x [B, classes]``."""
         out, h = [], jnp.asarray(x, jnp.float32)
         for i, segment in enumerate(self._segments):
-            h, logits = segment(self._state, h, self.heads[i] if i < len(self.exits) else None)
+            h, logits = segment(self._leaves, h, self.heads[i] if i < len(self.exits) else None)
             out.append(np.asarray(logits))
         return out
 
@@ -110,9 +111,9 @@ class EarlyExitNet:
         for i, segment in enumerate(self._segments):
             last = i == len(self.exits)
             if not last and self.thresholds[i] == np.inf:  # nobody leaves here: no head, no look at the host
-                h, _ = self._trunks[i](self._state, h)
+                h, _ = self._trunks[i](self._leaves, h)
                 continue
-            h, logits = segment(self._state, h, None if last else self.heads[i])
+            h, logits = segment(self._leaves, h, None if last else self.heads[i])
             logits = np.asarray(logits)[: len(alive)]
             if last:
                 logits_out[alive] = logits

@@ -148,7 +148,7 @@ def calibrate_grid(net: GatedNet, validation, settings: Settings,
     common = dict(align=settings.align, min_keep=settings.min_keep, probe_images=settings.probe_images,
                   wcur=settings.wcur, wmem=settings.wmem)
     evidence = collect_evidence(ChannelGatePolicy(net, **common), images[:half], labels[:half],
-                                batch_size=settings.calibration_batch)
+                                batch_size=settings.calibration_batch, sensitivity=not trained_rule)
     if trained_rule:
         evidence = evidence_rule(net, evidence)
     reference = reference_of(evidence)

@@ -33,6 +33,7 @@ from flax import nnx
 from jaxnas.blocks import FAMILIES as BLOCK_FAMILIES
 from jaxnas.supernet.conv import TwinConvNet
 from jaxnas.supernet.mlp import ACTIVATION_FNS
+from jaxnas.supernet.weights import concrete_rngs
 
 STEM = "stem"
 
@@ -262,9 +263,9 @@ class GatedNet:
         self.gates = find_gates(twin)
         self.names = tuple(g.name for g in self.gates)
         self.full = tuple(g.width for g in self.gates)
-        self._graph, self._state = nnx.split(twin)
-        # Programs take the state as a flat list of arrays: jax flattens a list in its C++ dispatch path, an
-        # nnx.State in Python, which costs a large share of a small network's batch on a 2-core machine.
+        # Programs take the state as a flat list of arrays. Every leaf must be an array: an abstract one (the RNG
+        # state of a twin built under nnx.eval_shape, `concrete_rngs`) sends every call through jax's Python path.
+        self._graph, self._state = nnx.split(concrete_rngs(twin))
         self._leaves, self._treedef = jax.tree.flatten(self._state)
         self._programs: dict[tuple[int, ...], object] = {}
 
@@ -274,7 +275,7 @@ class GatedNet:
         return self._leaves
 
     def _twin(self, leaves):
-        """The twin (inside a program) from :attr:`state`'s flat leaves."""
+        """The twin (inside a program) from :attr:`state`'s arrays."""
         return nnx.merge(self._graph, jax.tree.unflatten(self._treedef, leaves))
 
     def widths(self, keep: Mapping[str, object]) -> tuple[int, ...]:

@@ -49,7 +49,7 @@ from jaxnas.spaces import MacroArch, Space
 from jaxnas.supernet.codes import ActivationCodes
 from jaxnas.supernet.mlp import ACTIVATION_FNS
 from jaxnas.supernet.ops import FORMULATIONS, batch_norm, conv2d, depthwise_conv2d
-from jaxnas.supernet.weights import lecun_init, own_slices
+from jaxnas.supernet.weights import concrete_rngs, lecun_init, own_slices
 
 NORM_EPSILON = 1e-5
 STEM_KERNEL = 3
@@ -760,5 +760,5 @@ class ConvSupernet:
             running = nnx.state(twin, nnx.BatchStat)
             running.replace_by_pure_dict({"blocks": block_stats})
             nnx.update(twin, running)
-        return state.to_pure_dict(), twin
+        return state.to_pure_dict(), concrete_rngs(twin)
 

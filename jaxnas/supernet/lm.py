@@ -65,6 +65,7 @@ from jaxnas.supernet.transformer import (
     rope_angles,
     rotate_pairs,
 )
+from jaxnas.supernet.weights import concrete_rngs
 
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "silu", "swiglu", "geglu")
@@ -773,7 +774,7 @@ class LMSupernet:
         state = nnx.state(twin, nnx.Param)
         state.replace_by_pure_dict(sliced)
         nnx.update(twin, state)
-        return state.to_pure_dict(), twin
+        return state.to_pure_dict(), concrete_rngs(twin)
 
     def embed(self, params: dict, enc: jax.Array, twin_params: dict) -> dict:
         """The inverse of `extract`: ``params`` (one candidate's supernet weights) with the slices ``enc``'s twin

@@ -30,7 +30,7 @@ from flax import nnx
 
 from jaxnas.spaces import MacroArch, Space
 from jaxnas.supernet.codes import ActivationCodes
-from jaxnas.supernet.weights import lecun_init
+from jaxnas.supernet.weights import concrete_rngs, lecun_init
 
 ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -291,7 +291,7 @@ class MLPSupernet:
         state = nnx.state(twin, nnx.Param)
         state.replace_by_pure_dict({"blocks": blocks, "head": head})
         nnx.update(twin, state)
-        return state.to_pure_dict(), twin
+        return state.to_pure_dict(), concrete_rngs(twin)
 
 
 def _masked_layer_norm(z: jax.Array, mask: jax.Array, width: jax.Array, norm: dict) -> jax.Array:

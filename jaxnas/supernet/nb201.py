@@ -58,7 +58,7 @@ from jaxnas.spaces.nb201 import EDGES, OPS
 from jaxnas.supernet.codes import ActivationCodes
 from jaxnas.supernet.conv import NORM_EPSILON
 from jaxnas.supernet.ops import FORMULATIONS, _taps, conv2d
-from jaxnas.supernet.weights import lecun_init
+from jaxnas.supernet.weights import concrete_rngs, lecun_init
 
 STAGES = 3
 CONV_OPS = {"nor_conv_1x1": 1, "nor_conv_3x3": 3}
@@ -660,4 +660,4 @@ class NB201Supernet:
             {"stem_norm": bn_stats["stem"], "blocks": block_stats, "lastact": bn_stats["lastact"]}
         )
         nnx.update(twin, running)
-        return state.to_pure_dict(), twin
+        return state.to_pure_dict(), concrete_rngs(twin)

@@ -47,6 +47,7 @@ from flax import nnx
 
 from jaxnas.spaces import Space, TransformerArch
 from jaxnas.supernet.mlp import ACTIVATION_FNS
+from jaxnas.supernet.weights import concrete_rngs
 
 INPUTS = ("patches", "tokens")
 POOLS = ("mean", "cls")
@@ -646,7 +647,7 @@ class TransformerSupernet:
         state = nnx.state(twin, nnx.Param)
         state.replace_by_pure_dict(sliced)
         nnx.update(twin, state)
-        return state.to_pure_dict(), twin
+        return state.to_pure_dict(), concrete_rngs(twin)
 
 
 def dropout_on(train: bool, rate: float, key) -> bool:
