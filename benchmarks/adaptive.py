@@ -1,12 +1,14 @@
 """Experiential channel gating (`jaxnas.adaptive`) on the make-run winner and the quick space's largest network.
 
     python benchmarks/adaptive.py [--json out.json] [--repeats 10] [--winner runs/quick/model]
+    python benchmarks/adaptive.py --networks winner,largest,wide      # and a 64-channel network on the issue's grid
+    python benchmarks/adaptive.py --config configs/cifar10.yaml --winner runs/cifar10/model   # tfds data prepared
     python benchmarks/adaptive.py --quick --json out.json    # smoke run: tiny networks on digits, one grid point
 
 1. the winner of ``make run`` (``runs/quick/model``: a cnn found on mnist5k);
 2. the largest network of the quick space (every stage d2, w32, bn, skip), trained stand-alone with the quick
-   config's final recipe on mnist5k and exported once into ``~/.cache/jaxnas/adaptive/largest`` (reused after);
-3. with ``--networks ...,wide``: the same network at 64 channels per stage (``~/.cache/jaxnas/adaptive/wide64``),
+   config's final recipe on mnist5k and exported once into ``~/.cache/jaxnas/adaptive/quick/largest`` (reused);
+3. with ``--networks ...,wide``: the same network at 64 channels per stage (``.../quick/wide64``),
    on the issue's grid only - the budgets there cut 6-11 of 64 channels, which the 16- / 32-channel gates cannot.
 
 For each: the kept-width programs timed, gate-aware fine-tuning (train split) for the fast ones, calibration and
@@ -38,6 +40,7 @@ from jaxnas import load_model
 from jaxnas.adaptive.experiment import Settings, run_adaptive
 from jaxnas.config import RunConfig
 from jaxnas.data import load_dataset
+from jaxnas.data.errors import DataError
 from jaxnas.search import fidelity
 from jaxnas.search.evaluate import Ends, OneShotEvaluator
 from jaxnas.search.export import export_model
@@ -61,15 +64,20 @@ ISSUE_BL, ISSUE_BG = (0.10, 0.12, 0.18), (0.05, 0.06, 0.08)  # the budget grid i
 WIDE = ("space.channels=[64]",)  # --networks wide: the quick space's largest network at 64 channels per stage
 
 
-def largest_model(config: str, folder: Path, overrides: tuple[str, ...] = ()):
-    """The config's space's largest network, trained with its final recipe and exported into ``folder`` (once)."""
-    if (folder / "arch.json").is_file():
-        return load_model(folder)
+def largest_model(config: str, folder: Path, overrides: tuple[str, ...] = (), dataset=None):
+    """The config's space's largest network, trained with its final recipe and exported into ``folder`` (once;
+    a folder holding another network is refused)."""
     cfg = load_config(RunConfig, config, ["progress=false", *overrides])
     space = build_space(cfg.space)
-    dataset = load_dataset(cfg.data)
+    dataset = load_dataset(cfg.data) if dataset is None else dataset
     model = model_for(space, cfg.space, dataset.info.image_shape, dataset.info.num_classes)
     enc = fidelity.largest_architecture(space, Ends(model, "largest"))
+    if (folder / "arch.json").is_file():
+        saved = load_model(folder)
+        if saved.arch != space.to_string(enc):
+            raise SystemExit(f"{folder} holds {saved.arch}, not this config's largest network "
+                             f"{space.to_string(enc)}; delete the folder or pass another --largest / --wide")
+        return saved
     start = time.perf_counter()
     out = OneShotEvaluator(cfg, model, dataset, None).final(np.asarray(enc)[None], seeds=1)
     print(f"largest {space.to_string(enc)}: trained in {time.perf_counter() - start:.0f} s, "
@@ -83,12 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--winner", default="runs/quick/model")
     parser.add_argument("--config", default="configs/quick.yaml")
-    parser.add_argument("--largest", default=str(Path.home() / ".cache" / "jaxnas" / "adaptive" / "largest"))
-    parser.add_argument("--wide", default=str(Path.home() / ".cache" / "jaxnas" / "adaptive" / "wide64"))
+    parser.add_argument("--largest", help="folder of the trained largest network (default: "
+                                            "~/.cache/jaxnas/adaptive/<config name>/largest, trained there once)")
+    parser.add_argument("--wide", help="the same for --networks wide (default: .../<config name>/wide64)")
     parser.add_argument("--networks", default="winner,largest",
                         help="comma-separated: winner, largest, wide (the largest network at 64 channels per stage, "
                              "on the issue's grid bl {0.10, 0.12, 0.18} x Bg {0.05, 0.06, 0.08} only)")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--decide-every", type=int, default=1,
+                        help="the per-batch arms decide once per group of this many batches (Settings.decide_every)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: a one-network search and a tiny space's largest network on digits (in a "
                              "temporary folder), one budget pair, 5 timed repeats, 3 exit-head epochs")
@@ -106,13 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(networks) - {"winner", "largest", "wide"})
     if unknown or not networks:
         parser.error(f"--networks: expected a comma-separated subset of winner, largest, wide, got {args.networks!r}")
+    try:  # the config's dataset (mnist5k for quick.yaml; tfds:cifar10 for cifar10.yaml once it is prepared)
+        dataset = load_dataset(load_config(RunConfig, args.config, ["progress=false"]).data)
+    except DataError as error:
+        print(f"benchmarks/adaptive.py: {error}", file=sys.stderr)
+        return 2
+    cache = Path.home() / ".cache" / "jaxnas" / "adaptive" / Path(args.config).stem
     load = {"winner": lambda: load_model(args.winner),
-            "largest": lambda: largest_model(args.config, Path(args.largest)),
-            "wide": lambda: largest_model(args.config, Path(args.wide), WIDE)}
+            "largest": lambda: largest_model(args.config, Path(args.largest or cache / "largest"), (), dataset),
+            "wide": lambda: largest_model(args.config, Path(args.wide or cache / "wide64"), WIDE, dataset)}
     models = {name: load[name]() for name in networks}
-    settings = Settings(repeats=args.repeats, bl_grid=BL_GRID, Bg_grid=BG_GRID)
+    settings = Settings(repeats=args.repeats, bl_grid=BL_GRID, Bg_grid=BG_GRID, decide_every=args.decide_every)
     per_network = {"wide": dataclasses.replace(settings, bl_grid=ISSUE_BL, Bg_grid=ISSUE_BG)}
-    return _report(models, load_dataset("mnist5k"), settings, args.json, per_network)
+    return _report(models, dataset, settings, args.json, per_network)
 
 
 def _report(models: dict, dataset, settings: Settings, json_path: str | None,

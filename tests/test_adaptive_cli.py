@@ -57,13 +57,15 @@ def test_a_run_writes_the_report_and_the_plot(run, capsys):
 def test_the_new_knobs_reach_the_settings_and_the_report(run):
     out = run / "knobs.json"
     knobs = ["--finetune-epochs", "1", "--finetune-lr", "0.002", "--exit-grid", "2", "--guardrail-z", "0",
-             "--latency-rounds", "2", "--min-speedup", "0.05", "--align", "4", "--bl", "0.5", "--Bg", "0.5"]
+             "--latency-rounds", "2", "--min-speedup", "0.05", "--align", "4", "--bl", "0.5", "--Bg", "0.5",
+             "--decide-every", "2"]
     fast = [a for a in FAST if a not in ("--bl", "0.18", "--Bg", "0.08")]
     assert main(["--model", str(run / "model"), *fast, *knobs, "--output", str(out)]) == 0
     report = json.loads(out.read_text())
     settings = report["settings"]
     assert (settings["finetune_epochs"], settings["finetune_lr"], settings["exit_grid"], settings["guardrail_z"],
-            settings["latency_rounds"], settings["min_speedup"]) == (1, 0.002, 2, 0.0, 2, 0.05)
+            settings["latency_rounds"], settings["min_speedup"], settings["decide_every"]) == (1, 0.002, 2, 0.0, 2,
+                                                                                               0.05, 2)
     assert report["latency_ms"][0]["widths"] == list(report["gates"].values()) and len(report["latency_ms"]) > 1
     assert report["finetune"] is None or report["finetune"]["epochs"] == 1
     early = report["early_exit"]

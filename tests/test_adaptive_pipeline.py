@@ -74,6 +74,35 @@ def test_stream_probes_inside_the_program_depth_batches_before(net, digits, dept
         list(policy.stream(images, 50, depth=0))
 
 
+@pytest.mark.parametrize("shallow", [False, True])
+@pytest.mark.parametrize("every, depth", [(2, 1), (3, 2), (3, 4)])
+def test_grouped_decisions_probe_only_each_groups_first_batch_and_run_the_rest_at_its_widths(net, digits, shallow,
+                                                                                           every, depth):
+    images = digits.test.images[:7 * 40 + 13]  # 8 batches of 40, the last one 13 images
+    fast = {tuple(f // 2 if i == 1 else f for i, f in enumerate(net.full)): 1.0} if shallow else None
+    options = dict(bl=0.5, Bg=0.3, align=2, probe_images=4, memory=_memory(net), fast_widths=fast)
+    single = ChannelGatePolicy(net, **options)
+    grouped = ChannelGatePolicy(net, **options, decide_every=every)
+    assert grouped.shallow == shallow
+    calls, decide = [], grouped._decide
+    grouped._decide = lambda probe: calls.append(1) or decide(probe)
+    got, decisions = _decided(grouped, lambda: grouped.stream(images, 40, depth=depth))
+    batches = [images[i : i + 40] for i in range(0, len(images), 40)]
+    assert len(got) == len(batches) == 8 and len(calls) == len(range(0, 8, every))
+    for t, (x, logits, d) in enumerate(zip(batches, got, decisions)):
+        lead = t - t % every
+        expected = single.predict(batches[lead])  # the group's first batch: decided as predict decides it
+        keep = single.select(single.probe(batches[lead][:4]), memory=single.memory)
+        assert d.widths == net.widths(keep) != net.full and d.n_images == len(x)
+        if t == lead:
+            np.testing.assert_allclose(logits, np.asarray(expected), rtol=1e-5, atol=1e-5)
+        else:  # a follower: no probe, every image at the first batch's kept channels
+            assert d.n_probe == 0 and d.probe_macs == 0
+            np.testing.assert_allclose(logits, np.asarray(net(x, keep)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="decide_every"):
+        ChannelGatePolicy(net, decide_every=0)
+
+
 @pytest.mark.parametrize("cut", [0, 1, 2])  # the stem, stage 1's stream, stage 2's stream
 def test_a_shallow_probe_reads_only_up_to_the_deepest_cut_gate_and_every_image_runs_gated(net, digits, cut):
     images = digits.test.images[:150]

@@ -32,3 +32,15 @@ def test_adaptive_benchmark_quick_reports_both_networks(tmp_path):
         assert set(row["timing"]["arms"]) == {"base", "static", "current", "experience"}
         assert r["early_exit"] is not None
     assert "== winner" in done.stdout and "== largest" in done.stdout
+
+
+def test_adaptive_benchmark_on_an_unprepared_dataset_fails_at_once_saying_how_to_prepare_it(tmp_path):
+    """--config picks the dataset (here CIFAR-10 through tfds, not prepared in an empty TFDS_DATA_DIR)."""
+    import os
+
+    env = dict(os.environ, TFDS_DATA_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "adaptive.py"), "--config",
+                           str(ROOT / "configs" / "cifar10.yaml"), "--winner", str(tmp_path / "none")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "cifar10" in done.stderr and "not prepared" in done.stderr and "Traceback" not in done.stderr

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bl", type=_floats, default=defaults.bl_grid, help="per-gate budgets, e.g. 0.10,0.12,0.18")
     parser.add_argument("--Bg", type=_floats, default=defaults.Bg_grid, help="global budgets, e.g. 0.05,0.06,0.08")
     for name in ("align", "batch_size", "calibration_batch", "probe_images", "repeats", "warmup", "timing_passes",
-                 "exit_epochs", "exit_grid", "finetune_epochs", "latency_rounds"):
+                 "exit_epochs", "exit_grid", "finetune_epochs", "latency_rounds", "decide_every"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
                             help=Settings.__dataclass_fields__[name].metadata["help"])
     for name in ("min_keep", "wcur", "wmem", "min_speedup", "guardrail_z", "finetune_lr"):
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             timing_passes=args.timing_passes, exit_epochs=args.exit_epochs, exit_grid=args.exit_grid,
             latency_rounds=args.latency_rounds, guardrail_z=args.guardrail_z,
             finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-            min_speedup=args.min_speedup,
+            min_speedup=args.min_speedup, decide_every=args.decide_every,
         )
         for name in ("align", "batch_size", "calibration_batch", "probe_images", "warmup", "timing_passes",
                      "exit_grid"):

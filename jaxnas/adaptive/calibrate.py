@@ -27,7 +27,7 @@ import numpy as np
 
 from interop import ExperienceMemory
 from jaxnas.adaptive.gated import GatedNet
-from jaxnas.adaptive.policy import FINGERPRINT_DIM, ChannelGatePolicy, Reference, predict_batches
+from jaxnas.adaptive.policy import FINGERPRINT_DIM, ChannelGatePolicy, Reference, predict_batches, stream_classes
 
 LEVELS = (0.25, 0.5, 1.0)
 
@@ -160,7 +160,7 @@ def enforce_guardrail(
     for step in range(max_tightening + 1):
         if step == max_tightening:
             policy.Bg = 0.0
-        predictions = predict_batches(policy.predict, images, batch_size)
+        predictions = stream_classes(policy, images, batch_size)  # as the policy runs (groups of batches too)
         drop, bound = drop_bound(full_correct, predictions == labels, z)
         holds = bound <= max_drop + 1e-9
         steps.append(dict(bl=policy.bl, Bg=policy.Bg, accuracy_full=base, accuracy=accuracy(predictions, labels),

@@ -63,6 +63,8 @@ class Settings:
     probe_images: int = _field(8, "Images of each batch probed at full width (through the deepest cut gate only, "
                                   "with measured widths).")
     batch_size: int = _field(256, "Images per batch (one decision per batch).")
+    decide_every: int = _field(1, "The per-batch arms decide on the first batch of every group of this many and run "
+                                  "the group's other batches at that decision (1: every batch).")
     calibration_batch: int = _field(64, "Images per calibration batch (one experience each).")
     wcur: float = _field(0.8, "Weight of the batch's own evidence.")
     wmem: float = _field(0.2, "Weight of the experiential memory's evidence.")
@@ -87,6 +89,8 @@ class Settings:
             raise ValueError(f"max_drop is an accuracy drop in points and must be >= 0, got {self.max_drop}")
         if self.repeats and self.repeats < MIN_REPEATS:
             raise ValueError(f"repeats={self.repeats}: timing needs at least {MIN_REPEATS} interleaved repeats, or 0")
+        if self.decide_every < 1:
+            raise ValueError(f"decide_every is a number of batches and must be >= 1, got {self.decide_every}")
         if self.probe_images >= self.batch_size:
             raise ValueError(f"probe_images={self.probe_images} must be below batch_size={self.batch_size}")
         if self.exit_grid < 1:
@@ -155,7 +159,8 @@ def calibrate_grid(net: GatedNet, validation, settings: Settings,
     fast = fast_widths(latency or {}, net.full, settings.min_speedup)
     points = []
     for bl, Bg in itertools.product(settings.bl_grid, settings.Bg_grid):
-        budgets = dict(common, bl=bl, Bg=Bg, reference=None if trained_rule else reference, fast_widths=fast)
+        budgets = dict(common, bl=bl, Bg=Bg, reference=None if trained_rule else reference, fast_widths=fast,
+                       decide_every=settings.decide_every)
         memory = build_memory(evidence, outcomes(ChannelGatePolicy(net, **budgets), evidence,
                                                  max_drop=settings.max_drop))
         policies = {

@@ -35,7 +35,10 @@ gated program (the probe's few early-layer MACs are counted in the active fracti
 **Pipelining.** :meth:`ChannelGatePolicy.stream` decides every batch exactly as :meth:`predict` does, but the
 probe of batch ``t + depth`` runs inside batch ``t``'s gated program (one dispatch per batch instead of two), so
 when the host reads batch ``t``'s probe and decides, the programs of the batches before it are still queued: the
-decision leaves the critical path (jax dispatches asynchronously) instead of stalling every batch.
+decision leaves the critical path (jax dispatches asynchronously) instead of stalling every batch. The host's
+work per decision (reading the probe, fingerprint, memory, selection) still shares the CPU with the programs;
+``decide_every = k`` decides once per group of ``k`` consecutive batches (the issue's "per group of inputs"), the
+group's other batches running at its first batch's kept channels.
 """
 
 from __future__ import annotations
@@ -103,6 +106,9 @@ class ChannelGatePolicy:
     for every batch, no probe.
     ``fast_widths``: width tuple -> measured ms, for the tuples faster than full width (None: the budgets decide
     by channel count; see the module docstring's *Hardware*).
+    ``decide_every``: :meth:`stream` decides on the first batch of every group of this many consecutive batches and
+    runs the group's other batches at that decision (no probe, no host work for them; :meth:`predict` decides
+    every call).
     Decisions are appended to :attr:`decisions` when :attr:`log_decisions` is set.
     """
 
@@ -119,6 +125,7 @@ class ChannelGatePolicy:
     static: dict | None = None
     reference: Reference | None = None
     fast_widths: dict | None = None
+    decide_every: int = 1
     log_decisions: bool = False
     decisions: list[Decision] = dataclasses.field(default_factory=list)
 
@@ -127,6 +134,8 @@ class ChannelGatePolicy:
             raise ValueError(
                 f"probe_images must be >= 1 (the images run at full width per batch), got {self.probe_images}"
             )
+        if not isinstance(self.decide_every, int) or self.decide_every < 1:
+            raise ValueError(f"decide_every must be a whole number of batches >= 1, got {self.decide_every!r}")
         # Calibrated evidence is a loss increase, one scale across gates: compared as is. Raw activation evidence
         # is not comparable across gates: ranked per gate.
         normalize = "rank" if self.reference is None else "none"
@@ -303,7 +312,9 @@ class ChannelGatePolicy:
     def stream(self, images, batch_size: int, depth: int = PIPELINE_DEPTH):
         """Logits ``[b, classes]`` of each batch of ``images`` (``batch_size`` at a time), decided as
         :meth:`predict` decides them, with the probe of batch ``t + depth`` inside batch ``t``'s program (see the
-        module docstring's *Pipelining*). A generator: a timer around its consumption includes every decision."""
+        module docstring's *Pipelining*). With ``decide_every = k`` only the first batch of each group of ``k``
+        is probed and decided (its probe rides in the program ``depth`` batches earlier); the others run at its
+        kept channels. A generator: a timer around its consumption includes every decision."""
         if depth < 1:
             raise ValueError(f"depth must be >= 1 (how many batches ahead the probes run), got {depth}")
         starts = range(0, len(images), batch_size)
@@ -313,6 +324,7 @@ class ChannelGatePolicy:
             return
         batches = [images[start : start + batch_size] for start in starts]
         used_memory = self.memory is not None and len(self.memory) > 0
+        leads = set(range(0, len(batches), self.decide_every))  # the batches that are probed and decided
 
         shallow, until = self.shallow, self.probe_depth()
         probe_macs = self._shallow_macs(images.shape[1:]) if shallow else 0
@@ -320,19 +332,23 @@ class ChannelGatePolicy:
         def probe_images(i: int) -> jax.Array:
             return jnp.asarray(batches[i][: self.probe_images], jnp.float32)
 
-        # raw (device) probes by batch: the first ``depth`` on their own, every later one inside the program
-        # ``depth`` batches earlier - so while the host reads batch t's probe and decides, the programs of batches
-        # t - depth + 1 .. t - 1 are still queued (and XLA:CPU may run them side by side).
-        raw = {i: self._probe(self.net.state, probe_images(i), until) for i in range(min(depth, len(batches)))}
+        # raw (device) probes by batch: those of the first ``depth`` batches on their own, every later one inside
+        # the program ``depth`` batches earlier - so while the host reads batch t's probe and decides, the programs
+        # of batches t - depth + 1 .. t - 1 are still queued (and XLA:CPU may run them side by side).
+        raw = {i: self._probe(self.net.state, probe_images(i), until) for i in range(min(depth, len(batches)))
+               if i in leads}
+        widths = cut = None
         for t, x in enumerate(batches):
-            probe = self._probe_result(raw.pop(t))
-            n, n_probe = len(x), min(self.probe_images, len(x))
-            ahead = t + depth if t + depth < len(batches) else None
-            if shallow:  # every image runs gated; the probe only read the early layers of the first images
-                keep = self._decide(probe)
-                widths = self.net.widths(keep)
-                self._log(Decision(widths, n, 0, used_memory, probe_macs * n_probe))
-                cut = self.net.cut_args(keep)
+            n = len(x)
+            ahead = t + depth if t + depth in leads else None  # leads holds no index past the last batch
+            lead = t in leads
+            if lead:
+                probe = self._probe_result(raw.pop(t))
+            if shallow or not lead:  # every image runs gated (the probe, if any, read only early layers)
+                if lead:
+                    keep = self._decide(probe)
+                    widths, cut = self.net.widths(keep), self.net.cut_args(keep)
+                self._log(Decision(widths, n, 0, used_memory, probe_macs * min(self.probe_images, n) * lead))
                 whole = jnp.asarray(x, jnp.float32)
                 if ahead is None:
                     yield self.net.program(widths)(self.net.state, whole, cut)
@@ -341,16 +357,17 @@ class ChannelGatePolicy:
                                                                                 probe_images(ahead))
                     yield logits
                 continue
-            if n_probe == n:
+            n_probe = min(self.probe_images, n)
+            if n_probe == n:  # a batch no larger than the probe: the probe's full-width logits are its answer
+                widths, cut = self.net.full, self.net.cut_args({})
                 self._log(Decision(self.net.full, n, n_probe, False))
                 if ahead is not None:
                     raw[ahead] = self._probe(self.net.state, probe_images(ahead), until)
                 yield probe.logits
                 continue
             keep = self._decide(probe)
-            widths = self.net.widths(keep)
+            widths, cut = self.net.widths(keep), self.net.cut_args(keep)
             self._log(Decision(widths, n, n_probe, used_memory))
-            cut = self.net.cut_args(keep)
             rest = jnp.asarray(x[n_probe:], jnp.float32)
             if ahead is None:
                 logits = self.net.program(widths)(self.net.state, rest, cut)
