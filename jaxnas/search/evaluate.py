@@ -33,7 +33,7 @@ from jaxnas.population import lm_sized, sized, sized_train
 from jaxnas.population.common import batched
 from jaxnas.config import RunConfig
 from jaxnas.data.core import Dataset
-from jaxnas.distributed import to_host, tree_to_host
+from jaxnas.distributed import from_primary, to_host, tree_to_host
 from jaxnas.search import halving
 from jaxnas.search import objectives as obj
 from jaxnas.search.models import SearchModel, is_lm
@@ -243,7 +243,8 @@ class _Trained:
             stats = self.model.statistics(p, jnp.asarray(enc[None], jnp.int32), self.data.bn_batches, shared=True)
             stats = None if stats is None else jax.tree.map(lambda a: a[0], stats)
             _, twin = self.model.extract(p, enc, stats)
-            row["avg_macs"] = obj.exit_avg_macs(self.model, twin, enc, train_xy, validation, self.cfg)
+            # process 0's value everywhere: every process must tell the strategy the same numbers
+            row["avg_macs"] = from_primary(obj.exit_avg_macs(self.model, twin, enc, train_xy, validation, self.cfg))
         return rows
 
     def exit_data(self) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
