@@ -413,11 +413,15 @@ class RunConfig:
                 f"got space.name={self.space.name!r}; use population.backend=auto or masked"
             )
 
+    def named_metrics(self) -> list[tuple[str, str]]:
+        """``(key, metric)`` for every metric objectives.objectives and objectives.constraints name."""
+        named = [("objectives.objectives", o.split(":")[0].strip()) for o in self.objectives.objectives]
+        return named + [("objectives.constraints", c.split("<")[0].split(">")[0].strip())
+                        for c in self.objectives.constraints]
+
     def _check_exits(self):
         """avg_macs attaches early exits to conv twins after training: macro space, modes train / oneshot."""
-        named = [o.split(":")[0].strip() for o in self.objectives.objectives]
-        named += [c.split("<")[0].split(">")[0].strip() for c in self.objectives.constraints]
-        if "avg_macs" not in named:
+        if "avg_macs" not in {metric for _, metric in self.named_metrics()}:
             return
         if self.space.name != "macro" or self.mode not in ("train", "oneshot"):
             raise ValueError(f"avg_macs (MACs per image with early exits) is measured for the macro space in mode train "
@@ -439,9 +443,7 @@ class RunConfig:
                              f"{self.space.name}); set space.name=lm, or an image dataset such as data.name=mnist5k")
         if lm and self.objectives.objectives == ObjectivesConfig.objectives:  # the image default: use the lm one
             object.__setattr__(self, "objectives", dataclasses.replace(self.objectives, objectives=LM_OBJECTIVES))
-        named = [("objectives.objectives", o.split(":")[0].strip()) for o in self.objectives.objectives]
-        named += [("objectives.constraints", c.split("<")[0].split(">")[0].strip()) for c in
-                  self.objectives.constraints]
+        named = self.named_metrics()
         if not lm:
             for key, metric in named:
                 if metric in LM_ONLY_METRICS:

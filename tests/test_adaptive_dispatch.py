@@ -1,7 +1,6 @@
 """Gated programs are dispatched by jax's C++ fast path: once warm, a call with the same shapes never re-enters
-jit's Python path (pjit's ``cache_miss``, about half a millisecond per call - a large share of a small network's
-batch). The hook is `jax.no_tracing`: under it, every call that enters the Python path raises RuntimeError, even
-when nothing would be re-traced.
+jit's Python path (pjit's ``cache_miss``; its cost: docs/benchmarks.md). The hook is `jax.no_tracing`: under it,
+every call that enters the Python path raises RuntimeError, even when nothing would be re-traced.
 
 The cause found: twins built under ``nnx.eval_shape`` kept their unused dropout RNG state as
 `jax.ShapeDtypeStruct` leaves, and one such leaf among a call's arguments sent every call through the Python path

@@ -28,7 +28,6 @@ from flax import nnx
 
 from jaxnas.adaptive.gated import GatedNet
 from jaxnas.supernet.conv import TwinConvNet
-from jaxnas.supernet.weights import concrete_rngs
 
 
 def exit_points(twin: TwinConvNet) -> list[int]:
@@ -48,7 +47,7 @@ class EarlyExitNet:
     grid: int = 1  # exit heads read the features averaged over a grid x grid partition of the positions
 
     def __post_init__(self):
-        self._graph, self._state = nnx.split(concrete_rngs(self.twin))  # arrays only: see GatedNet
+        self._graph, self._state = nnx.split(self.twin)
         self._leaves, self._treedef = jax.tree.flatten(self._state)
         self._bounds = [0, *(k + 1 for k in self.exits), len(self.twin.blocks)]
         self._fused: dict[tuple, object] = {}
@@ -332,6 +331,11 @@ def _confidences(all_logits: list[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
+def exit_rates(where: np.ndarray, n_exits: int) -> list[float]:
+    """Fraction of images leaving at each of ``n_exits`` exits and at the twin's head (``where``: exit per image)."""
+    return (np.bincount(where, minlength=n_exits + 1) / max(len(where), 1)).tolist()
+
+
 def average_macs(where: np.ndarray, segment_macs: list[int]) -> float:
     """Mean MACs per image when image ``i`` leaves at exit ``where[i]``."""
     return float(np.mean(np.asarray(segment_macs)[where]))
@@ -420,9 +424,9 @@ def fit_exits(twin: TwinConvNet, train: tuple[np.ndarray, np.ndarray], validatio
         accuracy_full=accuracy(logits[-1].argmax(-1), labels), accuracy=acc, accuracy_drop=drop, drop_bound=bound,
         holds=bound <= max_drop + 1e-9, head_accuracy=[accuracy(lg.argmax(-1), labels) for lg in logits[:-1]],
         avg_macs=average_macs(where, segment_macs),
-        exit_rates=(np.bincount(where, minlength=len(exit_net.exits) + 1) / max(len(where), 1)).tolist(),
+        exit_rates=exit_rates(where, len(exit_net.exits)),
     ))
 
 
 __all__ = ["EarlyExitNet", "ExitCalibration", "average_macs", "calibrate_thresholds", "exit_pool", "exit_points",
-           "fit_exits", "fused_buckets", "logits_by_exit", "policy_accuracy", "train_heads"]
+           "exit_rates", "fit_exits", "fused_buckets", "logits_by_exit", "policy_accuracy", "train_heads"]

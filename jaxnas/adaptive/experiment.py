@@ -35,7 +35,7 @@ from jaxnas.adaptive.calibrate import (
     outcomes,
     reference_of,
 )
-from jaxnas.adaptive.exits import ExitCalibration, average_macs, fit_exits
+from jaxnas.adaptive.exits import ExitCalibration, average_macs, exit_rates, fit_exits
 from jaxnas.adaptive.finetune import finetune_for_gating
 from jaxnas.adaptive.gated import GatedNet
 from jaxnas.adaptive.policy import ChannelGatePolicy, active_fraction, predict_batches, stream_classes
@@ -196,7 +196,7 @@ def report_exits(calibrated: ExitCalibration, test, settings: Settings, base_acc
     out = dict(
         exits_after_blocks=net.exits, thresholds=net.thresholds, validation=calibrated.validation,
         accuracy=acc, accuracy_drop=base_accuracy - acc,
-        exit_rates=(np.bincount(where, minlength=len(net.exits) + 1) / len(where)).tolist(),
+        exit_rates=exit_rates(where, len(net.exits)),
         segment_macs=calibrated.segment_macs, avg_macs=macs, macs_full=full, macs_saved_fraction=1 - macs / full,
         timing=None,
     )

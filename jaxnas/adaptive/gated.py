@@ -33,7 +33,6 @@ from flax import nnx
 from jaxnas.blocks import FAMILIES as BLOCK_FAMILIES
 from jaxnas.supernet.conv import TwinConvNet
 from jaxnas.supernet.mlp import ACTIVATION_FNS
-from jaxnas.supernet.weights import concrete_rngs
 
 STEM = "stem"
 
@@ -263,9 +262,8 @@ class GatedNet:
         self.gates = find_gates(twin)
         self.names = tuple(g.name for g in self.gates)
         self.full = tuple(g.width for g in self.gates)
-        # Programs take the state as a flat list of arrays. Every leaf must be an array: an abstract one (the RNG
-        # state of a twin built under nnx.eval_shape, `concrete_rngs`) sends every call through jax's Python path.
-        self._graph, self._state = nnx.split(concrete_rngs(twin))
+        # Programs take the state as a flat list of arrays (extracted twins hold arrays only: `concrete_rngs`).
+        self._graph, self._state = nnx.split(twin)
         self._leaves, self._treedef = jax.tree.flatten(self._state)
         self._programs: dict[tuple[int, ...], object] = {}
 

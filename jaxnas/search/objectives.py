@@ -61,9 +61,7 @@ def metric_names(space_name: str) -> tuple[tuple[str, ...], tuple[str, ...], tup
 
 def needs_exits(cfg) -> bool:
     """Whether a run's objectives or constraints name ``avg_macs`` (then every trained candidate gets exits)."""
-    named = [o.split(":")[0].strip() for o in cfg.objectives.objectives]
-    named += [re.split(r"[<>]", c)[0].strip() for c in cfg.objectives.constraints]
-    return EXITS in named
+    return EXITS in {metric for _, metric in cfg.named_metrics()}
 
 
 def fit_candidate_exits(twin, train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray], cfg):
@@ -90,7 +88,7 @@ def exit_avg_macs(model, twin, enc, train: tuple[np.ndarray, np.ndarray], valida
 def exit_report(model, twin, enc, train, validation, test, cfg) -> dict:
     """The final winner's early exits: fitted and guarded on validation as during the search, then read on test
     (policy accuracy, its drop against the twin's own head, exit rates and average MACs)."""
-    from jaxnas.adaptive.exits import average_macs, logits_by_exit, policy_accuracy
+    from jaxnas.adaptive.exits import average_macs, exit_rates, logits_by_exit, policy_accuracy
 
     macs = float(model.macs(enc))
     fitted = fit_candidate_exits(twin, train, validation, cfg)
@@ -104,7 +102,7 @@ def exit_report(model, twin, enc, train, validation, test, cfg) -> dict:
         "exits_after_blocks": fitted.net.exits, "thresholds": fitted.net.thresholds,
         "validation": fitted.validation, "avg_macs_validation": fitted.validation["avg_macs"],
         "test_accuracy_full": full, "test_accuracy": acc, "test_accuracy_drop": full - acc,
-        "exit_rates": (np.bincount(where, minlength=len(fitted.net.exits) + 1) / len(where)).tolist(),
+        "exit_rates": exit_rates(where, len(fitted.net.exits)),
         "avg_macs": avg, "macs_saved_fraction": 1 - avg / macs,
     }
 

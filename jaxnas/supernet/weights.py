@@ -51,7 +51,7 @@ def concrete_rngs(module: nnx.Module, seed: int = 0) -> nnx.Module:
     """``module`` (changed in place) with the RNG state `nnx.eval_shape` left abstract made concrete: keys from
     ``seed``, counts 0. A twin's extraction fills in its weights and statistics only; an abstract leaf
     (`jax.ShapeDtypeStruct`) left in its state sends every jitted call that takes the state through jax's Python
-    dispatch path (its C++ path accepts arrays only), about half a millisecond per call."""
+    dispatch path (its C++ path accepts arrays only; docs/benchmarks.md)."""
     rng = nnx.state(module, nnx.RngState)
     leaves, treedef = jax.tree.flatten(rng)
     if not any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves):
